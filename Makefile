@@ -1,0 +1,47 @@
+# healthcode: `make serve` and `make test` work on a fresh machine with Python 3.10+, git and a C compiler.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+KERNEL := $(VENV)/.kernel-built
+DEMO   ?= demo
+DEMO_ROWS ?= 200000
+AS_OF  ?= 2021-11-30T12:00:00+08:00
+
+.PHONY: build serve test lint bench bench-full clean
+
+build: $(KERNEL)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Build requirements first, then the package (editable) with its dev extras.
+$(STAMP): pyproject.toml setup.py | $(BIN)/python
+	$(BIN)/python -m pip install -q "setuptools>=68" wheel "Cython>=3.0" "numpy>=2.0"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+# Rebuild the Cython kernel in place whenever its source changes.
+$(KERNEL): $(STAMP) $(wildcard ext/*.pyx ext/*.pxd)
+	$(BIN)/python setup.py -q build_ext --inplace
+	touch $@
+
+serve: build
+	@test -f $(DEMO)/population.parquet || $(BIN)/healthcode generate $(DEMO) --rows $(DEMO_ROWS) --seed 1
+	$(BIN)/healthcode evaluate $(DEMO)/population.parquet --risk $(DEMO)/risk.csv --as-of $(AS_OF) \
+		--out $(DEMO)/result.parquet
+
+lint: build
+	$(BIN)/ruff check src tests benchmarks setup.py
+
+test: build lint
+	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q benchmarks --benchmark-enable --benchmark-only --quick
+
+# The full benchmark figures quoted in the closing notes (takes several minutes).
+bench: build
+	$(BIN)/python -m pytest -q benchmarks --benchmark-enable --benchmark-only -s
+
+clean:
+	rm -rf build $(VENV) src/healthcode/*.so ext/*.c ext/*.html .pytest_cache .benchmarks

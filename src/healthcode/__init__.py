@@ -1,0 +1,27 @@
+"""healthcode: Beijing commuter (通勤) badge and entry evaluation over Arrow columns (see SPEC.md)."""
+
+from .engine import evaluate
+from .errors import HealthcodeError, PolicyError, RiskListError, SchemaError
+from .policy import Policy, PolicyTimeline, default_policy, load_policy, parse_policy
+from .regions import RiskList, load_risk_list, parse_risk_csv, risk_list_from_rows
+from .results import RESULT_SCHEMA, Reason
+
+__all__ = [
+    "RESULT_SCHEMA",
+    "HealthcodeError",
+    "Policy",
+    "PolicyError",
+    "PolicyTimeline",
+    "Reason",
+    "RiskList",
+    "RiskListError",
+    "SchemaError",
+    "default_policy",
+    "evaluate",
+    "load_policy",
+    "load_risk_list",
+    "parse_policy",
+    "parse_risk_csv",
+    "risk_list_from_rows",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,119 @@
+"""The result schema of SPEC §4, the reason bits, and the per-row error messages."""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+class Reason(enum.IntFlag):
+    """SPEC §4.6: every condition is reported independently of the outcome."""
+
+    POLICY_INACTIVE = 1 << 0
+    CODE_NOT_GREEN = 1 << 1
+    NAT_MISSING = 1 << 2
+    NAT_EXPIRED = 1 << 3
+    ENTRY_NAT_MISSING = 1 << 4
+    RISK_TRAVEL = 1 << 5
+    NOT_ENROLLED = 1 << 6
+    PATTERN_NOT_MET = 1 << 7
+    HOME_OUTSIDE_RING = 1 << 8
+    INVALID_INPUT = 1 << 15
+
+
+def reason_names(mask: int) -> list[str]:
+    """The names of the bits set in ``mask``, lowest bit first."""
+    return [r.name for r in Reason if mask & r.value and r.name]
+
+
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("person_id", pa.uint64()),
+        pa.field("commuter_badge", pa.bool_(), nullable=False),
+        pa.field("entry_permitted", pa.bool_(), nullable=False),
+        pa.field("enrolled", pa.bool_(), nullable=False),
+        pa.field("reasons", pa.uint16(), nullable=False),
+        pa.field("badge_valid_until", pa.timestamp("s", tz="UTC")),
+        pa.field("entry_valid_until", pa.timestamp("s", tz="UTC")),
+        pa.field("error", pa.string()),
+    ]
+)
+
+# Per-row validation failures (SPEC §4.1), by the code the kernel writes; ``{i}`` is the list element's index.
+# Messages name the column and never repeat the row's content.
+ERROR_MESSAGES: dict[int, str] = {
+    1: "person_id is null",
+    2: "home_region is null",
+    3: "home_region is not a valid region code (six digits with a province-level prefix, GB/T 2260)",
+    4: "base_color is null",
+    5: "base_color is not 0 (green), 1 (yellow) or 2 (red)",
+    6: "entry_times[{i}] is null",
+    7: "visits[{i}] is null",
+    8: "visits[{i}].region is null",
+    9: "visits[{i}].region is not a valid region code (six digits with a province-level prefix, GB/T 2260)",
+    10: "visits[{i}].day is null",
+}
+ERR_NONE = 0
+
+
+def error_column(err_code: np.ndarray, err_index: np.ndarray) -> pa.Array:
+    """The ``error`` column: null where ``err_code`` is 0, else the message with the element index filled in.
+
+    Built with Arrow compute (no per-row Python), so even a batch of all-invalid rows stays cheap.
+    """
+    n = len(err_code)
+    if not err_code.any():
+        return pa.nulls(n, pa.string())
+    codes = pa.array(err_code.astype(np.int32), mask=err_code == ERR_NONE)
+    prefixes = [""] * (max(ERROR_MESSAGES) + 1)
+    suffixes = [""] * (max(ERROR_MESSAGES) + 1)
+    for code, text in ERROR_MESSAGES.items():
+        head, _, tail = text.partition("{i}")
+        prefixes[code], suffixes[code] = head, tail
+    head = pa.array(prefixes).take(codes)
+    tail = pa.array(suffixes).take(codes)
+    has_index = np.array(["{i}" in ERROR_MESSAGES.get(c, "") for c in range(len(prefixes))])[err_code]
+    index_text = pc.if_else(
+        pa.array(has_index), pc.cast(pa.array(err_index.astype(np.int64)), pa.string()), pa.scalar("")
+    )
+    return pc.binary_join_element_wise(head, index_text, tail, "")
+
+
+def _bools(values: np.ndarray) -> pa.Array:
+    return pa.array(values.view(np.bool_) if values.dtype == np.uint8 else values, type=pa.bool_())
+
+
+def _instants(values: np.ndarray, valid: np.ndarray) -> pa.Array:
+    return pa.array(values, type=pa.timestamp("s", tz="UTC"), mask=~valid.view(np.bool_))
+
+
+def assemble(
+    person_id: pa.Array,
+    commuter_badge: np.ndarray,
+    entry_permitted: np.ndarray,
+    enrolled: np.ndarray,
+    reasons: np.ndarray,
+    badge_valid_until: np.ndarray,
+    badge_until_valid: np.ndarray,
+    entry_valid_until: np.ndarray,
+    entry_until_valid: np.ndarray,
+    err_code: np.ndarray,
+    err_index: np.ndarray,
+) -> pa.RecordBatch:
+    """One result batch in RESULT_SCHEMA from the per-row arrays (bools as uint8 or bool)."""
+    return pa.RecordBatch.from_arrays(
+        [
+            person_id,
+            _bools(commuter_badge),
+            _bools(entry_permitted),
+            _bools(enrolled),
+            pa.array(reasons.astype(np.uint16, copy=False), type=pa.uint16()),
+            _instants(badge_valid_until, badge_until_valid),
+            _instants(entry_valid_until, entry_until_valid),
+            error_column(err_code, err_index),
+        ],
+        schema=RESULT_SCHEMA,
+    )
