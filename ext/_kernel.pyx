@@ -220,9 +220,58 @@ cdef inline void mark_invalid(const Pop* p, const Rules* r, const Out* o, int64_
     o.entry_until_valid[i] = 0
 
 
+cdef inline uint64_t entry_day_mask(const int64_t* t, Bits valid, int64_t start, int64_t stop, int unit,
+                                    int64_t as_of, int64_t last_second, int64_t window_days,
+                                    bint* bad) noexcept nogil:
+    """§4.4: bit j set when some entry at or before as_of falls on local day today - j, j < window_days.
+
+    ``last_second`` is the last instant of today, so j = (last_second - s) // DAY for s <= as_of: one unsigned
+    multiply-shift, and the test and the shift are branch-free."""
+    cdef uint64_t mask = 0, j
+    cdef int64_t k, s
+    cdef bint keep
+    for k in range(start, stop):
+        if valid.data != NULL and not bit(valid, k):
+            bad[0] = True
+            continue
+        s = to_seconds(t[k], unit)
+        j = (<uint64_t>last_second - <uint64_t>s) // DAY  # unsigned: no overflow for any s
+        keep = (s <= as_of) & (j < <uint64_t>window_days)
+        mask |= (<uint64_t>keep) << (j & 63)
+    return mask
+
+
+cdef inline bint visits_hit(const Pop* p, const Rules* r, int64_t start, int64_t stop, bint* bad) noexcept nogil:
+    """§4.1 visit validation and §4.3 risk travel.  The risk table is already clipped to the lookback window and
+    folded over the region hierarchy: a hit is one bit test, then an interval test for the rare listed region."""
+    cdef const int32_t* region = p.visit_region
+    cdef const int32_t* day = p.visit_day
+    cdef const uint8_t* province_ok = r.province_ok
+    cdef const uint8_t* risk_any = r.risk_any
+    cdef bint checked = (p.visit_valid.data != NULL or p.visit_region_valid.data != NULL
+                         or p.visit_day_valid.data != NULL)
+    cdef bint hit = False
+    cdef int64_t k, q, d, code, idx
+    for k in range(start, stop):
+        if checked and not (bit(p.visit_valid, k) and bit(p.visit_region_valid, k) and bit(p.visit_day_valid, k)):
+            bad[0] = True
+            continue
+        code = region[k]
+        idx = code - CODE_MIN
+        if <uint64_t>idx >= N_CODES or province_ok[code // 10000] == 0:
+            bad[0] = True
+            continue
+        if code_bit(risk_any, idx):
+            d = day[k]
+            for q in range(r.risk_off[idx], r.risk_off[idx + 1]):
+                if r.risk_lo[q] <= d and d <= r.risk_hi[q]:
+                    hit = True
+    return hit
+
+
 cdef void evaluate_row(const Pop* p, const Rules* r, const Out* o, int64_t i) noexcept nogil:
     cdef bint bad = False, risk = False
-    cdef int64_t k, q, s, d, code, idx
+    cdef int64_t k
     cdef uint64_t entry_days = 0, m
     cdef int32_t home
     cdef int8_t color
@@ -237,35 +286,12 @@ cdef void evaluate_row(const Pop* p, const Rules* r, const Out* o, int64_t i) no
         mark_invalid(p, r, o, i)
         return
 
-    # §4.4 entry days: a 64-bit mask, bit j = local day today - j (window_days <= 64).
+    # §4.4 entry days and §4.1/§4.3 visits, each in one tight pass.
     if bit(p.entries_valid, i):
-        for k in range(p.entries_off[i], p.entries_off[i + 1]):
-            if not bit(p.entry_t_valid, k):
-                bad = True
-                continue
-            s = to_seconds(p.entry_t[k], p.entry_unit)
-            if s <= r.as_of:
-                d = r.today - day_of(s)
-                if d < r.window_days:
-                    entry_days |= (<uint64_t>1) << d
-
-    # §4.1 visit validation and §4.3 risk travel, in one pass.  The risk table is already clipped to the
-    # lookback window and folded over the region hierarchy: a hit is one bit test and an interval test.
+        entry_days = entry_day_mask(p.entry_t, p.entry_t_valid, p.entries_off[i], p.entries_off[i + 1],
+                                    p.entry_unit, r.as_of, midnight(r.today + 1) - 1, r.window_days, &bad)
     if bit(p.visits_valid, i):
-        for k in range(p.visits_off[i], p.visits_off[i + 1]):
-            if not (bit(p.visit_valid, k) and bit(p.visit_region_valid, k) and bit(p.visit_day_valid, k)):
-                bad = True
-                continue
-            code = p.visit_region[k]
-            if not valid_code(r, code):
-                bad = True
-                continue
-            idx = code - CODE_MIN
-            if code_bit(r.risk_any, idx):
-                d = p.visit_day[k]
-                for q in range(r.risk_off[idx], r.risk_off[idx + 1]):
-                    if r.risk_lo[q] <= d and d <= r.risk_hi[q]:
-                        risk = True
+        risk = visits_hit(p, r, p.visits_off[i], p.visits_off[i + 1], &bad)
     if bad:
         mark_invalid(p, r, o, i)
         return
