@@ -2,11 +2,12 @@
 """The evaluation kernel: SPEC §4 for every row of one population record batch, in one pass, without the GIL.
 
 The Python wrapper (``healthcode.engine``) checks the schema, picks the policy, folds the risk list into a table
-indexed by region code and allocates the outputs; this module only reads Arrow buffers and writes numpy arrays.
-Each row is independent, so rows are split between threads with ``prange``.
+indexed by region code and allocates the outputs; this module only reads Arrow buffers and writes the result
+buffers.  Rows are independent: blocks of 64 rows are split between threads with ``prange``, and each block writes
+its own 64-bit words of the boolean (and validity) bitmaps, so the outputs are Arrow buffers as they stand.
 """
 
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
+from libc.stdint cimport INT32_MAX, INT32_MIN, int8_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from cython.parallel cimport prange
 
 cdef extern from *:
@@ -59,6 +60,7 @@ cdef struct Bits:
 
 cdef struct Pop:
     # Zero-copy views of one population batch.
+    int64_t n
     Bits person_valid
     const int32_t* home
     Bits home_valid
@@ -66,13 +68,10 @@ cdef struct Pop:
     Bits registered_valid
     const int8_t* color
     Bits color_valid
-    const int64_t* c_nat        # the commuter_nat anchor column, raw units
-    Bits c_nat_valid
-    int c_unit
-    const int64_t* e_nat        # the entry_nat anchor column, raw units
-    Bits e_nat_valid
-    int e_unit
-    Bits entries_valid          # list validity: a null list is empty
+    const int64_t* nat[2]       # raw values of nat_sample_time (0) and nat_report_time (1)
+    Bits nat_valid[2]
+    int nat_unit[2]
+    Bits entries_valid          # list validity: a null list is empty whatever its offsets
     const int32_t* entries_off
     const int64_t* entry_t
     Bits entry_t_valid
@@ -91,31 +90,31 @@ cdef struct Rules:
     int64_t as_of
     int64_t today
     bint active
+    int c_anchor                # 0 sample, 1 report
     bint c_days
     int64_t c_length
+    int e_anchor
     bint e_days
     int64_t e_length
     int64_t window_days
     int64_t min_entry_days
     const uint8_t* province_ok  # [100]
     const uint8_t* ring         # bitset over code - CODE_MIN
-    const uint8_t* risk_any     # bitset over code - CODE_MIN
-    const int32_t* risk_off     # [N_CODES + 1]
+    const int32_t* risk_span    # [2 * N_CODES]: per region, the hull lo, hi of its hit days (lo > hi: none;
+                                # hi == SPAN_INVALID: not a valid code)
+    const uint8_t* risk_multi   # bitset: regions whose hit days are several intervals (see risk_off)
+    const int32_t* risk_off     # [N_CODES + 1], CSR over risk_lo / risk_hi
     const int32_t* risk_lo
     const int32_t* risk_hi
 
 
 cdef struct Out:
-    uint8_t* badge
-    uint8_t* entry
-    uint8_t* enrolled
-    uint8_t* err_code
+    uint64_t* badge             # bitmaps, one word per 64 rows; also the validity of the valid-until columns
+    uint64_t* entry
+    uint64_t* enrolled
     uint16_t* reasons
     int64_t* badge_until
-    uint8_t* badge_until_valid
     int64_t* entry_until
-    uint8_t* entry_until_valid
-    int32_t* err_index
 
 
 cdef inline bint bit(Bits b, int64_t i) noexcept nogil:
@@ -123,6 +122,22 @@ cdef inline bint bit(Bits b, int64_t i) noexcept nogil:
         return True
     cdef int64_t k = b.offset + i
     return (b.data[k >> 3] >> (k & 7)) & 1
+
+
+cdef inline bint all_set(Bits b, int64_t start, int64_t stop) noexcept nogil:
+    """Whether bits start .. stop - 1 are all set: a whole list's validity in a byte or two, not a test per element."""
+    if b.data == NULL or start >= stop:
+        return True
+    cdef int64_t first = b.offset + start, last = b.offset + stop - 1, k
+    cdef uint8_t head = <uint8_t>(0xff << (first & 7)), tail = <uint8_t>(0xff >> (7 - (last & 7)))
+    if first >> 3 == last >> 3:
+        return (b.data[first >> 3] & head & tail) == (head & tail)
+    if (b.data[first >> 3] & head) != head or (b.data[last >> 3] & tail) != tail:
+        return False
+    for k in range((first >> 3) + 1, last >> 3):
+        if b.data[k] != 0xff:
+            return False
+    return True
 
 
 cdef inline bint code_bit(const uint8_t* bits, int64_t idx) noexcept nogil:
@@ -156,8 +171,9 @@ cdef inline int64_t midnight(int64_t d) noexcept nogil:
     return d * DAY - OFFSET
 
 
-cdef inline bint valid_code(const Rules* r, int64_t code) noexcept nogil:
-    return <uint64_t>(code - CODE_MIN) < N_CODES and r.province_ok[code // 10000] != 0
+cdef inline bint valid_code(const uint8_t* province_ok, int64_t code) noexcept nogil:
+    # SPEC §3: 100000..999999 with a province-level prefix.
+    return <uint64_t>(code - CODE_MIN) < N_CODES and province_ok[code // 10000] != 0
 
 
 cdef inline int64_t lapse(int64_t a, bint unit_days, int64_t length) noexcept nogil:
@@ -167,73 +183,18 @@ cdef inline int64_t lapse(int64_t a, bint unit_days, int64_t length) noexcept no
     return a + length * 3600
 
 
-cdef uint8_t diagnose(const Pop* p, const Rules* r, int64_t i, int32_t* index) noexcept nogil:
-    """The first validation failure of row ``i`` (SPEC §4.1) and, for list elements, the element's index."""
-    cdef int64_t k, start
-    index[0] = 0
-    if not bit(p.person_valid, i):
-        return ERR_PERSON_NULL
-    if not bit(p.home_valid, i):
-        return ERR_HOME_NULL
-    if not valid_code(r, p.home[i]):
-        return ERR_HOME_INVALID
-    if not bit(p.color_valid, i):
-        return ERR_COLOR_NULL
-    if <uint8_t>p.color[i] > 2:
-        return ERR_COLOR_INVALID
-    if bit(p.entries_valid, i):
-        start = p.entries_off[i]
-        for k in range(start, p.entries_off[i + 1]):
-            if not bit(p.entry_t_valid, k):
-                index[0] = <int32_t>(k - start)
-                return ERR_ENTRY_NULL
-    if bit(p.visits_valid, i):
-        start = p.visits_off[i]
-        for k in range(start, p.visits_off[i + 1]):
-            if not bit(p.visit_valid, k):
-                index[0] = <int32_t>(k - start)
-                return ERR_VISIT_NULL
-        for k in range(start, p.visits_off[i + 1]):
-            if not bit(p.visit_region_valid, k):
-                index[0] = <int32_t>(k - start)
-                return ERR_VISIT_REGION_NULL
-        for k in range(start, p.visits_off[i + 1]):
-            if not valid_code(r, p.visit_region[k]):
-                index[0] = <int32_t>(k - start)
-                return ERR_VISIT_REGION_INVALID
-        for k in range(start, p.visits_off[i + 1]):
-            if not bit(p.visit_day_valid, k):
-                index[0] = <int32_t>(k - start)
-                return ERR_VISIT_DAY_NULL
-    return 0
-
-
-cdef inline void mark_invalid(const Pop* p, const Rules* r, const Out* o, int64_t i) noexcept nogil:
-    o.err_code[i] = diagnose(p, r, i, &o.err_index[i])
-    o.reasons[i] = INVALID_INPUT
-    o.badge[i] = 0
-    o.entry[i] = 0
-    o.enrolled[i] = 0
-    o.badge_until[i] = 0
-    o.badge_until_valid[i] = 0
-    o.entry_until[i] = 0
-    o.entry_until_valid[i] = 0
-
-
-cdef inline uint64_t entry_day_mask(const int64_t* t, Bits valid, int64_t start, int64_t stop, int unit,
-                                    int64_t as_of, int64_t last_second, int64_t window_days,
-                                    bint* bad) noexcept nogil:
+cdef inline uint64_t entry_day_mask(const Pop* p, int64_t start, int64_t stop, int64_t as_of, int64_t last_second,
+                                    int64_t window_days) noexcept nogil:
     """§4.4: bit j set when some entry at or before as_of falls on local day today - j, j < window_days.
 
     ``last_second`` is the last instant of today, so j = (last_second - s) // DAY for s <= as_of: one unsigned
     multiply-shift, and the test and the shift are branch-free."""
+    cdef const int64_t* t = p.entry_t
+    cdef int unit = p.entry_unit
     cdef uint64_t mask = 0, j
     cdef int64_t k, s
     cdef bint keep
     for k in range(start, stop):
-        if valid.data != NULL and not bit(valid, k):
-            bad[0] = True
-            continue
         s = to_seconds(t[k], unit)
         j = (<uint64_t>last_second - <uint64_t>s) // DAY  # unsigned: no overflow for any s
         keep = (s <= as_of) & (j < <uint64_t>window_days)
@@ -241,65 +202,90 @@ cdef inline uint64_t entry_day_mask(const int64_t* t, Bits valid, int64_t start,
     return mask
 
 
+cdef inline bint in_intervals(const Rules* r, int64_t idx, int64_t d) noexcept nogil:
+    cdef int64_t q
+    for q in range(r.risk_off[idx], r.risk_off[idx + 1]):
+        if r.risk_lo[q] <= d and d <= r.risk_hi[q]:
+            return True
+    return False
+
+
 cdef inline bint visits_hit(const Pop* p, const Rules* r, int64_t start, int64_t stop, bint* bad) noexcept nogil:
-    """§4.1 visit validation and §4.3 risk travel.  The risk table is already clipped to the lookback window and
-    folded over the region hierarchy: a hit is one bit test, then an interval test for the rare listed region."""
+    """§4.1 visit region validation and §4.3 risk travel (nulls were ruled out by the caller).  The risk list was
+    folded over the region hierarchy and clipped to the lookback window: a visit hits when its day lies in its
+    region's hull of hit days (two loads, no branch), checked against the separate intervals only for the rare
+    region that has several."""
     cdef const int32_t* region = p.visit_region
     cdef const int32_t* day = p.visit_day
-    cdef const uint8_t* province_ok = r.province_ok
-    cdef const uint8_t* risk_any = r.risk_any
-    cdef bint checked = (p.visit_valid.data != NULL or p.visit_region_valid.data != NULL
-                         or p.visit_day_valid.data != NULL)
-    cdef bint hit = False
-    cdef int64_t k, q, d, code, idx
+    cdef const int32_t* span = r.risk_span
+    cdef bint hit = False, h
+    cdef int64_t k, d, code, idx
+    cdef int32_t lo, hi
     for k in range(start, stop):
-        if checked and not (bit(p.visit_valid, k) and bit(p.visit_region_valid, k) and bit(p.visit_day_valid, k)):
+        idx = region[k] - CODE_MIN
+        if <uint64_t>idx >= N_CODES:
             bad[0] = True
             continue
-        code = region[k]
-        idx = code - CODE_MIN
-        if <uint64_t>idx >= N_CODES or province_ok[code // 10000] == 0:
+        lo = span[2 * idx]
+        hi = span[2 * idx + 1]
+        if hi == SPAN_INVALID:  # not a province-level prefix: one load answers both questions
             bad[0] = True
             continue
-        if code_bit(risk_any, idx):
-            d = day[k]
-            for q in range(r.risk_off[idx], r.risk_off[idx + 1]):
-                if r.risk_lo[q] <= d and d <= r.risk_hi[q]:
-                    hit = True
+        d = day[k]
+        h = (lo <= d) & (d <= hi)
+        if h & code_bit(r.risk_multi, idx):
+            h = in_intervals(r, idx, d)
+        hit |= h
     return hit
 
 
-cdef void evaluate_row(const Pop* p, const Rules* r, const Out* o, int64_t i) noexcept nogil:
+# risk_span's hi for a code without a province-level prefix (see healthcode.regions.SPAN_INVALID).
+cdef enum:
+    SPAN_INVALID = -2147483647
+
+cdef enum:
+    ROW_BADGE = 1
+    ROW_ENTRY = 2
+    ROW_ENROLLED = 4
+    ROW_INVALID = 8
+
+
+cdef int evaluate_row(const Pop* p, const Rules* r, const Out* o, int64_t i) noexcept nogil:
+    """SPEC §4 for row ``i``: writes its reasons and valid-until instants, returns its ROW_* flags."""
     cdef bint bad = False, risk = False
-    cdef int64_t k
     cdef uint64_t entry_days = 0, m
-    cdef int32_t home
-    cdef int8_t color
+    cdef int64_t k, start, stop
 
-    # §4.1 validation of the scalars.
+    # §4.1 validation: scalars first, lists while they are read.
     if not (bit(p.person_valid, i) and bit(p.home_valid, i) and bit(p.color_valid, i)):
-        mark_invalid(p, r, o, i)
-        return
-    home = p.home[i]
-    color = p.color[i]
-    if not valid_code(r, home) or <uint8_t>color > 2:
-        mark_invalid(p, r, o, i)
-        return
-
-    # §4.4 entry days and §4.1/§4.3 visits, each in one tight pass.
-    if bit(p.entries_valid, i):
-        entry_days = entry_day_mask(p.entry_t, p.entry_t_valid, p.entries_off[i], p.entries_off[i + 1],
-                                    p.entry_unit, r.as_of, midnight(r.today + 1) - 1, r.window_days, &bad)
-    if bit(p.visits_valid, i):
-        risk = visits_hit(p, r, p.visits_off[i], p.visits_off[i + 1], &bad)
+        bad = True
+    elif not valid_code(r.province_ok, p.home[i]) or <uint8_t>p.color[i] > 2:
+        bad = True
+    else:
+        if bit(p.entries_valid, i):
+            start, stop = p.entries_off[i], p.entries_off[i + 1]
+            if all_set(p.entry_t_valid, start, stop):
+                entry_days = entry_day_mask(p, start, stop, r.as_of, midnight(r.today + 1) - 1, r.window_days)
+            else:
+                bad = True
+        if bit(p.visits_valid, i):
+            start, stop = p.visits_off[i], p.visits_off[i + 1]
+            if (all_set(p.visit_valid, start, stop) and all_set(p.visit_region_valid, start, stop)
+                    and all_set(p.visit_day_valid, start, stop)):
+                risk = visits_hit(p, r, start, stop, &bad)
+            else:
+                bad = True
     if bad:
-        mark_invalid(p, r, o, i)
-        return
+        o.reasons[i] = INVALID_INPUT
+        o.badge_until[i] = 0
+        o.entry_until[i] = 0
+        return ROW_INVALID
 
+    cdef int32_t home = p.home[i]
     cdef uint16_t reasons = 0
-    cdef bint green = color == 0
-    cdef bint c_valid = False, e_valid = False, badge, entry, enrolled, ring, registered, pattern
-    cdef int64_t a, c_lapse = 0, e_lapse = 0, until, pattern_end
+    cdef bint green = p.color[i] == 0
+    cdef bint c_valid = False, e_valid = False, badge, entry, enrolled, ring, registered
+    cdef int64_t a, c_lapse = 0, e_lapse = 0, badge_until = 0, entry_until = 0, pattern_end
     cdef int count
 
     if not r.active:
@@ -308,16 +294,16 @@ cdef void evaluate_row(const Pop* p, const Rules* r, const Out* o, int64_t i) no
         reasons |= CODE_NOT_GREEN
 
     # §4.2 NAT windows.
-    a = to_seconds(p.c_nat[i], p.c_unit)
-    if not bit(p.c_nat_valid, i) or a > r.as_of:
+    a = to_seconds(p.nat[r.c_anchor][i], p.nat_unit[r.c_anchor])
+    if not bit(p.nat_valid[r.c_anchor], i) or a > r.as_of:
         reasons |= NAT_MISSING
     else:
         c_lapse = lapse(a, r.c_days, r.c_length)
         c_valid = r.as_of < c_lapse
         if not c_valid:
             reasons |= NAT_EXPIRED
-    a = to_seconds(p.e_nat[i], p.e_unit)
-    if bit(p.e_nat_valid, i) and a <= r.as_of:
+    a = to_seconds(p.nat[r.e_anchor][i], p.nat_unit[r.e_anchor])
+    if bit(p.nat_valid[r.e_anchor], i) and a <= r.as_of:
         e_lapse = lapse(a, r.e_days, r.e_length)
         e_valid = r.as_of < e_lapse
     if not e_valid:
@@ -329,8 +315,7 @@ cdef void evaluate_row(const Pop* p, const Rules* r, const Out* o, int64_t i) no
     ring = code_bit(r.ring, home - CODE_MIN)
     registered = bit(p.registered, i) and bit(p.registered_valid, i)
     count = hc_popcount64(entry_days)
-    pattern = ring and count >= r.min_entry_days
-    enrolled = registered or pattern
+    enrolled = registered or (ring and count >= r.min_entry_days)
     if not enrolled:
         reasons |= NOT_ENROLLED
     if count < r.min_entry_days:
@@ -341,147 +326,222 @@ cdef void evaluate_row(const Pop* p, const Rules* r, const Out* o, int64_t i) no
     # §4.5 outcome.
     badge = r.active and green and enrolled and c_valid and not risk
     entry = green and not risk and (e_valid or badge)
-    o.badge[i] = badge
-    o.entry[i] = entry
-    o.enrolled[i] = enrolled
-    o.reasons[i] = reasons
-    o.err_code[i] = 0
-    o.err_index[i] = 0
-    until = 0
     if badge:
-        until = c_lapse
+        badge_until = c_lapse
         if not registered:
-            # The min_entry_days-th most recent entry day k: the pattern stops holding at midnight(k + window).
+            # The pattern stops holding at midnight(k + window_days), k the min_entry_days-th most recent day.
             m = entry_days
             for k in range(r.min_entry_days - 1):
                 m &= m - 1
             pattern_end = midnight(r.today - hc_ctz64(m) + r.window_days)
-            if pattern_end < until:
-                until = pattern_end
-    o.badge_until[i] = until
-    o.badge_until_valid[i] = badge
+            if pattern_end < badge_until:
+                badge_until = pattern_end
     if entry:
-        if badge and (not e_valid or until > e_lapse):
-            o.entry_until[i] = until
-        else:
-            o.entry_until[i] = e_lapse
-    else:
-        o.entry_until[i] = 0
-    o.entry_until_valid[i] = entry
+        entry_until = e_lapse if e_valid else badge_until
+        if badge and badge_until > entry_until:
+            entry_until = badge_until
+    o.reasons[i] = reasons
+    o.badge_until[i] = badge_until
+    o.entry_until[i] = entry_until
+    return badge * ROW_BADGE + entry * ROW_ENTRY + enrolled * ROW_ENROLLED
 
 
-cdef inline Bits make_bits(const uint8_t[::1] data, int64_t offset):
-    cdef Bits b
-    b.offset = offset
-    b.data = &data[0] if data is not None and data.shape[0] > 0 else NULL
-    return b
+cdef int64_t evaluate_block(const Pop* p, const Rules* r, const Out* o, int64_t block) noexcept nogil:
+    """Rows 64 * block .. 64 * block + 63: one word of each bitmap.  Returns the number of invalid rows."""
+    cdef int64_t start = block * 64, stop = min(start + 64, p.n), i, invalid = 0
+    cdef uint64_t badge = 0, entry = 0, enrolled = 0, one
+    cdef int flags
+    for i in range(start, stop):
+        flags = evaluate_row(p, r, o, i)
+        one = (<uint64_t>1) << (i - start)
+        if flags & ROW_BADGE:
+            badge |= one
+        if flags & ROW_ENTRY:
+            entry |= one
+        if flags & ROW_ENROLLED:
+            enrolled |= one
+        invalid += (flags & ROW_INVALID) != 0
+    o.badge[block] = badge
+    o.entry[block] = entry
+    o.enrolled[block] = enrolled
+    return invalid
 
 
-def evaluate_batch(
-    int64_t n,
-    const uint8_t[::1] person_valid, int64_t person_valid_off,
-    const int32_t[::1] home, const uint8_t[::1] home_valid, int64_t home_valid_off,
-    const uint8_t[::1] registered, int64_t registered_off,
-    const uint8_t[::1] registered_valid, int64_t registered_valid_off,
-    const int8_t[::1] color, const uint8_t[::1] color_valid, int64_t color_valid_off,
-    const int64_t[::1] c_nat, const uint8_t[::1] c_nat_valid, int64_t c_nat_valid_off, int c_unit,
-    const int64_t[::1] e_nat, const uint8_t[::1] e_nat_valid, int64_t e_nat_valid_off, int e_unit,
-    const uint8_t[::1] entries_valid, int64_t entries_valid_off, const int32_t[::1] entries_off,
-    const int64_t[::1] entry_t, const uint8_t[::1] entry_t_valid, int64_t entry_t_valid_off, int entry_unit,
-    const uint8_t[::1] visits_valid, int64_t visits_valid_off, const int32_t[::1] visits_off,
-    const uint8_t[::1] visit_valid, int64_t visit_valid_off,
-    const int32_t[::1] visit_region, const uint8_t[::1] visit_region_valid, int64_t visit_region_valid_off,
-    const int32_t[::1] visit_day, const uint8_t[::1] visit_day_valid, int64_t visit_day_valid_off,
-    int64_t as_of, int64_t today, bint active,
-    bint c_days, int64_t c_length, bint e_days, int64_t e_length,
-    int64_t window_days, int64_t min_entry_days,
-    const uint8_t[::1] province_ok, const uint8_t[::1] ring,
-    const uint8_t[::1] risk_any, const int32_t[::1] risk_off, const int32_t[::1] risk_lo, const int32_t[::1] risk_hi,
-    uint8_t[:, ::1] out_u8, uint16_t[::1] out_reasons, int64_t[:, ::1] out_until, uint8_t[:, ::1] out_until_valid,
-    int32_t[::1] out_err_index,
-    int n_threads,
-):
-    """Evaluate ``n`` rows.  Bitmaps are (bytes or None, bit offset); ``out_u8`` rows are badge, entry, enrolled,
-    err_code; ``out_until`` rows are badge_valid_until, entry_valid_until (epoch seconds)."""
-    if n == 0:
-        return
-    if not (1 <= window_days <= 64):
-        raise ValueError(f"window_days must be in 1..64, got {window_days}")
-    if home.shape[0] < n or color.shape[0] < n or c_nat.shape[0] < n or e_nat.shape[0] < n:
-        raise ValueError("a population column is shorter than the batch")
-    if entries_off.shape[0] < n + 1 or visits_off.shape[0] < n + 1:
-        raise ValueError("list offsets are shorter than the batch")
-    if out_reasons.shape[0] < n or out_u8.shape[1] < n or out_until.shape[1] < n or out_err_index.shape[0] < n:
-        raise ValueError("an output array is shorter than the batch")
-    if risk_off.shape[0] != N_CODES + 1 or ring.shape[0] * 8 < N_CODES or risk_any.shape[0] * 8 < N_CODES:
-        raise ValueError("region tables have the wrong size")
-    if province_ok.shape[0] != 100:
-        raise ValueError("province table must have 100 entries")
+cdef uint8_t diagnose_row(const Pop* p, const Rules* r, int64_t i, int32_t* index) noexcept nogil:
+    """The first validation failure of row ``i`` (SPEC §4.1) and, for list elements, the element's index."""
+    cdef int64_t k, start, stop
+    index[0] = 0
+    if not bit(p.person_valid, i):
+        return ERR_PERSON_NULL
+    if not bit(p.home_valid, i):
+        return ERR_HOME_NULL
+    if not valid_code(r.province_ok, p.home[i]):
+        return ERR_HOME_INVALID
+    if not bit(p.color_valid, i):
+        return ERR_COLOR_NULL
+    if <uint8_t>p.color[i] > 2:
+        return ERR_COLOR_INVALID
+    if bit(p.entries_valid, i):
+        start, stop = p.entries_off[i], p.entries_off[i + 1]
+        for k in range(start, stop):
+            if not bit(p.entry_t_valid, k):
+                index[0] = <int32_t>(k - start)
+                return ERR_ENTRY_NULL
+    if bit(p.visits_valid, i):
+        start, stop = p.visits_off[i], p.visits_off[i + 1]
+        for k in range(start, stop):
+            if not bit(p.visit_valid, k):
+                index[0] = <int32_t>(k - start)
+                return ERR_VISIT_NULL
+        for k in range(start, stop):
+            if not bit(p.visit_region_valid, k):
+                index[0] = <int32_t>(k - start)
+                return ERR_VISIT_REGION_NULL
+        for k in range(start, stop):
+            if not valid_code(r.province_ok, p.visit_region[k]):
+                index[0] = <int32_t>(k - start)
+                return ERR_VISIT_REGION_INVALID
+        for k in range(start, stop):
+            if not bit(p.visit_day_valid, k):
+                index[0] = <int32_t>(k - start)
+                return ERR_VISIT_DAY_NULL
+    return 0
+
+
+cdef Bits as_bits(object b) except *:
+    """A ``healthcode.columns.Bits`` (numpy bytes or None, bit offset) as a C bitmap."""
+    cdef const uint8_t[::1] data
+    cdef Bits out
+    out.offset = b.offset
+    out.data = NULL
+    if b.data is not None and len(b.data) > 0:
+        data = b.data
+        out.data = &data[0]
+    return out
+
+
+cdef const void* first(object array, Py_ssize_t min_len, str name) except? NULL:
+    """Pointer to the first element of a contiguous numpy array of at least ``min_len`` elements (NULL if empty)."""
+    if array.size < min_len:
+        raise ValueError(f"{name} has {array.size} elements, needs {min_len}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name} must be contiguous")
+    return NULL if array.size == 0 else <const void*><size_t>array.ctypes.data
+
+
+cdef class Population:
+    """Views of one population batch (a ``healthcode.columns.BatchColumns``) as the kernel reads them.
+
+    Holds a reference to the columns, whose arrays point into the Arrow buffers, for as long as it lives."""
 
     cdef Pop p
+    cdef readonly object columns
+
+    def __init__(self, cols):
+        n = cols.n
+        self.columns = cols
+        self.p.n = n
+        self.p.person_valid = as_bits(cols.person_id_valid)
+        self.p.home = <const int32_t*>first(cols.home_region, n, "home_region")
+        self.p.home_valid = as_bits(cols.home_region_valid)
+        if cols.registered.data is None or len(cols.registered.data) * 8 < cols.registered.offset + n:
+            raise ValueError("registered_commuter values are shorter than the batch")
+        self.p.registered = as_bits(cols.registered)
+        self.p.registered_valid = as_bits(cols.registered_valid)
+        self.p.color = <const int8_t*>first(cols.base_color, n, "base_color")
+        self.p.color_valid = as_bits(cols.base_color_valid)
+        for slot, anchor in enumerate(("sample", "report")):
+            values, valid, unit = cols.nat[anchor]
+            self.p.nat[slot] = <const int64_t*>first(values, n, f"nat_{anchor}_time")
+            self.p.nat_valid[slot] = as_bits(valid)
+            self.p.nat_unit[slot] = unit
+        self.p.entries_valid = as_bits(cols.entries_valid)
+        self.p.entries_off = <const int32_t*>first(cols.entries_offsets, n + 1, "entry_times offsets")
+        self.p.entry_t = <const int64_t*>first(cols.entry_values, cols.entries_offsets[n], "entry_times values")
+        self.p.entry_t_valid = as_bits(cols.entry_values_valid)
+        self.p.entry_unit = cols.entry_unit
+        self.p.visits_valid = as_bits(cols.visits_valid)
+        self.p.visits_off = <const int32_t*>first(cols.visits_offsets, n + 1, "visits offsets")
+        stop = cols.visits_offsets[n]
+        self.p.visit_valid = as_bits(cols.visit_struct_valid)
+        self.p.visit_region = <const int32_t*>first(cols.visit_region, stop, "visits.region")
+        self.p.visit_region_valid = as_bits(cols.visit_region_valid)
+        self.p.visit_day = <const int32_t*>first(cols.visit_day, stop, "visits.day")
+        self.p.visit_day_valid = as_bits(cols.visit_day_valid)
+
+
+cdef class RuleSet:
+    """The numbers of one policy and the region tables of one evaluation (see ``healthcode.engine``)."""
+
     cdef Rules r
+    cdef readonly object tables
+
+    def __init__(self, int64_t as_of, int64_t today, bint active, int c_anchor, bint c_days, int64_t c_length,
+                 int e_anchor, bint e_days, int64_t e_length, int64_t window_days, int64_t min_entry_days,
+                 province_ok, ring, risk_span, risk_multi, risk_off, risk_lo, risk_hi):
+        if not 1 <= window_days <= 64:
+            raise ValueError(f"window_days must be in 1..64, got {window_days}")
+        if c_anchor not in (0, 1) or e_anchor not in (0, 1):
+            raise ValueError("NAT anchors are 0 (sample) or 1 (report)")
+        self.tables = (province_ok, ring, risk_span, risk_multi, risk_off, risk_lo, risk_hi)
+        self.r.as_of = as_of
+        self.r.today = today
+        self.r.active = active
+        self.r.c_anchor = c_anchor
+        self.r.c_days = c_days
+        self.r.c_length = c_length
+        self.r.e_anchor = e_anchor
+        self.r.e_days = e_days
+        self.r.e_length = e_length
+        self.r.window_days = window_days
+        self.r.min_entry_days = min_entry_days
+        self.r.province_ok = <const uint8_t*>first(province_ok, 100, "province table")
+        self.r.ring = <const uint8_t*>first(ring, (N_CODES + 7) // 8, "ring bitset")
+        self.r.risk_span = <const int32_t*>first(risk_span, 2 * N_CODES, "risk span table")
+        self.r.risk_multi = <const uint8_t*>first(risk_multi, (N_CODES + 7) // 8, "risk multi bitset")
+        self.r.risk_off = <const int32_t*>first(risk_off, N_CODES + 1, "risk offsets")
+        self.r.risk_lo = <const int32_t*>first(risk_lo, risk_off[N_CODES], "risk lo")
+        self.r.risk_hi = <const int32_t*>first(risk_hi, risk_off[N_CODES], "risk hi")
+
+
+def evaluate(Population pop, RuleSet rules, uint64_t[::1] badge, uint64_t[::1] entry, uint64_t[::1] enrolled,
+             uint16_t[::1] reasons, int64_t[::1] badge_until, int64_t[::1] entry_until, int n_threads=1):
+    """Evaluate every row of ``pop``.  Bitmaps have one word per 64 rows; returns the number of invalid rows."""
+    cdef int64_t n = pop.p.n, blocks = (n + 63) // 64, b, invalid = 0
+    if n == 0:
+        return 0
+    if badge.shape[0] < blocks or entry.shape[0] < blocks or enrolled.shape[0] < blocks:
+        raise ValueError("bitmap outputs are shorter than the batch")
+    if reasons.shape[0] < n or badge_until.shape[0] < n or entry_until.shape[0] < n:
+        raise ValueError("outputs are shorter than the batch")
     cdef Out o
-    p.person_valid = make_bits(person_valid, person_valid_off)
-    p.home = &home[0]
-    p.home_valid = make_bits(home_valid, home_valid_off)
-    if registered is None or registered.shape[0] == 0:
-        raise ValueError("registered_commuter has no values buffer")
-    p.registered = make_bits(registered, registered_off)
-    p.registered_valid = make_bits(registered_valid, registered_valid_off)
-    p.color = &color[0]
-    p.color_valid = make_bits(color_valid, color_valid_off)
-    p.c_nat = &c_nat[0]
-    p.c_nat_valid = make_bits(c_nat_valid, c_nat_valid_off)
-    p.c_unit = c_unit
-    p.e_nat = &e_nat[0]
-    p.e_nat_valid = make_bits(e_nat_valid, e_nat_valid_off)
-    p.e_unit = e_unit
-    p.entries_valid = make_bits(entries_valid, entries_valid_off)
-    p.entries_off = &entries_off[0]
-    p.entry_t = &entry_t[0] if entry_t.shape[0] > 0 else NULL
-    p.entry_t_valid = make_bits(entry_t_valid, entry_t_valid_off)
-    p.entry_unit = entry_unit
-    p.visits_valid = make_bits(visits_valid, visits_valid_off)
-    p.visits_off = &visits_off[0]
-    p.visit_valid = make_bits(visit_valid, visit_valid_off)
-    p.visit_region = &visit_region[0] if visit_region.shape[0] > 0 else NULL
-    p.visit_region_valid = make_bits(visit_region_valid, visit_region_valid_off)
-    p.visit_day = &visit_day[0] if visit_day.shape[0] > 0 else NULL
-    p.visit_day_valid = make_bits(visit_day_valid, visit_day_valid_off)
-
-    r.as_of = as_of
-    r.today = today
-    r.active = active
-    r.c_days = c_days
-    r.c_length = c_length
-    r.e_days = e_days
-    r.e_length = e_length
-    r.window_days = window_days
-    r.min_entry_days = min_entry_days
-    r.province_ok = &province_ok[0]
-    r.ring = &ring[0]
-    r.risk_any = &risk_any[0]
-    r.risk_off = &risk_off[0]
-    r.risk_lo = &risk_lo[0] if risk_lo.shape[0] > 0 else NULL
-    r.risk_hi = &risk_hi[0] if risk_hi.shape[0] > 0 else NULL
-
-    o.badge = &out_u8[0, 0]
-    o.entry = &out_u8[1, 0]
-    o.enrolled = &out_u8[2, 0]
-    o.err_code = &out_u8[3, 0]
-    o.reasons = &out_reasons[0]
-    o.badge_until = &out_until[0, 0]
-    o.entry_until = &out_until[1, 0]
-    o.badge_until_valid = &out_until_valid[0, 0]
-    o.entry_until_valid = &out_until_valid[1, 0]
-    o.err_index = &out_err_index[0]
-
-    cdef int64_t i
-    cdef int threads = n_threads if n_threads > 0 else 1
-    if threads == 1 or n < 4096:
+    o.badge = &badge[0]
+    o.entry = &entry[0]
+    o.enrolled = &enrolled[0]
+    o.reasons = &reasons[0]
+    o.badge_until = &badge_until[0]
+    o.entry_until = &entry_until[0]
+    cdef const Pop* p = &pop.p
+    cdef const Rules* r = &rules.r
+    cdef int threads = max(1, n_threads)
+    if threads == 1 or blocks < 64:
         with nogil:
-            for i in range(n):
-                evaluate_row(&p, &r, &o, i)
+            for b in range(blocks):
+                invalid += evaluate_block(p, r, &o, b)
     else:
-        for i in prange(n, nogil=True, schedule="static", num_threads=threads):
-            evaluate_row(&p, &r, &o, i)
+        for b in prange(blocks, nogil=True, schedule="static", num_threads=threads):
+            invalid += evaluate_block(p, r, &o, b)
+    return invalid
+
+
+def diagnose(Population pop, RuleSet rules, const int64_t[::1] rows, uint8_t[::1] codes, int32_t[::1] index):
+    """For each of ``rows`` (invalid rows), the first failing check (``healthcode.results.ERROR_MESSAGES``)."""
+    cdef int64_t k, n = rows.shape[0]
+    if codes.shape[0] < n or index.shape[0] < n:
+        raise ValueError("outputs are shorter than rows")
+    for k in range(n):
+        if not 0 <= rows[k] < pop.p.n:
+            raise IndexError(f"row {rows[k]} is outside the batch")
+    with nogil:
+        for k in range(n):
+            codes[k] = diagnose_row(&pop.p, &rules.r, rows[k], &index[k])

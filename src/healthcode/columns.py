@@ -56,7 +56,9 @@ def check_schema(schema: pa.Schema) -> None:
     names = set(schema.names)
     for name in POPULATION_SCHEMA.names:
         if name not in names:
-            raise SchemaError(f"column {name!r} is missing; the population needs {', '.join(POPULATION_SCHEMA.names)}")
+            raise SchemaError(
+                f"column {name!r} is missing; the population needs {', '.join(POPULATION_SCHEMA.names)}"
+            )
         if schema.names.count(name) > 1:
             raise SchemaError(f"column {name!r} appears more than once")
     for name, expected in _SCALARS.items():
@@ -80,9 +82,13 @@ def check_schema(schema: pa.Schema) -> None:
     for child, expected in (("region", pa.int32()), ("day", pa.date32())):
         idx = struct.get_field_index(child)
         if idx < 0:
-            raise SchemaError(f"column 'visits' struct has no field {child!r}; expected struct<region: int32, day: date32>")
+            raise SchemaError(
+                f"column 'visits' struct has no field {child!r}; expected struct<region: int32, day: date32>"
+            )
         if struct.field(idx).type != expected:
-            raise SchemaError(f"column 'visits' field {child!r} has type {struct.field(idx).type}; expected {expected}")
+            raise SchemaError(
+                f"column 'visits' field {child!r} has type {struct.field(idx).type}; expected {expected}"
+            )
 
 
 def _validity(arr: pa.Array) -> tuple[np.ndarray | None, int]:

@@ -13,7 +13,7 @@ import pyarrow as pa
 from . import columns
 from .policy import Policy, PolicyTimeline, load_policy
 from .regions import PROVINCE_OK, RiskList, RiskTable, code_bitset, load_risk_list
-from .results import RESULT_SCHEMA, assemble
+from .results import RESULT_SCHEMA, Reason, assemble_packed, error_column
 from .timebase import day, to_instant
 
 #: Set to a non-empty value other than "0" to run the plain-Python reference instead of the kernel.
@@ -44,6 +44,7 @@ class Context:
     risk: RiskList
     risk_table: RiskTable
     ring: np.ndarray  # bitset of codes inside some ring region
+    kernel_rules: object = None  # the kernel's RuleSet, built on first use
 
 
 _RING_CACHE: dict[tuple[int, ...], np.ndarray] = {}
@@ -76,47 +77,42 @@ def make_context(risk: RiskLike, policy: PolicyLike, as_of: _dt.datetime | int |
     )
 
 
+def _rules(ctx: Context) -> object:
+    """The kernel's view of the context (built once per context)."""
+    if ctx.kernel_rules is None:
+        p, t = ctx.policy, ctx.risk_table
+        anchor = {"sample": 0, "report": 1}
+        rules = _kernel.RuleSet(
+            ctx.as_of, ctx.today, ctx.active,
+            anchor[p.commuter_nat.anchor], p.commuter_nat.unit == "days", p.commuter_nat.length,
+            anchor[p.entry_nat.anchor], p.entry_nat.unit == "days", p.entry_nat.length,
+            p.commuter_pattern.window_days, p.commuter_pattern.min_entry_days,
+            PROVINCE_OK, ctx.ring, t.span, t.multi, t.offsets, t.lo, t.hi,
+        )  # fmt: skip
+        object.__setattr__(ctx, "kernel_rules", rules)
+    return ctx.kernel_rules
+
+
 def _kernel_batch(ctx: Context, batch: pa.RecordBatch, n_threads: int) -> pa.RecordBatch:
-    cols = columns.batch_columns(batch)
-    p = ctx.policy
-    n = cols.n
-    out_u8 = np.empty((4, n), dtype=np.uint8)  # badge, entry, enrolled, err_code
-    out_reasons = np.empty(n, dtype=np.uint16)
-    out_until = np.empty((2, n), dtype=np.int64)
-    out_until_valid = np.empty((2, n), dtype=np.uint8)
-    out_err_index = np.empty(n, dtype=np.int32)
-    c_vals, c_valid, c_unit = cols.nat[p.commuter_nat.anchor]
-    e_vals, e_valid, e_unit = cols.nat[p.entry_nat.anchor]
-    _kernel.evaluate_batch(
-        n,
-        cols.person_id_valid.data, cols.person_id_valid.offset,
-        cols.home_region, cols.home_region_valid.data, cols.home_region_valid.offset,
-        cols.registered.data, cols.registered.offset,
-        cols.registered_valid.data, cols.registered_valid.offset,
-        cols.base_color, cols.base_color_valid.data, cols.base_color_valid.offset,
-        c_vals, c_valid.data, c_valid.offset, c_unit,
-        e_vals, e_valid.data, e_valid.offset, e_unit,
-        cols.entries_valid.data, cols.entries_valid.offset, cols.entries_offsets,
-        cols.entry_values, cols.entry_values_valid.data, cols.entry_values_valid.offset, cols.entry_unit,
-        cols.visits_valid.data, cols.visits_valid.offset, cols.visits_offsets,
-        cols.visit_struct_valid.data, cols.visit_struct_valid.offset,
-        cols.visit_region, cols.visit_region_valid.data, cols.visit_region_valid.offset,
-        cols.visit_day, cols.visit_day_valid.data, cols.visit_day_valid.offset,
-        ctx.as_of, ctx.today, ctx.active,
-        p.commuter_nat.unit == "days", p.commuter_nat.length,
-        p.entry_nat.unit == "days", p.entry_nat.length,
-        p.commuter_pattern.window_days, p.commuter_pattern.min_entry_days,
-        PROVINCE_OK, ctx.ring,
-        ctx.risk_table.any, ctx.risk_table.offsets, ctx.risk_table.lo, ctx.risk_table.hi,
-        out_u8, out_reasons, out_until, out_until_valid, out_err_index,
-        n_threads,
-    )  # fmt: skip
+    rules = _rules(ctx)
+    pop = _kernel.Population(columns.batch_columns(batch))
+    n = batch.num_rows
+    words = (n + 63) // 64
+    bits = np.zeros((3, words), dtype=np.uint64)  # badge, entry, enrolled
+    reasons = np.empty(n, dtype=np.uint16)
+    until = np.empty((2, n), dtype=np.int64)  # badge_valid_until, entry_valid_until
+    invalid = _kernel.evaluate(pop, rules, bits[0], bits[1], bits[2], reasons, until[0], until[1], n_threads)
+    err_code = err_index = None
+    if invalid:
+        rows = np.flatnonzero(reasons == Reason.INVALID_INPUT).astype(np.int64)
+        err_code = np.zeros(len(rows), dtype=np.uint8)
+        err_index = np.zeros(len(rows), dtype=np.int32)
+        _kernel.diagnose(pop, rules, rows, err_code, err_index)
+        errors = error_column(n, rows, err_code, err_index)
+    else:
+        errors = pa.nulls(n, pa.string())
     person_id = batch.column(batch.schema.get_field_index("person_id"))
-    return assemble(
-        person_id, out_u8[0], out_u8[1], out_u8[2], out_reasons,
-        out_until[0], out_until_valid[0], out_until[1], out_until_valid[1],
-        out_u8[3], out_err_index,
-    )  # fmt: skip
+    return assemble_packed(person_id, bits, reasons, until, errors)
 
 
 def default_threads() -> int:

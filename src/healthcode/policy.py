@@ -5,10 +5,11 @@ from __future__ import annotations
 import bisect
 import datetime as _dt
 import os
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+
+import tomllib
 
 from .errors import PolicyError
 from .regions import is_valid_code
@@ -72,9 +73,7 @@ class PolicyTimeline:
     @property
     def longest_lookback_days(self) -> int:
         """The longest window any policy needs, in days (for holding only in-window events)."""
-        return max(
-            max(p.risk.lookback_days, p.commuter_pattern.window_days) for p in self.policies
-        )
+        return max(max(p.risk.lookback_days, p.commuter_pattern.window_days) for p in self.policies)
 
 
 _TOP_KEYS = {"policy"}
@@ -121,14 +120,18 @@ class _Reader:
     def instant(self, value: Any, key: str) -> int:
         if isinstance(value, _dt.datetime):
             if value.tzinfo is None:
-                raise self.fail(key, f"{value.isoformat()} has no UTC offset; write e.g. 2021-11-17T00:00:00+08:00")
+                raise self.fail(
+                    key, f"{value.isoformat()} has no UTC offset; write e.g. 2021-11-17T00:00:00+08:00"
+                )
             return to_instant(value)
         if isinstance(value, str):
             try:
                 return to_instant(value)
             except ValueError as exc:
                 raise self.fail(key, str(exc)) from None
-        raise self.fail(key, f"must be an offset date-time such as 2021-11-17T00:00:00+08:00, got {_kind(value)}")
+        raise self.fail(
+            key, f"must be an offset date-time such as 2021-11-17T00:00:00+08:00, got {_kind(value)}"
+        )
 
     def nat(self, value: Any, key: str) -> NatWindow:
         t = self.table(value, key, _NAT_KEYS)
@@ -151,7 +154,9 @@ class _Reader:
             raise self.fail(ring_key, f"must be an array of region codes, got {_kind(ring)}")
         for i, code in enumerate(ring):
             if isinstance(code, bool) or not isinstance(code, int) or not is_valid_code(code):
-                raise self.fail(f"{ring_key}[{i}]", f"{code!r} is not a valid six-digit GB/T 2260 region code")
+                raise self.fail(
+                    f"{ring_key}[{i}]", f"{code!r} is not a valid six-digit GB/T 2260 region code"
+                )
         return Policy(
             name=name,
             effective_from=self.instant(t["effective_from"], f"{key}.effective_from"),

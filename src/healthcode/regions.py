@@ -35,6 +35,12 @@ PROVINCE_OK = np.zeros(100, dtype=np.uint8)
 PROVINCE_OK[list(PROVINCES)] = 1
 
 
+#: ``span``'s hi for codes without a province-level prefix, so one table load tells the kernel both whether a
+#: visit's region is valid and whether it hits.
+SPAN_INVALID = np.iinfo(np.int32).min + 1
+_INVALID_CODE = PROVINCE_OK[np.arange(CODE_MIN, CODE_MAX + 1) // 10000] == 0
+
+
 def is_valid_code(code: int) -> bool:
     """SPEC §3: in 100000..999999 with a province-level prefix.  Syntactic only."""
     return CODE_MIN <= code <= CODE_MAX and bool(PROVINCE_OK[code // 10000])
@@ -98,12 +104,14 @@ def code_bitset(codes: Iterable[int]) -> np.ndarray:
 class RiskTable:
     """The risk list folded for one ``today`` and one policy risk rule (SPEC §4.3).
 
-    A visit ``(r, d)`` inside the lookback hits iff bit ``r - CODE_MIN`` of ``any`` is set and ``d`` lies in one of
-    the day intervals ``lo[k]..hi[k]`` for ``k`` in ``offsets[r - CODE_MIN] .. offsets[r - CODE_MIN + 1]``.  The
-    intervals are already clipped to the lookback window and merged, so the kernel needs no other test.
+    A visit ``(r, d)`` hits iff ``d`` lies in one of the day intervals ``lo[k]..hi[k]`` for ``k`` in
+    ``offsets[i] .. offsets[i + 1]``, ``i = r - CODE_MIN``.  The intervals are clipped to the lookback window and
+    merged, so the kernel needs no other test.  ``span[i]`` is their hull (``lo > hi`` when there are none) and
+    bit ``i`` of ``multi`` is set when there are several: most regions need only the hull.
     """
 
-    any: np.ndarray  # uint8[N_CODES / 8], bitset
+    span: np.ndarray  # int32[N_CODES, 2]: hull lo, hi; hi == SPAN_INVALID for codes that are not valid
+    multi: np.ndarray  # uint8[N_CODES / 8], bitset
     offsets: np.ndarray  # int32[N_CODES + 1]
     lo: np.ndarray  # int32[k]
     hi: np.ndarray  # int32[k]
@@ -195,7 +203,9 @@ def _parse_date(raw: Any, where: str, name: str, unbounded: int) -> int:
     if not text:
         return unbounded
     if not _DATE_RE.match(text):
-        raise RiskListError(f"{where}, field {name}: {raw!r} is not a date YYYY-MM-DD (or empty for unbounded)")
+        raise RiskListError(
+            f"{where}, field {name}: {raw!r} is not a date YYYY-MM-DD (or empty for unbounded)"
+        )
     import datetime as _dt
 
     try:
@@ -226,7 +236,9 @@ def parse_risk_csv(text: str, source: str = "<risk list>") -> RiskList:
     try:
         header = next(lines, None)
         if header is None:
-            raise RiskListError(f"{source} line 1: empty file; expected the header {','.join(RISK_CSV_HEADER)}")
+            raise RiskListError(
+                f"{source} line 1: empty file; expected the header {','.join(RISK_CSV_HEADER)}"
+            )
         if tuple(h.strip() for h in header) != RISK_CSV_HEADER:
             raise RiskListError(
                 f"{source} line 1: header is {','.join(header)!r}; expected {','.join(RISK_CSV_HEADER)}"
@@ -253,7 +265,9 @@ def load_risk_list(path: str | os.PathLike[str]) -> RiskList:
     return parse_risk_csv(text, str(path))
 
 
-def risk_list_from_rows(rows: Iterable[Sequence[Any] | Mapping[str, Any]], version: int | None = None) -> RiskList:
+def risk_list_from_rows(
+    rows: Iterable[Sequence[Any] | Mapping[str, Any]], version: int | None = None
+) -> RiskList:
     """Build a risk list from rows (tuples or mappings with the CSV field names); errors name the row (from 1)."""
     parsed = []
     for i, row in enumerate(rows, start=1):
@@ -288,11 +302,8 @@ def build_risk_table(risk: RiskList, today: int, lookback_days: int, match: str)
         los.append(lo)
         his.append(hi)
     if not regions:
-        return RiskTable(
-            any=np.zeros(N_CODES // 8 + 1, dtype=np.uint8),
-            offsets=np.zeros(N_CODES + 1, dtype=np.int32),
-            lo=np.zeros(0, dtype=np.int32),
-            hi=np.zeros(0, dtype=np.int32),
+        return _risk_table(
+            np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         )
     counts = np.fromiter((len(r) for r in regions), dtype=np.int64, count=len(regions))
     idx = np.concatenate(regions)
@@ -308,13 +319,28 @@ def build_risk_table(risk: RiskList, today: int, lookback_days: int, match: str)
     new[1:] = (idx[1:] != idx[:-1]) | (lo_all[1:] > run_hi[:-1] + 1)
     starts = np.flatnonzero(new)
     ends = np.append(starts[1:], len(idx)) - 1
-    m_idx, m_lo, m_hi = idx[starts], lo_all[starts], run_hi[ends]
-    per_region = np.bincount(m_idx, minlength=N_CODES)
+    return _risk_table(idx[starts], lo_all[starts], run_hi[ends])
+
+
+def _risk_table(idx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> RiskTable:
+    """The table from merged intervals sorted by region index, then by day."""
+    per_region = np.bincount(idx, minlength=N_CODES)
     offsets = np.zeros(N_CODES + 1, dtype=np.int32)
     np.cumsum(per_region, out=offsets[1:])
+    span = np.empty((N_CODES, 2), dtype=np.int32)
+    span[:, 0] = np.iinfo(np.int32).max
+    span[:, 1] = np.iinfo(np.int32).min
+    span[_INVALID_CODE, 1] = SPAN_INVALID
+    if len(idx):
+        # Sorted by day within a region and disjoint: the first interval starts the hull, the last ends it.
+        first = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
+        last = np.r_[first[1:], len(idx)] - 1
+        span[idx[first], 0] = lo[first]
+        span[idx[first], 1] = hi[last]
     return RiskTable(
-        any=np.packbits(per_region > 0, bitorder="little"),
+        span=span,
+        multi=np.packbits(per_region > 1, bitorder="little"),
         offsets=offsets,
-        lo=m_lo.astype(np.int32),
-        hi=m_hi.astype(np.int32),
+        lo=lo.astype(np.int32),
+        hi=hi.astype(np.int32),
     )

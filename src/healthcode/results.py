@@ -59,27 +59,62 @@ ERROR_MESSAGES: dict[int, str] = {
 ERR_NONE = 0
 
 
-def error_column(err_code: np.ndarray, err_index: np.ndarray) -> pa.Array:
-    """The ``error`` column: null where ``err_code`` is 0, else the message with the element index filled in.
+def error_column(n: int, rows: np.ndarray, err_code: np.ndarray, err_index: np.ndarray) -> pa.Array:
+    """The ``error`` column of ``n`` rows: the message of ``err_code[k]`` at row ``rows[k]``, null elsewhere.
 
-    Built with Arrow compute (no per-row Python), so even a batch of all-invalid rows stays cheap.
+    The messages are built with Arrow compute for the invalid rows only; since ``rows`` ascend, their character
+    data is already in row order, and only the offsets and the validity bitmap are spread to all ``n`` rows.
     """
-    n = len(err_code)
-    if not err_code.any():
+    if len(rows) == 0:
         return pa.nulls(n, pa.string())
-    codes = pa.array(err_code.astype(np.int32), mask=err_code == ERR_NONE)
-    prefixes = [""] * (max(ERROR_MESSAGES) + 1)
-    suffixes = [""] * (max(ERROR_MESSAGES) + 1)
+    size = max(ERROR_MESSAGES) + 1
+    heads, tails, indexed = [""] * size, [""] * size, [False] * size
     for code, text in ERROR_MESSAGES.items():
-        head, _, tail = text.partition("{i}")
-        prefixes[code], suffixes[code] = head, tail
-    head = pa.array(prefixes).take(codes)
-    tail = pa.array(suffixes).take(codes)
-    has_index = np.array(["{i}" in ERROR_MESSAGES.get(c, "") for c in range(len(prefixes))])[err_code]
+        heads[code], _, tails[code] = text.partition("{i}")
+        indexed[code] = "{i}" in text
+    codes = pa.array(err_code.astype(np.int32))
     index_text = pc.if_else(
-        pa.array(has_index), pc.cast(pa.array(err_index.astype(np.int64)), pa.string()), pa.scalar("")
+        pa.array(indexed).take(codes), pc.cast(pa.array(err_index.astype(np.int64)), pa.string()), ""
     )
-    return pc.binary_join_element_wise(head, index_text, tail, "")
+    messages = pc.binary_join_element_wise(
+        pa.array(heads).take(codes), index_text, pa.array(tails).take(codes), ""
+    )
+    _, msg_offsets, msg_data = messages.buffers()
+    msg_starts = np.frombuffer(msg_offsets, dtype=np.int32, count=len(rows) + 1, offset=messages.offset * 4)
+    lengths = np.diff(msg_starts)
+    msg_data = msg_data.slice(int(msg_starts[0]))
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    offsets[rows + 1] = lengths
+    np.cumsum(offsets, out=offsets)
+    valid = np.zeros(n, dtype=bool)
+    valid[rows] = True
+    validity = pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.Array.from_buffers(
+        pa.string(), n, [validity, pa.py_buffer(offsets), msg_data], null_count=n - len(rows)
+    )
+
+
+def assemble_packed(
+    person_id: pa.Array, bits: np.ndarray, reasons: np.ndarray, until: np.ndarray, errors: pa.Array
+) -> pa.RecordBatch:
+    """A result batch from the kernel's buffers, zero-copy: ``bits`` rows are the badge, entry and enrolled
+    bitmaps (the first two are also the validity of ``until``'s two rows, badge and entry valid-until)."""
+    n = len(reasons)
+    badge, entry, enrolled = (pa.py_buffer(bits[k]) for k in range(3))
+    instant = pa.timestamp("s", tz="UTC")
+    return pa.RecordBatch.from_arrays(
+        [
+            person_id,
+            pa.Array.from_buffers(pa.bool_(), n, [None, badge]),
+            pa.Array.from_buffers(pa.bool_(), n, [None, entry]),
+            pa.Array.from_buffers(pa.bool_(), n, [None, enrolled]),
+            pa.Array.from_buffers(pa.uint16(), n, [None, pa.py_buffer(reasons)]),
+            pa.Array.from_buffers(instant, n, [badge, pa.py_buffer(until[0])]),
+            pa.Array.from_buffers(instant, n, [entry, pa.py_buffer(until[1])]),
+            errors,
+        ],
+        schema=RESULT_SCHEMA,
+    )
 
 
 def _bools(values: np.ndarray) -> pa.Array:
@@ -103,7 +138,8 @@ def assemble(
     err_code: np.ndarray,
     err_index: np.ndarray,
 ) -> pa.RecordBatch:
-    """One result batch in RESULT_SCHEMA from the per-row arrays (bools as uint8 or bool)."""
+    """One result batch in RESULT_SCHEMA from per-row arrays (bools as uint8 or bool; the reference path)."""
+    bad = np.flatnonzero(err_code)
     return pa.RecordBatch.from_arrays(
         [
             person_id,
@@ -113,7 +149,7 @@ def assemble(
             pa.array(reasons.astype(np.uint16, copy=False), type=pa.uint16()),
             _instants(badge_valid_until, badge_until_valid),
             _instants(entry_valid_until, entry_until_valid),
-            error_column(err_code, err_index),
+            error_column(len(err_code), bad, err_code[bad], err_index[bad]),
         ],
         schema=RESULT_SCHEMA,
     )

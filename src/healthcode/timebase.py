@@ -35,7 +35,9 @@ def to_instant(value: _dt.datetime | int | float | str) -> int:
     A naive datetime or a string without an offset is rejected: it is never silently taken as local or UTC.
     """
     if isinstance(value, bool):
-        raise TypeError("as_of must be an aware datetime, an ISO-8601 string with an offset, or epoch seconds")
+        raise TypeError(
+            "as_of must be an aware datetime, an ISO-8601 string with an offset, or epoch seconds"
+        )
     if isinstance(value, int):
         return value
     if isinstance(value, float):
