@@ -18,12 +18,12 @@ $(BIN)/python:
 
 # Build requirements first, then the package (editable) with its dev extras.
 $(STAMP): pyproject.toml setup.py | $(BIN)/python
-	$(BIN)/python -m pip install -q "setuptools>=68" wheel "Cython>=3.0" "numpy>=2.0"
+	$(BIN)/python -m pip install -q "setuptools>=68" wheel "Cython>=3.0" "numpy>=2.0" "grpcio-tools>=1.60"
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
 # Rebuild the Cython kernel in place whenever its source changes.
-$(KERNEL): $(STAMP) $(wildcard ext/*.pyx ext/*.pxd)
+$(KERNEL): $(STAMP) $(wildcard ext/*.pyx ext/*.pxd proto/healthcode/v1/*.proto)
 	$(BIN)/python setup.py -q build_ext --inplace
 	touch $@
 

@@ -1,7 +1,11 @@
-"""Builds the Cython kernel ``healthcode._kernel`` from ``ext/``.
+"""Builds the Cython kernel ``healthcode._kernel`` from ``ext/`` and the gRPC code from ``proto/``.
 
 OpenMP is used when the compiler supports it; otherwise the kernel is built serially (``prange`` then runs on one
 thread).  ``HEALTHCODE_DEBUG_KERNEL=1`` turns bounds checking on for a debug build.
+
+The ``.proto`` files under ``proto/healthcode/v1/`` are compiled with grpcio-tools into
+``src/healthcode/_proto/v1/`` (messages, stubs and ``.pyi`` type stubs) every time this script runs; the generated
+code is never edited or committed.
 """
 
 from __future__ import annotations
@@ -34,6 +38,48 @@ def _has_openmp() -> bool:
         )
         return result.returncode == 0
 
+
+def generate_protos() -> None:
+    """Compile proto/healthcode/v1/*.proto into the package as ``healthcode._proto.v1``.
+
+    The files are staged under ``build/protos/healthcode/_proto/v1/`` so the generated imports name the package's
+    own module path (``healthcode._proto.v1``) rather than a top-level ``healthcode.v1``.
+    """
+    from grpc_tools import protoc
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    source = os.path.join(root, "proto", "healthcode", "v1")
+    stage_root = os.path.join(root, "build", "protos")
+    stage = os.path.join(stage_root, "healthcode", "_proto", "v1")
+    out = os.path.join(root, "src")
+    os.makedirs(stage, exist_ok=True)
+    protos = sorted(f for f in os.listdir(source) if f.endswith(".proto"))
+    for name in protos:
+        shutil.copyfile(os.path.join(source, name), os.path.join(stage, name))
+    package = os.path.join(out, "healthcode", "_proto")
+    for folder in (package, os.path.join(package, "v1")):
+        os.makedirs(folder, exist_ok=True)
+        init = os.path.join(folder, "__init__.py")
+        if not os.path.exists(init):
+            with open(init, "w") as f:
+                f.write('"""Generated from proto/ by setup.py (grpcio-tools); do not edit."""\n')
+    import grpc_tools
+
+    well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
+    args = [
+        "grpc_tools.protoc",
+        f"-I{stage_root}",
+        f"-I{well_known}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        *(os.path.join(stage, name) for name in protos),
+    ]
+    if protoc.main(args) != 0:
+        raise SystemExit(f"protoc failed on {', '.join(protos)}")
+
+
+generate_protos()
 
 debug = bool(os.environ.get("HEALTHCODE_DEBUG_KERNEL"))
 openmp = sys.platform != "win32" and _has_openmp()

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from . import __version__, columns, engine
 from .errors import HealthcodeError
 from .results import RESULT_SCHEMA
+from .timebase import BEIJING
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -38,9 +39,7 @@ def _progress(total: int, enabled: bool | None, unit: str = "rows"):  # type: ig
 
 
 @contextmanager
-def _population_reader(
-    path: str, batch_rows: int
-) -> Iterator[tuple[pa.Schema, int, Iterator[pa.RecordBatch]]]:
+def _population_reader(path: str, batch_rows: int) -> Iterator[tuple[pa.Schema, int, Iterator[pa.RecordBatch]]]:
     """Open a Parquet or Arrow IPC population file: its schema, row count and a stream of batches."""
     if not os.path.exists(path):
         raise CliError(f"{path}: no such file")
@@ -59,9 +58,7 @@ def _population_reader(
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise CliError(
-            f"{path}: not a Parquet file ({exc}); give a .parquet or an Arrow IPC .arrow file"
-        ) from None
+        raise CliError(f"{path}: not a Parquet file ({exc}); give a .parquet or an Arrow IPC .arrow file") from None
     with pf:
         yield pf.schema_arrow, pf.metadata.num_rows, pf.iter_batches(batch_size=batch_rows)
 
@@ -119,6 +116,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     files = ", ".join(str(v) for v in written.values()) if isinstance(written, dict) else args.outdir
     print(f"generated {args.rows:,} persons (seed {args.seed}) in {seconds:.2f} s: {files}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .config import load_settings
+    from .server import serve
+
+    overrides = {
+        "listen": args.listen, "risk": args.risk, "policy": args.policy, "metrics_listen": args.metrics_listen,
+        "demo_population": args.demo_population, "demo_as_of": args.demo_as_of,
+    }  # fmt: skip
+    settings = load_settings(args.config, overrides=overrides)
+    return asyncio.run(serve(settings))
+
+
+def cmd_call_evaluate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .client import Client
+
+    started = time.perf_counter()
+    as_of = None if args.as_of is None else _instant(args.as_of)
+    with _population_reader(args.population, 1 << 62) as (schema, total, batches):
+        try:
+            columns.check_schema(schema)
+        except HealthcodeError as exc:
+            raise CliError(f"{args.population}: {exc}") from None
+        table = pa.Table.from_batches(list(batches), schema=schema)
+    try:
+        with Client(args.target, timeout=args.timeout) as client, _progress(total, args.progress) as bar:
+            result, info = client.evaluate_arrow(table, as_of=as_of, policy=args.policy or "", on_rows=bar.update)
+    except grpc.RpcError as exc:
+        raise CliError(f"{args.target}: {exc.code().name}: {exc.details()}") from None
+    pq.write_table(result, args.out)
+    badges = pc.sum(result["commuter_badge"]).as_py() or 0
+    entries = pc.sum(result["entry_permitted"]).as_py() or 0
+    invalid = result.num_rows - result["error"].null_count
+    print(
+        f"{result.num_rows:,} rows, {badges:,} commuter badges, {entries:,} entries permitted, {invalid:,} invalid "
+        f"rows in {time.perf_counter() - started:.2f} s; policy {info.policy}, risk list v{info.risk_list_version}, "
+        f"as_of {info.as_of.ToDatetime(tzinfo=BEIJING).isoformat()}; wrote {args.out}"
+    )
     return 0
 
 
@@ -190,6 +231,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="the instant the data is generated around (default 2021-11-30 12:00 +08:00)",
     )
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser(
+        "serve", help="run the gRPC server",
+        description="Run the gRPC server (healthcode.v1.HealthCode, health, reflection) until SIGTERM/SIGINT. "
+        "Settings come from --config (a [server] table), then HEALTHCODE_* environment variables "
+        "(e.g. HEALTHCODE_LISTEN, HEALTHCODE_RISK, HEALTHCODE_MAX_MESSAGE_BYTES), then these flags.",
+    )  # fmt: skip
+    srv.add_argument("--listen", help="host:port to listen on (default 127.0.0.1:50051; port 0 picks a free one)")
+    srv.add_argument("--config", help="TOML file with a [server] table")
+    srv.add_argument("--risk", help="risk-list CSV to start with (default: an empty list)")
+    srv.add_argument("--policy", help="policy timeline TOML (default: the shipped policy)")
+    srv.add_argument("--metrics-listen", help="host:port of the Prometheus endpoint (default 127.0.0.1:9464)")
+    srv.add_argument("--demo-population", help=argparse.SUPPRESS)
+    srv.add_argument("--demo-as-of", help=argparse.SUPPRESS)
+    srv.set_defaults(func=cmd_serve)
+
+    call = sub.add_parser("call", help="call a running server", description="Call a running healthcode server.")
+    call_sub = call.add_subparsers(dest="rpc", metavar="RPC", required=True)
+    ce = call_sub.add_parser(
+        "evaluate", parents=[progress], help="evaluate a population file through the bulk (Arrow) path",
+        description="Send a population file through EvaluateArrow and write the results to a Parquet file.",
+    )  # fmt: skip
+    ce.add_argument("population", help="population file (.parquet, or .arrow/.feather)")
+    ce.add_argument("--target", default="127.0.0.1:50051", help="server host:port (default 127.0.0.1:50051)")
+    ce.add_argument("--as-of", help="evaluation instant, ISO-8601 with an offset (default: the server's clock)")
+    ce.add_argument("--policy", help="evaluate under this named policy of the server's timeline")
+    ce.add_argument("--out", required=True, help="result Parquet file to write")
+    ce.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up (default 600)")
+    ce.set_defaults(func=cmd_call_evaluate)
     return parser
 
 
@@ -206,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except HealthcodeError as exc:
         print(f"healthcode {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_USAGE if args.command == "serve" else EXIT_FAILED
     except KeyboardInterrupt:
         print(f"healthcode {args.command}: interrupted", file=sys.stderr)
         return 130

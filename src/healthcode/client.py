@@ -1,0 +1,132 @@
+"""A small typed client for the healthcode service.
+
+``evaluate`` sends persons in row form (the gateway path); ``evaluate_arrow`` streams a ``pyarrow.Table`` through
+the bulk path in chunks under the message limit and reassembles the result table in order.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+import pyarrow as pa
+
+from ._proto.v1 import healthcode_pb2 as pb
+from ._proto.v1 import healthcode_pb2_grpc as pb_grpc
+from .columns import check_schema
+from .regions import RISK_CSV_HEADER
+from .results import RESULT_SCHEMA
+from .timebase import to_instant
+from .wire import ipc_chunks, read_ipc_results
+
+DEFAULT_MESSAGE_BYTES = 4 * 1024 * 1024
+Instant = _dt.datetime | int | float | str
+
+
+def _timestamp(value: Instant) -> Any:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    return Timestamp(seconds=to_instant(value))
+
+
+class Client:
+    """``Client("127.0.0.1:50051")``; use as a context manager or call :meth:`close`."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
+        timeout: float | None = 60.0,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.timeout = timeout
+        self.channel = channel or grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self.stub = pb_grpc.HealthCodeStub(self.channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def evaluate(
+        self, persons: Sequence[pb.Person], as_of: Instant | None = None, policy: str = ""
+    ) -> pb.EvaluateResponse:
+        """Evaluate persons in row form; one Status per person, in order."""
+        request = pb.EvaluateRequest(persons=persons, policy=policy)
+        if as_of is not None:
+            request.as_of.CopyFrom(_timestamp(as_of))
+        return self.stub.Evaluate(request, timeout=self.timeout)
+
+    def evaluate_arrow(
+        self,
+        table: pa.Table,
+        as_of: Instant | None = None,
+        policy: str = "",
+        on_rows: Callable[[int], None] | None = None,
+    ) -> tuple[pa.Table, pb.EvaluationInfo]:
+        """Stream ``table`` (SPEC §3 schema) through the bulk path; returns the result table and what was used.
+
+        ``on_rows(n)`` is called as result rows arrive (progress bars)."""
+        check_schema(table.schema)
+        options = pb.EvaluateOptions(policy=policy)
+        if as_of is not None:
+            options.as_of.CopyFrom(_timestamp(as_of))
+        limit = self.max_message_bytes - 4096
+
+        def requests() -> Iterator[pb.EvaluateArrowRequest]:
+            yield pb.EvaluateArrowRequest(options=options)
+            for data, _rows in ipc_chunks(table, limit):
+                yield pb.EvaluateArrowRequest(arrow_ipc=data)
+
+        info = pb.EvaluationInfo()
+        batches: list[pa.RecordBatch] = []
+        for response in self.stub.EvaluateArrow(requests(), timeout=self.timeout):
+            if response.HasField("info"):
+                info = response.info
+            if response.arrow_ipc:
+                got = read_ipc_results(response.arrow_ipc)
+                batches.extend(got)
+                if on_rows is not None:
+                    on_rows(sum(b.num_rows for b in got))
+        return pa.Table.from_batches(batches, schema=RESULT_SCHEMA), info
+
+    def put_risk_list(
+        self, source: str | os.PathLike[str] | Iterable[Sequence[Any] | Mapping[str, Any]]
+    ) -> pb.PutRiskListResponse:
+        """Replace the risk list from a CSV path or from rows ``(region, start_date, end_date, kind)``."""
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, encoding="utf-8") as f:
+                return self.stub.PutRiskList(pb.PutRiskListRequest(csv=f.read()), timeout=self.timeout)
+        entries = []
+        for row in source:
+            fields = [row.get(k) for k in RISK_CSV_HEADER] if isinstance(row, Mapping) else list(row)
+            region, start, end, kind = (list(fields) + [None] * 4)[:4]
+            entries.append(
+                pb.RiskEntry(region=int(region or 0), start_date=start or "", end_date=end or "", kind=kind or "")
+            )
+        request = pb.PutRiskListRequest(entries=pb.RiskEntries(entries=entries))
+        return self.stub.PutRiskList(request, timeout=self.timeout)
+
+    def get_risk_list(self) -> pb.RiskList:
+        return self.stub.GetRiskList(pb.GetRiskListRequest(), timeout=self.timeout)
+
+    def put_policy(self, toml_text: str) -> pb.PolicyTimeline:
+        return self.stub.PutPolicy(pb.PutPolicyRequest(toml=toml_text), timeout=self.timeout)
+
+    def get_policy(self) -> pb.PolicyTimeline:
+        return self.stub.GetPolicy(pb.GetPolicyRequest(), timeout=self.timeout)

@@ -1,0 +1,98 @@
+"""Server settings: defaults, then a TOML file (``[server]`` table), then ``HEALTHCODE_*`` environment variables,
+then command-line flags.  Every bad value names its source and key."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import tomllib
+
+from .errors import HealthcodeError
+
+
+class ConfigError(HealthcodeError):
+    """A setting is invalid: names the file or variable and the key."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = "127.0.0.1:50051"
+    metrics_listen: str = "127.0.0.1:9464"  # "" disables the Prometheus endpoint
+    risk: str | None = None  # risk-list CSV loaded at start-up (None: an empty list, with a warning)
+    policy: str | None = None  # policy TOML (None: the shipped default)
+    max_message_bytes: int = 4 * 1024 * 1024  # per gRPC message, both directions
+    workers: int = 4  # evaluation thread pool
+    kernel_threads: int = 0  # threads per bulk evaluation (0: all cores)
+    gateway_threads_rows: int = 50_000  # row-form batches up to this size run the kernel on one thread
+    grace_seconds: float = 10.0  # how long SIGTERM waits for in-flight calls
+    log_level: str = "info"
+    demo_population: str | None = None  # a population file evaluated once at start-up (make serve)
+    demo_as_of: str | None = None  # the instant the demo is evaluated at (None: now)
+    reflection: bool = True
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    kind = _FIELDS[name].type
+    try:
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            v = int(value)
+            if v < 0 or (name in ("max_message_bytes", "workers") and v < 1):
+                raise ValueError
+            return v
+        if kind == "float":
+            v = float(value)
+            if v < 0:
+                raise ValueError
+            return v
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if value is None:
+            return None
+        return str(value)
+    except (TypeError, ValueError):
+        wanted = {"int": "a whole number >= 0", "float": "a number >= 0", "bool": "true or false"}.get(kind, "a string")
+        raise ConfigError(f"{where}: {name}: expected {wanted}, got {value!r}") from None
+
+
+def load_settings(
+    path: str | None = None, env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        table = doc.get("server", {})
+        unknown = sorted(set(doc) - {"server"}) + sorted(set(table) - set(_FIELDS))
+        if unknown:
+            raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: [server] {', '.join(sorted(_FIELDS))})")
+        values.update({k: _coerce(k, v, path) for k, v in table.items()})
+    environ = os.environ if env is None else env
+    for name in _FIELDS:
+        var = "HEALTHCODE_" + name.upper()
+        if var in environ:
+            values[name] = _coerce(name, environ[var], var)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, "--" + name.replace("_", "-"))
+    return Settings(**values)

@@ -1,0 +1,162 @@
+"""One place for what every RPC gets: exception → status code mapping, one structured log line, and metrics.
+
+Log lines carry the method, the row count, the duration and the status code, never a person id or row content.
+Servicer methods report their row count through :data:`ROWS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from . import metrics
+from .errors import HealthcodeError
+
+log = logging.getLogger("healthcode.rpc")
+
+#: Rows handled by the current RPC (set by the servicer, read for the log line and metrics).
+ROWS: contextvars.ContextVar[int] = contextvars.ContextVar("rows", default=0)
+
+
+class Refused(Exception):
+    """Raised by servicer code to end a call with ``code`` and a message for the caller."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status a servicer exception maps to; None for exceptions gRPC handles itself."""
+    if isinstance(exc, Refused):
+        return exc.code, str(exc)
+    if isinstance(exc, (HealthcodeError, ValueError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, MemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this request; send smaller batches"
+    return None
+
+
+class _Call:
+    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.method = method
+        self.context = context
+        self.started = time.perf_counter()
+        ROWS.set(0)
+
+    def fail(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        mapped = _status(exc)
+        if mapped is None:
+            # Unexpected: log the type only (a message could quote row content), answer INTERNAL.
+            log.error(json.dumps({"event": "rpc_error", "method": self.method, "error": type(exc).__name__}))
+            return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server log has the time"
+        return mapped
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        seconds = time.perf_counter() - self.started
+        rows = ROWS.get()
+        metrics.REQUESTS.labels(self.method, code.name).inc()
+        metrics.LATENCY.labels(self.method).observe(seconds)
+        if rows:
+            metrics.ROWS.labels(self.method).inc(rows)
+        log.info(
+            json.dumps(
+                {"event": "rpc", "method": self.method, "rows": rows, "ms": round(seconds * 1000, 3), "code": code.name}
+            )
+        )
+
+    def cancelled_code(self) -> grpc.StatusCode:
+        remaining = self.context.time_remaining()
+        return (
+            grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+        )
+
+
+def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = _Call(method, context)
+        try:
+            response = await behavior(request, context)
+        except asyncio.CancelledError:
+            call.finish(call.cancelled_code())
+            raise
+        except grpc.aio.AbortError:
+            call.finish(context.code() or grpc.StatusCode.UNKNOWN)
+            raise
+        except Exception as exc:
+            code, message = call.fail(exc)
+            call.finish(code)
+            await context.abort(code, message)
+        call.finish(grpc.StatusCode.OK)
+        return response
+
+    return handler
+
+
+def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = _Call(method, context)
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except asyncio.CancelledError:
+            call.finish(call.cancelled_code())
+            raise
+        except grpc.aio.AbortError:
+            call.finish(context.code() or grpc.StatusCode.UNKNOWN)
+            raise
+        except Exception as exc:
+            code, message = call.fail(exc)
+            call.finish(code)
+            await context.abort(code, message)
+        call.finish(grpc.StatusCode.OK)
+
+    return handler
+
+
+class ObservedService(grpc.aio.ServerInterceptor):
+    """Wraps the handlers of the healthcode service (health and reflection are left as they are)."""
+
+    def __init__(self, service_prefix: str = "/healthcode.v1.") -> None:
+        self.prefix = service_prefix
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(self.prefix):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(method, handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(method, handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(method, handler.stream_stream), handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+def configure_logging(level: str) -> None:
+    """One line per record on stderr: a timestamp, the level, and the message (JSON for RPC lines)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger("healthcode")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

@@ -1,0 +1,27 @@
+"""Prometheus metrics, served on their own HTTP port."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry()
+REQUESTS = Counter(
+    "healthcode_requests", "RPCs handled, by method and status code", ["method", "code"], registry=REGISTRY
+)
+LATENCY = Histogram(
+    "healthcode_request_seconds",
+    "RPC latency by method",
+    ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+ROWS = Counter("healthcode_rows_evaluated", "Persons evaluated, by method", ["method"], registry=REGISTRY)
+RISK_VERSION = Gauge("healthcode_risk_list_version", "Version of the risk list in force", registry=REGISTRY)
+POLICY_VERSION = Gauge("healthcode_policy_version", "Version of the policy timeline in force", registry=REGISTRY)
+
+
+def serve_metrics(listen: str) -> int:
+    """Start the metrics HTTP server on ``host:port`` (port 0 picks a free one); returns the port."""
+    host, _, port = listen.rpartition(":")
+    server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=REGISTRY)
+    return int(server.server_port)

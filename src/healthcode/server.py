@@ -1,0 +1,147 @@
+"""The gRPC server's lifecycle: options, services, start-up, graceful shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from . import engine, metrics
+from ._proto.v1 import healthcode_pb2 as pb
+from ._proto.v1 import healthcode_pb2_grpc as pb_grpc
+from .config import Settings
+from .interceptors import ObservedService, configure_logging
+from .policy import load_policy, parse_policy
+from .regions import load_risk_list, parse_risk_csv
+from .servicer import HealthCodeService
+from .state import State
+from .timebase import to_datetime, to_instant
+
+log = logging.getLogger("healthcode.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HealthCode"].full_name
+
+
+def _initial_state(settings: Settings) -> State:
+    if settings.policy:
+        with open(settings.policy, encoding="utf-8") as f:
+            text = f.read()
+        timeline = parse_policy(text, settings.policy)
+    else:
+        text = resources.files("healthcode").joinpath("data/default_policy.toml").read_text("utf-8")
+        timeline = load_policy(None)
+    if settings.risk:
+        risk = load_risk_list(settings.risk)
+    else:
+        log.warning(
+            "no risk list given (--risk or HEALTHCODE_RISK): starting with an empty list; replace it with PutRiskList"
+        )
+        risk = parse_risk_csv("region,start_date,end_date,kind\n", "empty")
+    return State(risk, timeline, text)
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.max_connection_age_ms", 30 * 60_000),  # long-lived gateway channels rebalance
+        ("grpc.max_connection_age_grace_ms", 60_000),
+    ]
+
+
+def _is_loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+async def _demo(state: State, settings: Settings, executor: ThreadPoolExecutor) -> str:
+    """Evaluate the demo population once (make serve), off the event loop; returns a summary line."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = settings.demo_population
+    assert path is not None
+
+    def run() -> str:
+        started = time.perf_counter()
+        snap = state.snapshot
+        as_of = to_instant(settings.demo_as_of) if settings.demo_as_of else int(time.time())
+        table = engine.evaluate(pq.read_table(path), snap.risk, snap.policy, as_of, settings.kernel_threads or None)
+        badges = pc.sum(table["commuter_badge"]).as_py() or 0
+        entries = pc.sum(table["entry_permitted"]).as_py() or 0
+        return (
+            f"demo: evaluated {table.num_rows:,} persons of {path} at {to_datetime(as_of).isoformat()} in "
+            f"{time.perf_counter() - started:.2f} s: {badges:,} badges, {entries:,} entries permitted"
+        )
+
+    return await asyncio.get_running_loop().run_in_executor(executor, run)
+
+
+async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit code."""
+    configure_logging(settings.log_level)
+    state = _initial_state(settings)
+    executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="evaluate")
+    server = grpc.aio.server(interceptors=[ObservedService()], options=grpc_options(settings))
+    pb_grpc.add_HealthCodeServicer_to_server(HealthCodeService(state, settings, executor), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    if settings.reflection:
+        names.append(reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+    try:
+        port = server.add_insecure_port(settings.listen)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {settings.listen}: {exc}") from None
+    if not _is_loopback(settings.listen):
+        log.warning(
+            "LISTENING WITHOUT TLS ON A NON-LOOPBACK ADDRESS %s: plaintext is for loopback development only",
+            settings.listen,
+        )
+    await server.start()
+    for name in (SERVICE_NAME, ""):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_port = metrics.serve_metrics(settings.metrics_listen) if settings.metrics_listen else None
+    host = settings.listen.rpartition(":")[0]
+    address = f"{host}:{port}"
+    print(f"healthcode serving on {address}", flush=True)
+    if metrics_port is not None:
+        print(f"metrics on http://{settings.metrics_listen.rpartition(':')[0]}:{metrics_port}/metrics", flush=True)
+    if settings.demo_population:
+        print(await _demo(state, settings, executor), flush=True)
+        as_of = f" --as-of {settings.demo_as_of}" if settings.demo_as_of else ""
+        print(
+            "call it:  .venv/bin/healthcode call evaluate --target "
+            f"{address} {settings.demo_population}{as_of} --out result.parquet",
+            flush=True,
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    print(
+        f"healthcode: stopping, finishing in-flight calls (up to {settings.grace_seconds:g} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    for name in (SERVICE_NAME, ""):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(settings.grace_seconds)
+    executor.shutdown(wait=True, cancel_futures=True)
+    print("healthcode: stopped", file=sys.stderr, flush=True)
+    return 0

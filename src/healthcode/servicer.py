@@ -1,0 +1,166 @@
+"""The healthcode.v1.HealthCode RPCs: thin glue between the wire and the engine.
+
+Validation and evaluation live in the engine; status codes, logging and metrics in :mod:`interceptors`.  The kernel
+runs in a thread pool (it releases the GIL), so the event loop keeps serving while it works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+
+import grpc
+import pyarrow as pa
+
+from . import engine, metrics
+from ._proto.v1 import healthcode_pb2 as pb
+from ._proto.v1 import healthcode_pb2_grpc as pb_grpc
+from .config import Settings
+from .interceptors import ROWS, Refused
+from .policy import PolicyTimeline, parse_policy
+from .regions import parse_risk_csv
+from .results import RESULT_SCHEMA
+from .state import Snapshot, State
+from .wire import (
+    WireError,
+    ipc_chunks,
+    persons_to_batch,
+    read_ipc,
+    results_to_statuses,
+    risk_entries,
+    risk_from_entries,
+)
+
+log = logging.getLogger("healthcode.admin")
+
+
+def _timeline(snap: Snapshot, name: str) -> PolicyTimeline:
+    """The server's timeline, or only the named policy of it when a request names one."""
+    if not name:
+        return snap.policy
+    for p in snap.policy.policies:
+        if p.name == name:
+            return PolicyTimeline((p,), snap.policy.source)
+    names = ", ".join(p.name for p in snap.policy.policies)
+    raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unknown policy {name!r}; the server's timeline has: {names}")
+
+
+def _info(ctx: engine.Context, snap: Snapshot) -> pb.EvaluationInfo:
+    info = pb.EvaluationInfo(policy=ctx.policy.name, policy_active=ctx.active, risk_list_version=snap.risk_version)
+    info.as_of.seconds = ctx.as_of
+    return info
+
+
+class HealthCodeService(pb_grpc.HealthCodeServicer):
+    def __init__(self, state: State, settings: Settings, executor: Executor) -> None:
+        self.state = state
+        self.settings = settings
+        self.executor = executor
+        self.kernel_threads = settings.kernel_threads or engine.default_threads()
+        metrics.RISK_VERSION.set(state.snapshot.risk_version)
+        metrics.POLICY_VERSION.set(state.snapshot.policy_version)
+
+    def _context(self, snap: Snapshot, as_of: int | None, policy: str) -> engine.Context:
+        return engine.make_context(snap.risk, _timeline(snap, policy), int(time.time()) if as_of is None else as_of)
+
+    async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # -- gateway path ---------------------------------------------------------------------------------------------
+
+    def _evaluate_rows(self, request: pb.EvaluateRequest, ctx: engine.Context) -> pb.EvaluateResponse:
+        batch = persons_to_batch(request.persons)
+        threads = 1 if batch.num_rows <= self.settings.gateway_threads_rows else self.kernel_threads
+        result = pa.Table.from_batches(list(engine.evaluate_batches([batch], ctx, threads)), schema=RESULT_SCHEMA)
+        invalid = result.num_rows - result.column("error").null_count
+        return pb.EvaluateResponse(statuses=results_to_statuses(result), invalid_rows=invalid)
+
+    async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
+        snap = self.state.snapshot
+        ctx = self._context(snap, request.as_of.seconds if request.HasField("as_of") else None, request.policy)
+        ROWS.set(len(request.persons))
+        response = await self._run(self._evaluate_rows, request, ctx)
+        response.info.CopyFrom(_info(ctx, snap))
+        return response
+
+    # -- bulk path ------------------------------------------------------------------------------------------------
+
+    def _evaluate_ipc(self, data: bytes, ctx: engine.Context, index: int) -> list[tuple[bytes, int]]:
+        try:
+            _schema, batches = read_ipc(data, f"request {index}: arrow_ipc")
+        except WireError as exc:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        out = []
+        for result in engine.evaluate_batches(batches, ctx, self.kernel_threads):
+            out.extend(ipc_chunks(result, self.settings.max_message_bytes - 1024))
+        return out
+
+    async def EvaluateArrow(
+        self, request_iterator: AsyncIterator[pb.EvaluateArrowRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.EvaluateArrowResponse]:
+        snap = self.state.snapshot
+        ctx = None
+        rows = 0
+        index = 0
+        async for request in request_iterator:
+            if ctx is None:
+                options = request.options
+                as_of = options.as_of.seconds if options.HasField("as_of") else None
+                ctx = self._context(snap, as_of, options.policy)
+                yield pb.EvaluateArrowResponse(info=_info(ctx, snap))
+            elif request.HasField("options"):
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"request {index}: options belong in the first request only"
+                )
+            if request.arrow_ipc:
+                for data, n in await self._run(self._evaluate_ipc, request.arrow_ipc, ctx, index):
+                    rows += n
+                    ROWS.set(rows)
+                    yield pb.EvaluateArrowResponse(arrow_ipc=data, rows=n)
+            index += 1
+        if ctx is None:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT, "the stream carried no request (the first one holds the options)"
+            )
+
+    # -- risk list and policy -------------------------------------------------------------------------------------
+
+    async def PutRiskList(
+        self, request: pb.PutRiskListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PutRiskListResponse:
+        source = request.WhichOneof("source")
+        if source == "csv":
+            risk = await self._run(parse_risk_csv, request.csv, "csv")
+        elif source == "entries":
+            risk = await self._run(risk_from_entries, request.entries.entries)
+        else:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "give the new list as csv or as entries")
+        snap = self.state.put_risk_list(risk)
+        metrics.RISK_VERSION.set(snap.risk_version)
+        log.info(f'{{"event": "risk_list_replaced", "version": {snap.risk_version}, "entries": {len(risk)}}}')
+        return pb.PutRiskListResponse(version=snap.risk_version, entries=len(risk))
+
+    async def GetRiskList(self, request: pb.GetRiskListRequest, context: grpc.aio.ServicerContext) -> pb.RiskList:
+        snap = self.state.snapshot
+        return pb.RiskList(version=snap.risk_version, entries=risk_entries(snap.risk))
+
+    async def PutPolicy(self, request: pb.PutPolicyRequest, context: grpc.aio.ServicerContext) -> pb.PolicyTimeline:
+        timeline = parse_policy(request.toml, "toml")
+        snap = self.state.put_policy(timeline, request.toml)
+        metrics.POLICY_VERSION.set(snap.policy_version)
+        log.info(
+            f'{{"event": "policy_replaced", "version": {snap.policy_version}, "policies": {len(timeline.policies)}}}'
+        )
+        return self._policy(snap)
+
+    async def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext) -> pb.PolicyTimeline:
+        return self._policy(self.state.snapshot)
+
+    @staticmethod
+    def _policy(snap: Snapshot) -> pb.PolicyTimeline:
+        return pb.PolicyTimeline(
+            toml=snap.policy_text, names=[p.name for p in snap.policy.policies], version=snap.policy_version
+        )
