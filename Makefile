@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml setup.py | $(BIN)/python
 	touch $@
 
 # Rebuild the Cython kernel in place whenever its source changes.
-$(KERNEL): $(STAMP) $(wildcard ext/*.pyx ext/*.pxd proto/healthcode/v1/*.proto)
+$(KERNEL): $(STAMP) $(wildcard ext/*.pyx ext/*.pxi ext/*.pxd proto/healthcode/v1/*.proto)
 	$(BIN)/python setup.py -q build_ext --inplace
 	touch $@
 

@@ -89,7 +89,7 @@ link_args = ["-fopenmp"] if openmp else []
 extensions = [
     Extension(
         "healthcode._kernel",
-        ["ext/_kernel.pyx"],
+        ["ext/_kernel.pyx"],  # includes ext/rowform.pxi
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,

@@ -10,6 +10,12 @@ its own 64-bit words of the boolean (and validity) bitmaps, so the outputs are A
 from libc.stdint cimport INT32_MAX, INT32_MIN, int8_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from cython.parallel cimport prange
 
+import numpy as np
+
+cimport numpy as cnp
+
+cnp.import_array()
+
 cdef extern from *:
     """
     static inline int hc_popcount64(unsigned long long x) { return __builtin_popcountll(x); }
@@ -422,11 +428,14 @@ cdef Bits as_bits(object b) except *:
 
 cdef const void* first(object array, Py_ssize_t min_len, str name) except? NULL:
     """Pointer to the first element of a contiguous numpy array of at least ``min_len`` elements (NULL if empty)."""
-    if array.size < min_len:
-        raise ValueError(f"{name} has {array.size} elements, needs {min_len}")
-    if not array.flags.c_contiguous:
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, not {type(array).__name__}")
+    cdef cnp.ndarray a = array
+    if cnp.PyArray_SIZE(a) < min_len:
+        raise ValueError(f"{name} has {cnp.PyArray_SIZE(a)} elements, needs {min_len}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a):
         raise ValueError(f"{name} must be contiguous")
-    return NULL if array.size == 0 else <const void*><size_t>array.ctypes.data
+    return NULL if cnp.PyArray_SIZE(a) == 0 else <const void*>cnp.PyArray_DATA(a)
 
 
 cdef class Population:
@@ -529,7 +538,9 @@ def evaluate(Population pop, RuleSet rules, uint64_t[::1] badge, uint64_t[::1] e
             for b in range(blocks):
                 invalid += evaluate_block(p, r, &o, b)
     else:
-        for b in prange(blocks, nogil=True, schedule="static", num_threads=threads):
+        # Dynamic chunks of 16 blocks (1,024 rows): a thread that loses its core to another process does not hold
+        # up the others, and the per-chunk cost stays negligible.
+        for b in prange(blocks, nogil=True, schedule="dynamic", chunksize=16, num_threads=threads):
             invalid += evaluate_block(p, r, &o, b)
     return invalid
 
@@ -545,3 +556,6 @@ def diagnose(Population pop, RuleSet rules, const int64_t[::1] rows, uint8_t[::1
     with nogil:
         for k in range(n):
             codes[k] = diagnose_row(&pop.p, &rules.r, rows[k], &index[k])
+
+
+include "rowform.pxi"

@@ -53,6 +53,17 @@ def _timestamp_problem(t: pa.DataType) -> str | None:
 
 def check_schema(schema: pa.Schema) -> None:
     """Raise :class:`SchemaError` naming the first column that is missing or of the wrong type."""
+    if schema not in _CHECKED:
+        _check_schema(schema)
+        if len(_CHECKED) > 64:
+            _CHECKED.clear()
+        _CHECKED.add(schema)
+
+
+_CHECKED: set[pa.Schema] = set()  # schemas that passed: the gateway path sends the same one again and again
+
+
+def _check_schema(schema: pa.Schema) -> None:
     names = set(schema.names)
     for name in POPULATION_SCHEMA.names:
         if name not in names:
@@ -91,7 +102,7 @@ def check_schema(schema: pa.Schema) -> None:
             )
 
 
-def _validity(arr: pa.Array) -> tuple[np.ndarray | None, int]:
+def validity_view(arr: pa.Array) -> tuple[np.ndarray | None, int]:
     """The validity bitmap as bytes and its bit offset, or None when the array has no nulls."""
     if arr.null_count == 0:
         return None, 0
@@ -99,7 +110,7 @@ def _validity(arr: pa.Array) -> tuple[np.ndarray | None, int]:
     return np.frombuffer(buf, dtype=np.uint8), arr.offset
 
 
-def _data(arr: pa.Array, dtype: type[np.generic]) -> np.ndarray:
+def values_view(arr: pa.Array, dtype: type[np.generic]) -> np.ndarray:
     """The fixed-width values of ``arr`` as a zero-copy numpy view (slice offset applied)."""
     buf = arr.buffers()[1]
     if buf is None or len(arr) == 0:
@@ -107,7 +118,7 @@ def _data(arr: pa.Array, dtype: type[np.generic]) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype, count=len(arr), offset=arr.offset * np.dtype(dtype).itemsize)
 
 
-def _bool_data(arr: pa.Array) -> tuple[np.ndarray, int]:
+def bool_view(arr: pa.Array) -> tuple[np.ndarray, int]:
     """A boolean column's value bits (an all-false bitmap when Arrow omitted the buffer)."""
     buf = arr.buffers()[1]
     if buf is None:
@@ -170,7 +181,7 @@ def batch_columns(batch: pa.RecordBatch) -> BatchColumns:
     nat = {}
     for anchor, name in (("sample", "nat_sample_time"), ("report", "nat_report_time")):
         a = col(names.index(name))
-        nat[anchor] = (_data(a, np.int64), Bits(*_validity(a)), TIMESTAMP_UNITS[a.type.unit])
+        nat[anchor] = (values_view(a, np.int64), Bits(*validity_view(a)), TIMESTAMP_UNITS[a.type.unit])
     entries = _as_list(col(names.index("entry_times")))
     entry_values = entries.values
     visits = _as_list(col(names.index("visits")))
@@ -179,32 +190,32 @@ def batch_columns(batch: pa.RecordBatch) -> BatchColumns:
     day = structs.field("day")
     return BatchColumns(
         n=batch.num_rows,
-        person_id_valid=Bits(*_validity(col(names.index("person_id")))),
-        home_region=_data(home, np.int32),
-        home_region_valid=Bits(*_validity(home)),
-        registered=Bits(*_bool_data(reg)),
-        registered_valid=Bits(*_validity(reg)),
-        base_color=_data(color, np.int8),
-        base_color_valid=Bits(*_validity(color)),
+        person_id_valid=Bits(*validity_view(col(names.index("person_id")))),
+        home_region=values_view(home, np.int32),
+        home_region_valid=Bits(*validity_view(home)),
+        registered=Bits(*bool_view(reg)),
+        registered_valid=Bits(*validity_view(reg)),
+        base_color=values_view(color, np.int8),
+        base_color_valid=Bits(*validity_view(color)),
         nat=nat,
-        entries_valid=Bits(*_validity(entries)),
-        entries_offsets=_data_offsets(entries),
-        entry_values=_data(entry_values, np.int64),
-        entry_values_valid=Bits(*_validity(entry_values)),
+        entries_valid=Bits(*validity_view(entries)),
+        entries_offsets=offsets_view(entries),
+        entry_values=values_view(entry_values, np.int64),
+        entry_values_valid=Bits(*validity_view(entry_values)),
         entry_unit=TIMESTAMP_UNITS[entry_values.type.unit],
-        visits_valid=Bits(*_validity(visits)),
-        visits_offsets=_data_offsets(visits),
-        visit_struct_valid=Bits(*_validity(structs)),
-        visit_region=_data(region, np.int32),
-        visit_region_valid=Bits(*_validity(region)),
-        visit_day=_data(day, np.int32),
-        visit_day_valid=Bits(*_validity(day)),
+        visits_valid=Bits(*validity_view(visits)),
+        visits_offsets=offsets_view(visits),
+        visit_struct_valid=Bits(*validity_view(structs)),
+        visit_region=values_view(region, np.int32),
+        visit_region_valid=Bits(*validity_view(region)),
+        visit_day=values_view(day, np.int32),
+        visit_day_valid=Bits(*validity_view(day)),
         keep_alive=(batch, entries, visits),
     )
 
 
-def _data_offsets(arr: pa.ListArray) -> np.ndarray:
-    """List offsets (n + 1 of them, slice applied), indexing into ``arr.values``."""
+def offsets_view(arr: pa.ListArray) -> np.ndarray:
+    """List or string offsets (n + 1 of them, slice applied), indexing into the child values or the data."""
     buf = arr.buffers()[1]
     if buf is None:
         return np.zeros(len(arr) + 1, dtype=np.int32)

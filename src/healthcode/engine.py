@@ -19,6 +19,11 @@ from .timebase import day, to_instant
 #: Set to a non-empty value other than "0" to run the plain-Python reference instead of the kernel.
 REFERENCE_ENV = "HEALTHCODE_REFERENCE"
 
+# Idle OpenMP threads sleep instead of spinning: the kernel shares two cores with the event loop, gRPC's threads and
+# other processes, and a spinning waiter at the end of a parallel region starves the thread it waits for.  Must be
+# set before libgomp loads (with the extension, below); an explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 try:
     from . import _kernel
 except ImportError:  # pragma: no cover - the extension is built by `pip install .`
@@ -93,16 +98,25 @@ def _rules(ctx: Context) -> object:
     return ctx.kernel_rules
 
 
-def _kernel_batch(ctx: Context, batch: pa.RecordBatch, n_threads: int) -> pa.RecordBatch:
+@dataclass
+class KernelOutput:
+    """The kernel's buffers for one batch (see results.assemble_packed) and its invalid rows' diagnoses."""
+
+    bits: np.ndarray  # uint64[3, words]: badge, entry, enrolled bitmaps
+    reasons: np.ndarray  # uint16[n]
+    until: np.ndarray  # int64[2, n]: badge_valid_until, entry_valid_until
+    errors: pa.Array  # the error column (string, null on valid rows)
+
+
+def evaluate_columns(ctx: Context, cols: columns.BatchColumns, n_threads: int) -> KernelOutput:
+    """Run the kernel over one batch's column views; no Arrow arrays are built except the error column."""
     rules = _rules(ctx)
-    pop = _kernel.Population(columns.batch_columns(batch))
-    n = batch.num_rows
-    words = (n + 63) // 64
-    bits = np.zeros((3, words), dtype=np.uint64)  # badge, entry, enrolled
+    pop = _kernel.Population(cols)
+    n = cols.n
+    bits = np.zeros((3, (n + 63) // 64), dtype=np.uint64)
     reasons = np.empty(n, dtype=np.uint16)
-    until = np.empty((2, n), dtype=np.int64)  # badge_valid_until, entry_valid_until
+    until = np.empty((2, n), dtype=np.int64)
     invalid = _kernel.evaluate(pop, rules, bits[0], bits[1], bits[2], reasons, until[0], until[1], n_threads)
-    err_code = err_index = None
     if invalid:
         rows = np.flatnonzero(reasons == Reason.INVALID_INPUT).astype(np.int64)
         err_code = np.zeros(len(rows), dtype=np.uint8)
@@ -111,8 +125,13 @@ def _kernel_batch(ctx: Context, batch: pa.RecordBatch, n_threads: int) -> pa.Rec
         errors = error_column(n, rows, err_code, err_index)
     else:
         errors = pa.nulls(n, pa.string())
+    return KernelOutput(bits, reasons, until, errors)
+
+
+def _kernel_batch(ctx: Context, batch: pa.RecordBatch, n_threads: int) -> pa.RecordBatch:
+    out = evaluate_columns(ctx, columns.batch_columns(batch), n_threads)
     person_id = batch.column(batch.schema.get_field_index("person_id"))
-    return assemble_packed(person_id, bits, reasons, until, errors)
+    return assemble_packed(person_id, out.bits, out.reasons, out.until, out.errors)
 
 
 def default_threads() -> int:

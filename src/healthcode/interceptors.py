@@ -38,7 +38,7 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status a servicer exception maps to; None for exceptions gRPC handles itself."""
     if isinstance(exc, Refused):
         return exc.code, str(exc)
-    if isinstance(exc, (HealthcodeError, ValueError)):
+    if isinstance(exc, HealthcodeError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, MemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this request; send smaller batches"

@@ -17,7 +17,6 @@ from grpc_reflection.v1alpha import reflection
 
 from . import engine, metrics
 from ._proto.v1 import healthcode_pb2 as pb
-from ._proto.v1 import healthcode_pb2_grpc as pb_grpc
 from .config import Settings
 from .interceptors import ObservedService, configure_logging
 from .policy import load_policy, parse_policy
@@ -46,6 +45,29 @@ def _initial_state(settings: Settings) -> State:
         )
         risk = parse_risk_csv("region,start_date,end_date,kind\n", "empty")
     return State(risk, timeline, text)
+
+
+def service_handlers(service: HealthCodeService) -> grpc.GenericRpcHandler:
+    """The healthcode.v1.HealthCode handlers: Evaluate takes and returns raw bytes (the kernel's row-form codec
+    does the protobuf work); the other methods use the generated message classes."""
+
+    def handler(kind, method, request_class):  # type: ignore[no-untyped-def]
+        make = getattr(grpc, f"{kind}_rpc_method_handler")
+        deserializer = None if request_class is None else request_class.FromString
+        serializer = None if request_class is None else (lambda m: m.SerializeToString())
+        return make(getattr(service, method), request_deserializer=deserializer, response_serializer=serializer)
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Evaluate": handler("unary_unary", "Evaluate", None),
+            "EvaluateArrow": handler("stream_stream", "EvaluateArrow", pb.EvaluateArrowRequest),
+            "PutRiskList": handler("unary_unary", "PutRiskList", pb.PutRiskListRequest),
+            "GetRiskList": handler("unary_unary", "GetRiskList", pb.GetRiskListRequest),
+            "PutPolicy": handler("unary_unary", "PutPolicy", pb.PutPolicyRequest),
+            "GetPolicy": handler("unary_unary", "GetPolicy", pb.GetPolicyRequest),
+        },
+    )
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -94,7 +116,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     state = _initial_state(settings)
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="evaluate")
     server = grpc.aio.server(interceptors=[ObservedService()], options=grpc_options(settings))
-    pb_grpc.add_HealthCodeServicer_to_server(HealthCodeService(state, settings, executor), server)
+    server.add_generic_rpc_handlers((service_handlers(HealthCodeService(state, settings, executor)),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 
 import grpc
-import pyarrow as pa
 
 from . import engine, metrics
 from ._proto.v1 import healthcode_pb2 as pb
@@ -22,19 +21,23 @@ from .config import Settings
 from .interceptors import ROWS, Refused
 from .policy import PolicyTimeline, parse_policy
 from .regions import parse_risk_csv
-from .results import RESULT_SCHEMA
 from .state import Snapshot, State
 from .wire import (
     WireError,
+    columns_to_batch,
+    decode_request,
+    encode_output,
+    encode_result,
     ipc_chunks,
-    persons_to_batch,
     read_ipc,
-    results_to_statuses,
     risk_entries,
     risk_from_entries,
 )
 
 log = logging.getLogger("healthcode.admin")
+
+#: Row-form requests up to this size are evaluated on the event loop (about 1,000 persons).
+INLINE_REQUEST_BYTES = 128 * 1024
 
 
 def _timeline(snap: Snapshot, name: str) -> PolicyTimeline:
@@ -71,19 +74,29 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
 
     # -- gateway path ---------------------------------------------------------------------------------------------
 
-    def _evaluate_rows(self, request: pb.EvaluateRequest, ctx: engine.Context) -> pb.EvaluateResponse:
-        batch = persons_to_batch(request.persons)
-        threads = 1 if batch.num_rows <= self.settings.gateway_threads_rows else self.kernel_threads
-        result = pa.Table.from_batches(list(engine.evaluate_batches([batch], ctx, threads)), schema=RESULT_SCHEMA)
-        invalid = result.num_rows - result.column("error").null_count
-        return pb.EvaluateResponse(statuses=results_to_statuses(result), invalid_rows=invalid)
-
-    async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
+    def _evaluate_rows(self, request: bytes) -> tuple[bytes, int]:
+        """Decode, evaluate and encode one row-form request (bytes in, bytes out: see wire.py)."""
+        try:
+            cols, as_of, policy = decode_request(request)
+        except WireError as exc:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         snap = self.state.snapshot
-        ctx = self._context(snap, request.as_of.seconds if request.HasField("as_of") else None, request.policy)
-        ROWS.set(len(request.persons))
-        response = await self._run(self._evaluate_rows, request, ctx)
-        response.info.CopyFrom(_info(ctx, snap))
+        ctx = self._context(snap, as_of, policy)
+        info = _info(ctx, snap)
+        if engine.use_reference():
+            (result,) = engine.evaluate_batches([columns_to_batch(cols)], ctx, 1)
+            return encode_result(result, info), cols.n
+        threads = 1 if cols.n <= self.settings.gateway_threads_rows else self.kernel_threads
+        return encode_output(cols, engine.evaluate_columns(ctx, cols, threads), info), cols.n
+
+    async def Evaluate(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Gateway path.  Registered with raw-bytes (de)serializers: the kernel's codec reads the request and writes
+        the response.  Small requests are handled on the event loop (a thread hop would cost more than the work)."""
+        if len(request) <= INLINE_REQUEST_BYTES:
+            response, rows = self._evaluate_rows(request)
+        else:
+            response, rows = await self._run(self._evaluate_rows, request)
+        ROWS.set(rows)
         return response
 
     # -- bulk path ------------------------------------------------------------------------------------------------

@@ -6,143 +6,188 @@ never touches rows: Arrow IPC bytes are read zero-copy and written back as IPC b
 
 from __future__ import annotations
 
-import datetime as _dt
 from collections.abc import Iterator, Sequence
-from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
 
+from . import _kernel
 from ._proto.v1 import healthcode_pb2 as pb
-from .columns import POPULATION_SCHEMA, check_schema
-from .errors import SchemaError
+from .columns import (
+    POPULATION_SCHEMA,
+    BatchColumns,
+    Bits,
+    bool_view,
+    check_schema,
+    offsets_view,
+    validity_view,
+    values_view,
+)
+from .engine import KernelOutput
+from .errors import HealthcodeError, SchemaError
 from .regions import RiskList, risk_list_from_rows
-from .results import Reason
-from .timebase import date_to_day
-
-_EPOCH = _dt.date(1970, 1, 1).toordinal()
 
 
-class WireError(ValueError):
+class WireError(HealthcodeError):
     """A request's bytes or fields cannot be read; the message says what and where."""
 
 
-def _visit_day(v: pb.Visit) -> int | None:
-    if v.HasField("day"):
-        d = v.day
-        try:
-            return _dt.date(d.year, d.month, d.day).toordinal() - _EPOCH
-        except ValueError:
-            return None  # an impossible date is treated as no date: the row becomes INVALID_INPUT
-    if v.day_iso:
-        try:
-            return date_to_day(_dt.date.fromisoformat(v.day_iso))
-        except ValueError:
-            return None
-    return None
+def decode_request(data: bytes) -> tuple[BatchColumns, int | None, str]:
+    """An EvaluateRequest's serialized bytes as the kernel's column views, its as_of (or None) and policy name.
+
+    Decoded by the kernel's row-form codec straight from the wire format into the arrays the kernel reads: no
+    message objects, no Arrow arrays, no Python per person.  Absent optional fields are nulls; an impossible visit
+    date is a null day (the row is then INVALID_INPUT).
+    """
+    try:
+        c, as_of, policy = _kernel.decode_evaluate_request(data)
+    except _kernel.WireFormatError as exc:
+        raise WireError(str(exc)) from None
+    all_valid = Bits(None, 0)
+    nat = {"sample": (c["sample"], Bits(c["sample_ok"], 0), 0), "report": (c["report"], Bits(c["report_ok"], 0), 0)}
+    cols = BatchColumns(
+        n=c["n"],
+        person_id_valid=Bits(c["pid_ok"], 0),
+        home_region=c["home"],
+        home_region_valid=Bits(c["home_ok"], 0),
+        registered=Bits(c["registered"], 0),
+        registered_valid=all_valid,
+        base_color=c["color"],
+        base_color_valid=Bits(c["color_ok"], 0),
+        nat=nat,
+        entries_valid=all_valid,
+        entries_offsets=c["entry_off"],
+        entry_values=c["entries"],
+        entry_values_valid=all_valid,
+        entry_unit=0,
+        visits_valid=all_valid,
+        visits_offsets=c["visit_off"],
+        visit_struct_valid=all_valid,
+        visit_region=c["region"],
+        visit_region_valid=Bits(c["region_ok"], 0),
+        visit_day=c["day"],
+        visit_day_valid=Bits(c["day_ok"], 0),
+        keep_alive=(c["pid"],),  # person ids, for the response
+    )
+    return cols, as_of, policy
 
 
-def persons_to_batch(persons: Sequence[pb.Person]) -> pa.RecordBatch:
-    """Row-form persons as a population batch in the SPEC schema; absent fields become nulls."""
-    n = len(persons)
-    pid = np.zeros(n, dtype=np.uint64)
-    pid_ok = np.ones(n, dtype=bool)
-    home = np.zeros(n, dtype=np.int32)
-    home_ok = np.ones(n, dtype=bool)
-    color = np.zeros(n, dtype=np.int8)
-    color_ok = np.ones(n, dtype=bool)
-    registered = np.zeros(n, dtype=bool)
-    sample = np.zeros(n, dtype=np.int64)
-    sample_ok = np.zeros(n, dtype=bool)
-    report = np.zeros(n, dtype=np.int64)
-    report_ok = np.zeros(n, dtype=bool)
-    entry_off = np.zeros(n + 1, dtype=np.int32)
-    visit_off = np.zeros(n + 1, dtype=np.int32)
-    entries: list[int] = []
-    regions: list[int | None] = []
-    days: list[int | None] = []
-    for i, p in enumerate(persons):
-        if p.HasField("person_id"):
-            pid[i] = p.person_id
-        else:
-            pid_ok[i] = False
-        if p.HasField("home_region"):
-            home[i] = p.home_region
-        else:
-            home_ok[i] = False
-        if p.HasField("base_color"):
-            # Out-of-range colours stay out of range (INVALID_INPUT), never wrap into 0..2.
-            color[i] = p.base_color if -128 <= p.base_color <= 127 else -1
-        else:
-            color_ok[i] = False
-        registered[i] = p.registered_commuter
-        if p.HasField("nat_sample_time"):
-            sample[i] = p.nat_sample_time.seconds
-            sample_ok[i] = True
-        if p.HasField("nat_report_time"):
-            report[i] = p.nat_report_time.seconds
-            report_ok[i] = True
-        entries.extend(t.seconds for t in p.entry_times)
-        entry_off[i + 1] = len(entries)
-        for v in p.visits:
-            regions.append(v.region if v.HasField("region") else None)
-            days.append(_visit_day(v))
-        visit_off[i + 1] = len(regions)
+def columns_to_batch(cols: BatchColumns) -> pa.RecordBatch:
+    """Decoded row-form columns as an Arrow population batch (the reference path and :func:`persons_to_batch`)."""
+    n = cols.n
+
+    def arr(type_: pa.DataType, values: np.ndarray, valid: Bits, length: int) -> pa.Array:
+        bitmap = None if valid.data is None else pa.py_buffer(valid.data)
+        return pa.Array.from_buffers(type_, length, [bitmap, pa.py_buffer(values)])
+
     instant = POPULATION_SCHEMA.field("nat_sample_time").type
-    visit_values = pa.StructArray.from_arrays(
-        [pa.array(regions, pa.int32()), pa.array(days, pa.int32()).cast(pa.date32())],
+    visits_n = len(cols.visit_region)
+    visits = pa.StructArray.from_arrays(
+        [
+            arr(pa.int32(), cols.visit_region, cols.visit_region_valid, visits_n),
+            arr(pa.date32(), cols.visit_day, cols.visit_day_valid, visits_n),
+        ],
         fields=list(POPULATION_SCHEMA.field("visits").type.value_type),
     )
+    sample, sample_ok, _ = cols.nat["sample"]
+    report, report_ok, _ = cols.nat["report"]
     return pa.RecordBatch.from_arrays(
         [
-            pa.array(pid, mask=~pid_ok),
-            pa.array(home, mask=~home_ok),
-            pa.array(registered),
-            pa.array(color, mask=~color_ok),
-            pa.array(sample, instant, mask=~sample_ok),
-            pa.array(report, instant, mask=~report_ok),
-            pa.ListArray.from_arrays(pa.array(entry_off), pa.array(np.asarray(entries, dtype=np.int64), instant)),
-            pa.ListArray.from_arrays(pa.array(visit_off), visit_values),
+            arr(pa.uint64(), cols.keep_alive[0], cols.person_id_valid, n),
+            arr(pa.int32(), cols.home_region, cols.home_region_valid, n),
+            pa.Array.from_buffers(pa.bool_(), n, [None, pa.py_buffer(cols.registered.data)]),
+            arr(pa.int8(), cols.base_color, cols.base_color_valid, n),
+            arr(instant, sample, sample_ok, n),
+            arr(instant, report, report_ok, n),
+            pa.ListArray.from_arrays(pa.array(cols.entries_offsets), pa.array(cols.entry_values, instant)),
+            pa.ListArray.from_arrays(pa.array(cols.visits_offsets), visits),
         ],
         schema=POPULATION_SCHEMA,
     )
 
 
-@lru_cache(maxsize=4096)
-def reason_list(mask: int) -> tuple[int, ...]:
-    """The proto Reason values of the bits set in ``mask`` (value = bit index + 1)."""
-    return tuple(r.value.bit_length() for r in Reason if mask & r.value)
+def persons_to_batch(persons: Sequence[pb.Person]) -> pa.RecordBatch:
+    """Row-form persons as a population batch in the SPEC schema (absent fields become nulls)."""
+    return columns_to_batch(decode_request(pb.EvaluateRequest(persons=persons).SerializeToString())[0])
 
 
-def results_to_statuses(result: pa.Table | pa.RecordBatch) -> list[pb.Status]:
-    """Result rows as Status messages (absent valid-until when null, error only on INVALID_INPUT rows)."""
-    cols = {name: result.column(name) for name in result.schema.names}
-    pid = cols["person_id"].to_numpy(zero_copy_only=False).tolist() if len(result) else []
-    badge = cols["commuter_badge"].to_pylist()
-    entry = cols["entry_permitted"].to_pylist()
-    enrolled = cols["enrolled"].to_pylist()
-    reasons = cols["reasons"].to_pylist()
+def _encode(
+    pid: np.ndarray,
+    pid_valid: Bits,
+    flags: Sequence[Bits],
+    reasons: np.ndarray,
+    until: Sequence[np.ndarray],
+    errors: pa.Array,
+    info: pb.EvaluationInfo,
+) -> bytes:
+    # The valid-until columns are valid exactly where badge and entry are true (SPEC §4.5): the codec uses those bits.
+    statuses = _kernel.encode_statuses(
+        pid, pid_valid, flags[0], flags[1], flags[2], reasons, until[0], until[1],
+        offsets_view(errors), np.frombuffer(errors.buffers()[2] or b"", dtype=np.uint8), Bits(*validity_view(errors)),
+    )  # fmt: skip
+    tail = pb.EvaluateResponse(info=info, invalid_rows=len(errors) - errors.null_count).SerializeToString()
+    return statuses + tail
+
+
+def encode_output(cols: BatchColumns, out: KernelOutput, info: pb.EvaluationInfo) -> bytes:
+    """The serialized EvaluateResponse straight from the kernel's buffers (the gateway path)."""
+    flags = [Bits(out.bits[k].view(np.uint8), 0) for k in range(3)]
+    return _encode(cols.keep_alive[0], cols.person_id_valid, flags, out.reasons, out.until, out.errors, info)
+
+
+def encode_result(result: pa.RecordBatch, info: pb.EvaluationInfo) -> bytes:
+    """The serialized EvaluateResponse for an Arrow result batch (the reference path)."""
+    col = result.column
+    flags = [Bits(*bool_view(col(k))) for k in (1, 2, 3)]
+    until = [values_view(col(5), np.int64), values_view(col(6), np.int64)]
+    pid = values_view(col(0), np.uint64)
+    return _encode(pid, Bits(*validity_view(col(0))), flags, values_view(col(4), np.uint16), until, col(7), info)
+
+
+def batch_to_persons(batch: pa.RecordBatch | pa.Table) -> list[pb.Person]:
+    """Population rows as Person messages (row form; for clients, tests and benchmarks, not bulk work).
+
+    A null element of ``entry_times`` has no row-form equivalent (a repeated Timestamp cannot be null) and is
+    dropped; a null visit becomes an empty Visit (no region, no day), which the server treats as invalid."""
     seconds = pa.int64()
-    bu = cols["badge_valid_until"].cast(seconds).to_pylist()
-    eu = cols["entry_valid_until"].cast(seconds).to_pylist()
-    errors = cols["error"].to_pylist()
+    cols = {
+        name: batch.column(name).cast(seconds) if name.startswith("nat_") else batch.column(name)
+        for name in POPULATION_SCHEMA.names
+    }
+    entry_type = pa.list_(seconds)
+    entries = cols["entry_times"].cast(entry_type).to_pylist()
+    visits = cols["visits"].to_pylist()
     out = []
-    for i in range(len(badge)):
-        s = pb.Status(
-            person_id=int(pid[i] or 0),
-            commuter_badge=badge[i],
-            entry_permitted=entry[i],
-            enrolled=enrolled[i],
-            reasons=reason_list(reasons[i]),
-            reasons_mask=reasons[i],
+    for i, (pid, home, reg, color, sample, report) in enumerate(
+        zip(
+            *(cols[n].to_pylist() for n in POPULATION_SCHEMA.names[:6]),
+            strict=True,
         )
-        if bu[i] is not None:
-            s.badge_valid_until.seconds = bu[i]
-        if eu[i] is not None:
-            s.entry_valid_until.seconds = eu[i]
-        if errors[i] is not None:
-            s.error = errors[i]
-        out.append(s)
+    ):
+        p = pb.Person(registered_commuter=bool(reg))
+        if pid is not None:
+            p.person_id = pid
+        if home is not None:
+            p.home_region = home
+        if color is not None:
+            p.base_color = color
+        if sample is not None:
+            p.nat_sample_time.seconds = sample
+        if report is not None:
+            p.nat_report_time.seconds = report
+        for t in entries[i] or ():
+            if t is not None:
+                p.entry_times.add(seconds=t)
+        for v in visits[i] or ():
+            visit = p.visits.add()
+            if v is None:
+                continue  # an empty Visit: no region, no day
+            if v["region"] is not None:
+                visit.region = v["region"]
+            if v["day"] is not None:
+                d = v["day"]
+                visit.day.year, visit.day.month, visit.day.day = d.year, d.month, d.day
+        out.append(p)
     return out
 
 
