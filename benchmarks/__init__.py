@@ -1,0 +1,1 @@
+"""Benchmarks (pytest-benchmark) and the DuckDB SQL peer of the kernel."""
