@@ -18,7 +18,17 @@ cnp.import_array()
 
 cdef extern from *:
     """
-    static inline int hc_popcount64(unsigned long long x) { return __builtin_popcountll(x); }
+    /* Without -mpopcnt, __builtin_popcountll is a libgcc call; this SWAR form stays inline either way. */
+    static inline int hc_popcount64(unsigned long long x) {
+    #if defined(__POPCNT__)
+        return __builtin_popcountll(x);
+    #else
+        x = x - ((x >> 1) & 0x5555555555555555ULL);
+        x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
+        x = (x + (x >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+        return (int)((x * 0x0101010101010101ULL) >> 56);
+    #endif
+    }
     static inline int hc_ctz64(unsigned long long x) { return __builtin_ctzll(x); }
     """
     int hc_popcount64(unsigned long long x) noexcept nogil
@@ -355,18 +365,14 @@ cdef int evaluate_row(const Pop* p, const Rules* r, const Out* o, int64_t i) noe
 cdef int64_t evaluate_block(const Pop* p, const Rules* r, const Out* o, int64_t block) noexcept nogil:
     """Rows 64 * block .. 64 * block + 63: one word of each bitmap.  Returns the number of invalid rows."""
     cdef int64_t start = block * 64, stop = min(start + 64, p.n), i, invalid = 0
-    cdef uint64_t badge = 0, entry = 0, enrolled = 0, one
+    cdef uint64_t badge = 0, entry = 0, enrolled = 0
     cdef int flags
     for i in range(start, stop):
         flags = evaluate_row(p, r, o, i)
-        one = (<uint64_t>1) << (i - start)
-        if flags & ROW_BADGE:
-            badge |= one
-        if flags & ROW_ENTRY:
-            entry |= one
-        if flags & ROW_ENROLLED:
-            enrolled |= one
-        invalid += (flags & ROW_INVALID) != 0
+        badge |= (<uint64_t>(flags & ROW_BADGE)) << (i - start)
+        entry |= (<uint64_t>((flags & ROW_ENTRY) >> 1)) << (i - start)
+        enrolled |= (<uint64_t>((flags & ROW_ENROLLED) >> 2)) << (i - start)
+        invalid += (flags & ROW_INVALID) >> 3
     o.badge[block] = badge
     o.entry[block] = entry
     o.enrolled[block] = enrolled
