@@ -27,10 +27,13 @@ $(KERNEL): $(STAMP) $(wildcard ext/*.pyx ext/*.pxi ext/*.pxd proto/healthcode/v1
 	$(BIN)/python setup.py -q build_ext --inplace
 	touch $@
 
+LISTEN ?= 127.0.0.1:50051
+
+# The server on the shipped policy and a demo risk list; the demo population is evaluated once at start-up.
 serve: build
 	@test -f $(DEMO)/population.parquet || $(BIN)/healthcode generate $(DEMO) --rows $(DEMO_ROWS) --seed 1
-	$(BIN)/healthcode evaluate $(DEMO)/population.parquet --risk $(DEMO)/risk.csv --as-of $(AS_OF) \
-		--out $(DEMO)/result.parquet
+	$(BIN)/healthcode serve --listen $(LISTEN) --risk $(DEMO)/risk.csv \
+		--demo-population $(DEMO)/population.parquet --demo-as-of $(AS_OF)
 
 lint: build
 	$(BIN)/ruff check src tests benchmarks setup.py
@@ -38,10 +41,12 @@ lint: build
 test: build lint
 	$(BIN)/python -m pytest -q tests
 	$(BIN)/python -m pytest -q benchmarks --benchmark-enable --benchmark-only --quick
+	$(BIN)/python benchmarks/bench_service.py --quick
 
 # The full benchmark figures quoted in the closing notes (takes several minutes).
 bench: build
 	$(BIN)/python -m pytest -q benchmarks --benchmark-enable --benchmark-only -s
+	$(BIN)/python benchmarks/bench_service.py
 
 clean:
 	rm -rf build $(VENV) src/healthcode/*.so ext/*.c ext/*.html .pytest_cache .benchmarks

@@ -65,8 +65,9 @@ cdef inline void skip_field(Reader* r, uint64_t wire_type) noexcept nogil:
         r.bad = True  # groups (3, 4) and undefined wire types
 
 
-cdef inline int64_t read_timestamp_seconds(Reader m) noexcept nogil:
+cdef inline int64_t read_timestamp_seconds(Reader* parent) noexcept nogil:
     # google.protobuf.Timestamp: seconds = 1 (int64); nanos (>= 0) only add to it, so seconds is the floor.
+    cdef Reader m = sub_reader(parent)
     cdef int64_t seconds = 0
     cdef uint64_t tag
     while m.p < m.end and not m.bad:
@@ -75,6 +76,7 @@ cdef inline int64_t read_timestamp_seconds(Reader m) noexcept nogil:
             seconds = <int64_t>read_varint(&m)
         else:
             skip_field(&m, tag & 7)
+    parent.bad |= m.bad
     return seconds
 
 
@@ -101,7 +103,8 @@ cdef inline bint valid_date(int64_t y, int64_t m, int64_t d) noexcept nogil:
     return d <= mdays
 
 
-cdef inline bint read_local_date(Reader m, int32_t* out) noexcept nogil:
+cdef inline bint read_local_date(Reader* parent, int32_t* out) noexcept nogil:
+    cdef Reader m = sub_reader(parent)
     cdef int64_t y = 0, mo = 0, d = 0
     cdef uint64_t tag
     while m.p < m.end and not m.bad:
@@ -114,6 +117,7 @@ cdef inline bint read_local_date(Reader m, int32_t* out) noexcept nogil:
             d = <int32_t>read_varint(&m)
         else:
             skip_field(&m, tag & 7)
+    parent.bad |= m.bad
     if m.bad or not valid_date(y, mo, d):
         return False
     out[0] = <int32_t>days_from_civil(y, mo, d)
@@ -169,7 +173,8 @@ cdef struct PersonCols:
     uint8_t* day_ok
 
 
-cdef void read_visit(Reader m, PersonCols* c, int64_t v) noexcept nogil:
+cdef void read_visit(Reader* parent, PersonCols* c, int64_t v) noexcept nogil:
+    cdef Reader m = sub_reader(parent)
     cdef uint64_t tag
     cdef bint have_date = False
     cdef Reader iso
@@ -184,19 +189,39 @@ cdef void read_visit(Reader m, PersonCols* c, int64_t v) noexcept nogil:
             set_bit(c.region_ok, v)
         elif tag == 0x12:
             have_date = True
-            day_ok = read_local_date(sub_reader(&m), &c.day[v])
+            day_ok = read_local_date(&m, &c.day[v])
         elif tag == 0x1a:
             iso = sub_reader(&m)
         else:
             skip_field(&m, tag & 7)
+    parent.bad |= m.bad
     if not have_date and iso.p != NULL and iso.p < iso.end:
         day_ok = read_iso_date(iso, &c.day[v])
     if day_ok:
         set_bit(c.day_ok, v)
 
 
-cdef void read_person(Reader m, PersonCols* c, Counts* at, bint fill) noexcept nogil:
-    """One Person: counts its entries and visits, and (when ``fill``) writes its row and list elements."""
+cdef void skip_visit(Reader* parent) noexcept nogil:
+    """A Visit in the counting pass: only checks that its bytes are well-formed."""
+    cdef Reader m = sub_reader(parent)
+    cdef Reader inner
+    cdef uint64_t tag
+    while m.p < m.end and not m.bad:
+        tag = read_varint(&m)
+        if tag == 0x12:
+            inner = sub_reader(&m)
+            while inner.p < inner.end and not inner.bad:
+                skip_field(&inner, read_varint(&inner) & 7)
+            m.bad |= inner.bad
+        else:
+            skip_field(&m, tag & 7)
+    parent.bad |= m.bad
+
+
+cdef void read_person(Reader* parent, PersonCols* c, Counts* at, bint fill) noexcept nogil:
+    """One Person: counts its entries and visits, and (when ``fill``) writes its row and list elements.
+    Every nested read reports malformed bytes to its parent, up to the request."""
+    cdef Reader m = sub_reader(parent)
     cdef uint64_t tag, raw
     cdef int64_t i = at.persons
     if fill:
@@ -209,15 +234,15 @@ cdef void read_person(Reader m, PersonCols* c, Counts* at, bint fill) noexcept n
         tag = read_varint(&m)
         if tag == 0x3a:  # 7: entry_times
             if fill:
-                c.entries[at.entries] = read_timestamp_seconds(sub_reader(&m))
+                c.entries[at.entries] = read_timestamp_seconds(&m)
             else:
-                sub_reader(&m)
+                read_timestamp_seconds(&m)  # validates the nested bytes in the counting pass too
             at.entries += 1
         elif tag == 0x42:  # 8: visits
             if fill:
-                read_visit(sub_reader(&m), c, at.visits)
+                read_visit(&m, c, at.visits)
             else:
-                sub_reader(&m)
+                skip_visit(&m)
             at.visits += 1
         elif not fill:
             skip_field(&m, tag & 7)
@@ -237,13 +262,14 @@ cdef void read_person(Reader m, PersonCols* c, Counts* at, bint fill) noexcept n
             c.color[i] = <int8_t>raw if raw <= 2 else -1
             set_bit(c.color_ok, i)
         elif tag == 0x2a:  # 5: nat_sample_time
-            c.sample[i] = read_timestamp_seconds(sub_reader(&m))
+            c.sample[i] = read_timestamp_seconds(&m)
             set_bit(c.sample_ok, i)
         elif tag == 0x32:  # 6: nat_report_time
-            c.report[i] = read_timestamp_seconds(sub_reader(&m))
+            c.report[i] = read_timestamp_seconds(&m)
             set_bit(c.report_ok, i)
         else:
             skip_field(&m, tag & 7)
+    parent.bad |= m.bad
     if fill:
         c.entry_off[i + 1] = <int32_t>at.entries
         c.visit_off[i + 1] = <int32_t>at.visits
@@ -257,13 +283,9 @@ cdef bint read_request(Reader r, PersonCols* c, Counts* at, bint fill, int64_t* 
     while r.p < r.end and not r.bad:
         tag = read_varint(&r)
         if tag == 0x0a:  # 1: persons
-            s = sub_reader(&r)
-            if not r.bad:
-                read_person(s, c, at, fill)
-                if s.bad:
-                    return False
+            read_person(&r, c, at, fill)
         elif tag == 0x12:  # 2: as_of
-            as_of[0] = read_timestamp_seconds(sub_reader(&r))
+            as_of[0] = read_timestamp_seconds(&r)
             has_as_of[0] = True
         elif tag == 0x1a:  # 3: policy
             s = sub_reader(&r)
@@ -330,8 +352,11 @@ def decode_evaluate_request(data):
     at.persons = at.entries = at.visits = 0
     r.p = &view[0] if view.shape[0] else NULL
     r.bad = False
+    cdef bint ok
     with nogil:
-        read_request(r, &c, &at, True, &as_of, &has_as_of, &policy, &policy_len)
+        ok = read_request(r, &c, &at, True, &as_of, &has_as_of, &policy, &policy_len)
+    if not ok or at.persons != counts.persons:
+        raise WireFormatError("the request is not a well-formed healthcode.v1.EvaluateRequest (corrupt nested field)")
     cdef Bits check
     check.offset = 0
     for key, length in (("pid_ok", n), ("home_ok", n), ("color_ok", n), ("sample_ok", n), ("report_ok", n),

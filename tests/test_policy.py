@@ -261,3 +261,20 @@ def test_select_timeline():
     ]
     for when, policy, active in cases:
         assert timeline.select(seconds(when)) == (policy, active), when
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        ('unit = "hours"\nlength = 48', 'unit = "hours"\nlength = 876001', "policy[0].entry_nat.length"),
+        ('unit = "days"\nlength = 14', 'unit = "days"\nlength = 36501', "policy[0].commuter_nat.length"),
+        ("lookback_days = 14", "lookback_days = 36501", "policy[0].risk.lookback_days"),
+    ],
+)
+def test_windows_beyond_a_century_are_rejected(tmp_path, old, new, key):
+    """Windows are capped (a century) so no computed instant can overflow 64 bits."""
+    message = error_of(tmp_path, replace(old, new))
+    assert FILE in message and key in message and "must be in 1.." in message
+    # The largest accepted values still load.
+    at_limit = new.replace("876001", "876000").replace("36501", "36500")
+    assert load_text(tmp_path, replace(old, at_limit)).policies

@@ -1,13 +1,14 @@
 """healthcode: Beijing commuter (通勤) badge and entry evaluation over Arrow columns (see SPEC.md)."""
 
 from .engine import evaluate
-from .errors import HealthcodeError, PolicyError, RiskListError, SchemaError
+from .errors import CorruptDataError, HealthcodeError, PolicyError, RiskListError, SchemaError
 from .policy import Policy, PolicyTimeline, default_policy, load_policy, parse_policy
 from .regions import RiskList, load_risk_list, parse_risk_csv, risk_list_from_rows
 from .results import RESULT_SCHEMA, Reason
 
 __all__ = [
     "RESULT_SCHEMA",
+    "CorruptDataError",
     "HealthcodeError",
     "Policy",
     "PolicyError",

@@ -66,7 +66,10 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             return None
         return str(value)
     except (TypeError, ValueError):
-        wanted = {"int": "a whole number >= 0", "float": "a number >= 0", "bool": "true or false"}.get(kind, "a string")
+        least = 1 if name in ("max_message_bytes", "workers") else 0
+        wanted = {"int": f"a whole number >= {least}", "float": "a number >= 0", "bool": "true or false"}.get(
+            kind, "a string"
+        )
         raise ConfigError(f"{where}: {name}: expected {wanted}, got {value!r}") from None
 
 

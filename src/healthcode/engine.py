@@ -157,6 +157,7 @@ def evaluate_batches(
         run = None
     for batch in batches:
         columns.check_schema(batch.schema)
+        columns.validate(batch)
         result = run(ctx, batch) if run is not None else _kernel_batch(ctx, batch, threads)
         if on_batch is not None:
             on_batch(batch.num_rows)

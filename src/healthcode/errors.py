@@ -17,3 +17,7 @@ class PolicyError(HealthcodeError):
 
 class RiskListError(HealthcodeError):
     """A risk list is invalid: names the line (or row) and the field.  The whole list is rejected."""
+
+
+class CorruptDataError(HealthcodeError):
+    """Arrow data whose buffers are inconsistent (e.g. list offsets out of range): names the column."""

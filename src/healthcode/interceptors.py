@@ -50,6 +50,7 @@ class _Call:
         self.method = method
         self.context = context
         self.started = time.perf_counter()
+        self.rows: int | None = None  # taken from ROWS in the handler's own context when it ends
         ROWS.set(0)
 
     def fail(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -62,7 +63,7 @@ class _Call:
 
     def finish(self, code: grpc.StatusCode) -> None:
         seconds = time.perf_counter() - self.started
-        rows = ROWS.get()
+        rows = ROWS.get() if self.rows is None else self.rows
         metrics.REQUESTS.labels(self.method, code.name).inc()
         metrics.LATENCY.labels(self.method).observe(seconds)
         if rows:
@@ -104,22 +105,40 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
 def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         call = _Call(method, context)
+        outcome: list[grpc.StatusCode] = []
+
+        def done(_: Any) -> None:
+            # Decided when the RPC is over: a request stream that simply ended may have been a cancellation, which
+            # the context only knows by then.
+            code = outcome[0] if outcome else grpc.StatusCode.UNKNOWN
+            if code == grpc.StatusCode.OK and context.cancelled():
+                code = call.cancelled_code()
+            call.finish(code)
+
+        context.add_done_callback(done)
         try:
             async for response in behavior(request, context):
                 yield response
-        except asyncio.CancelledError:
-            call.finish(call.cancelled_code())
+            outcome.append(call.cancelled_code() if _expired(context) else grpc.StatusCode.OK)
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome.append(call.cancelled_code())
             raise
         except grpc.aio.AbortError:
-            call.finish(context.code() or grpc.StatusCode.UNKNOWN)
+            outcome.append(context.code() or grpc.StatusCode.UNKNOWN)
             raise
         except Exception as exc:
             code, message = call.fail(exc)
-            call.finish(code)
+            outcome.append(code)
             await context.abort(code, message)
-        call.finish(grpc.StatusCode.OK)
+        finally:
+            call.rows = ROWS.get()  # the done callback runs outside this context
 
     return handler
+
+
+def _expired(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return context.cancelled() or (remaining is not None and remaining <= 0)
 
 
 class ObservedService(grpc.aio.ServerInterceptor):

@@ -19,6 +19,9 @@ ANCHORS = ("report", "sample")
 UNITS = ("days", "hours")
 MATCHES = ("since_visit", "on_visit_day")
 MAX_WINDOW_DAYS = 64  # the kernel keeps a person's entry days in one 64-bit mask
+# Upper bounds that keep every instant computed from a window inside int64 (a century is far beyond any real rule).
+MAX_DAYS = 36_500
+MAX_HOURS = MAX_DAYS * 24
 
 
 @dataclass(frozen=True)
@@ -135,10 +138,11 @@ class _Reader:
 
     def nat(self, value: Any, key: str) -> NatWindow:
         t = self.table(value, key, _NAT_KEYS)
+        unit = self.choice(t["unit"], f"{key}.unit", UNITS)
         return NatWindow(
             anchor=self.choice(t["anchor"], f"{key}.anchor", ANCHORS),
-            unit=self.choice(t["unit"], f"{key}.unit", UNITS),
-            length=self.integer(t["length"], f"{key}.length", 1),
+            unit=unit,
+            length=self.integer(t["length"], f"{key}.length", 1, MAX_DAYS if unit == "days" else MAX_HOURS),
         )
 
     def policy(self, value: Any, key: str) -> Policy:
@@ -163,7 +167,7 @@ class _Reader:
             commuter_nat=self.nat(t["commuter_nat"], f"{key}.commuter_nat"),
             entry_nat=self.nat(t["entry_nat"], f"{key}.entry_nat"),
             risk=RiskRule(
-                lookback_days=self.integer(risk["lookback_days"], f"{key}.risk.lookback_days", 1),
+                lookback_days=self.integer(risk["lookback_days"], f"{key}.risk.lookback_days", 1, MAX_DAYS),
                 match=self.choice(risk["match"], f"{key}.risk.match", MATCHES),
             ),
             commuter_pattern=CommuterPattern(

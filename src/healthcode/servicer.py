@@ -97,6 +97,13 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
         else:
             response, rows = await self._run(self._evaluate_rows, request)
         ROWS.set(rows)
+        if len(response) > self.settings.max_message_bytes:
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the response for {rows:,} persons is {len(response):,} bytes, over the "
+                f"{self.settings.max_message_bytes:,}-byte message limit; send fewer persons per call, or use "
+                "EvaluateArrow for bulk work",
+            )
         return response
 
     # -- bulk path ------------------------------------------------------------------------------------------------
