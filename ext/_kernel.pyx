@@ -7,7 +7,7 @@ buffers.  Rows are independent: blocks of 64 rows are split between threads with
 its own 64-bit words of the boolean (and validity) bitmaps, so the outputs are Arrow buffers as they stand.
 """
 
-from libc.stdint cimport INT32_MAX, INT32_MIN, int8_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
+from libc.stdint cimport INT32_MAX, INT32_MIN, INT64_MAX, int8_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from cython.parallel cimport prange
 
 import numpy as np
@@ -266,11 +266,66 @@ cdef enum:
     ROW_INVALID = 8
 
 
+cdef inline int mark_invalid(const Out* o, int64_t i) noexcept nogil:
+    # SPEC §4.1: INVALID_INPUT alone, all booleans false, both valid-until null.
+    o.reasons[i] = INVALID_INPUT
+    o.badge_until[i] = 0
+    o.entry_until[i] = 0
+    return ROW_INVALID
+
+
+cdef inline int row_outcome(const Rules* r, const Out* o, int64_t i, int32_t home, int8_t color,
+                            bint c_present, int64_t c_raw, int c_unit, bint e_present, int64_t e_raw, int e_unit,
+                            uint64_t entry_days, bint risk, bint registered) noexcept nogil:
+    """SPEC §4.2-§4.6 for a valid row whose entry days and risk travel are known: writes its reasons and valid-until
+    instants, returns its ROW_* flags.  Branch-free but for the rare badge of a pattern-enrolled person."""
+    cdef int64_t as_of = r.as_of
+    cdef int64_t c_sec = to_seconds(c_raw, c_unit) if c_present else as_of  # a null's buffer value is arbitrary
+    cdef int64_t e_sec = to_seconds(e_raw, e_unit) if e_present else as_of
+    cdef int64_t c_lapse, e_lapse, badge_until = 0, entry_until, pattern_end, k
+    cdef uint64_t m
+    # §4.2 NAT windows.  A missing anchor's value is clamped to as_of so its unused lapse stays finite.
+    cdef bint c_exists = c_present and c_sec <= as_of
+    c_lapse = lapse(min(c_sec, as_of), r.c_days, r.c_length)
+    cdef bint c_valid = c_exists and as_of < c_lapse
+    e_lapse = lapse(min(e_sec, as_of), r.e_days, r.e_length)
+    cdef bint e_valid = e_present and e_sec <= as_of and as_of < e_lapse
+    # §4.4 commuting pattern and enrollment.
+    cdef bint green = color == 0
+    cdef bint ring = code_bit(r.ring, home - CODE_MIN)
+    cdef bint few = hc_popcount64(entry_days) < r.min_entry_days
+    cdef bint enrolled = registered | (ring & (not few))
+    # §4.5 outcome and §4.6 reasons: every condition is its own bit.
+    cdef bint badge = r.active & green & enrolled & c_valid & (not risk)
+    cdef bint entry = green & (not risk) & (e_valid | badge)
+    o.reasons[i] = ((<uint16_t>(not r.active)) * POLICY_INACTIVE | (<uint16_t>(not green)) * CODE_NOT_GREEN
+                    | (<uint16_t>(not c_exists)) * NAT_MISSING | (<uint16_t>(c_exists & (not c_valid))) * NAT_EXPIRED
+                    | (<uint16_t>(not e_valid)) * ENTRY_NAT_MISSING | (<uint16_t>risk) * RISK_TRAVEL
+                    | (<uint16_t>(not enrolled)) * NOT_ENROLLED | (<uint16_t>few) * PATTERN_NOT_MET
+                    | (<uint16_t>(not ring)) * HOME_OUTSIDE_RING)
+    if badge:
+        badge_until = c_lapse
+        if not registered:
+            # The pattern stops holding at midnight(k + window_days), k the min_entry_days-th most recent day.
+            m = entry_days
+            for k in range(r.min_entry_days - 1):
+                m &= m - 1
+            pattern_end = midnight(r.today - hc_ctz64(m) + r.window_days)
+            badge_until = min(badge_until, pattern_end)
+    # The latest of the windows that hold (entry implies e_valid or badge).
+    entry_until = e_lapse if e_valid else badge_until
+    entry_until = max(entry_until, badge_until) if badge else entry_until
+    o.badge_until[i] = badge_until
+    o.entry_until[i] = entry_until if entry else 0
+    return badge * ROW_BADGE + entry * ROW_ENTRY + enrolled * ROW_ENROLLED
+
+
 cdef int evaluate_row(const Pop* p, const Rules* r, const Out* o, int64_t i) noexcept nogil:
-    """SPEC §4 for row ``i``: writes its reasons and valid-until instants, returns its ROW_* flags."""
+    """SPEC §4 for row ``i`` on its own (the path for blocks with null or invalid list elements): writes its
+    reasons and valid-until instants, returns its ROW_* flags."""
     cdef bint bad = False, risk = False
-    cdef uint64_t entry_days = 0, m
-    cdef int64_t k, start, stop
+    cdef uint64_t entry_days = 0
+    cdef int64_t start, stop
 
     # §4.1 validation: scalars first, lists while they are read.
     if not (bit(p.person_valid, i) and bit(p.home_valid, i) and bit(p.color_valid, i)):
@@ -292,86 +347,176 @@ cdef int evaluate_row(const Pop* p, const Rules* r, const Out* o, int64_t i) noe
             else:
                 bad = True
     if bad:
-        o.reasons[i] = INVALID_INPUT
-        o.badge_until[i] = 0
-        o.entry_until[i] = 0
-        return ROW_INVALID
+        return mark_invalid(o, i)
 
-    cdef int32_t home = p.home[i]
-    cdef uint16_t reasons = 0
-    cdef bint green = p.color[i] == 0
-    cdef bint c_valid = False, e_valid = False, badge, entry, enrolled, ring, registered
-    cdef int64_t a, c_lapse = 0, e_lapse = 0, badge_until = 0, entry_until = 0, pattern_end
-    cdef int count
+    return row_outcome(r, o, i, p.home[i], p.color[i],
+                       bit(p.nat_valid[r.c_anchor], i), p.nat[r.c_anchor][i], p.nat_unit[r.c_anchor],
+                       bit(p.nat_valid[r.e_anchor], i), p.nat[r.e_anchor][i], p.nat_unit[r.e_anchor],
+                       entry_days, risk, bit(p.registered, i) and bit(p.registered_valid, i))
 
-    if not r.active:
-        reasons |= POLICY_INACTIVE
-    if not green:
-        reasons |= CODE_NOT_GREEN
 
-    # §4.2 NAT windows.
-    a = to_seconds(p.nat[r.c_anchor][i], p.nat_unit[r.c_anchor])
-    if not bit(p.nat_valid[r.c_anchor], i) or a > r.as_of:
-        reasons |= NAT_MISSING
+cdef inline uint64_t bits_word(Bits b, int64_t start, int64_t count) noexcept nogil:
+    """Bits start .. start + count - 1 (count <= 64) as one word, bit 0 first: a block reads each scalar validity
+    bitmap once instead of once per row.  Bits at or above ``count`` are unspecified."""
+    if b.data == NULL:
+        return ~(<uint64_t>0)
+    cdef int64_t first = b.offset + start, lo = first >> 3, hi = (first + count - 1) >> 3, k
+    cdef int sh = first & 7
+    cdef uint64_t w = 0
+    for k in range(lo, min(hi, lo + 7) + 1):
+        w |= (<uint64_t>b.data[k]) << (8 * (k - lo))
+    w >>= sh
+    if hi == lo + 8:  # the 65th..71st bit of the window: only when the block is not byte-aligned
+        w |= (<uint64_t>b.data[hi]) << (64 - sh)
+    return w
+
+
+cdef enum:
+    # List elements one block may hold for the two-phase path (64 rows x 5 visits or 4 entries on average);
+    # larger blocks take the row-by-row path.
+    BLOCK_ELEMS = 2048
+
+
+cdef inline void element_rows(const int32_t* off, int64_t start, int64_t stop, uint8_t* row_starts) noexcept nogil:
+    """For the block's flat element range off[start] .. off[stop] - 1: row_starts[q] = how many of its rows start at
+    element off[start] + q, so that a running sum over the elements is the (block-relative) row of each, without a
+    branch per row (rows with empty lists just add to the same count)."""
+    cdef int64_t i, e0 = off[start], q
+    for q in range(off[stop] - e0 + 1):
+        row_starts[q] = 0
+    for i in range(start, stop):
+        row_starts[off[i] - e0] += 1
+
+
+cdef inline uint64_t block_visit_hits(const Pop* p, const Rules* r, int64_t start, int64_t stop, uint8_t* row_starts,
+                                      bint* ok) noexcept nogil:
+    """Phase 1 of a block (SPEC §4.1, §4.3): one flat, branch-free pass over all the block's visits, so the loop
+    exits once per block instead of once per row.  Returns the word of rows (bit b: row start + b) with a hitting
+    visit; clears ``ok`` when some visit has an invalid region (the block then takes the row-by-row path, which
+    tells whose it is)."""
+    cdef const int32_t* region = p.visit_region
+    cdef const int32_t* day = p.visit_day
+    cdef const int32_t* span = r.risk_span
+    cdef int64_t v0 = p.visits_off[start], v1 = p.visits_off[stop], k, d, idx, row = -1
+    cdef int32_t hi
+    cdef bint good = True, in_range, h
+    cdef uint64_t hits = 0
+    element_rows(p.visits_off, start, stop, row_starts)
+    for k in range(v0, v1):
+        row += row_starts[k - v0]
+        idx = region[k] - CODE_MIN
+        in_range = <uint64_t>idx < N_CODES
+        idx = idx if in_range else 0  # a bad visit fails the block anyway; load something harmless
+        hi = span[2 * idx + 1]
+        good &= in_range & (hi != SPAN_INVALID)
+        d = day[k]
+        h = (span[2 * idx] <= d) & (d <= hi)
+        if h & code_bit(r.risk_multi, idx):
+            h = in_intervals(r, idx, d)
+        hits |= (<uint64_t>h) << (row & 63)
+    ok[0] = good
+    return hits
+
+
+cdef inline void entry_masks_scaled(const int64_t* t, int64_t e0, int64_t e1, const uint8_t* row_starts,
+                                    uint64_t last_u, int64_t as_of_u, uint64_t day_u, int64_t window_days,
+                                    uint64_t* masks) noexcept nogil:
+    """entry_day_mask for every row of a block in one flat pass, on the raw stored values: with ``scale`` units a
+    second, s <= as_of iff v <= as_of_u = as_of * scale + scale - 1, and (last_second - s) // DAY == (last_u - v) //
+    day_u for last_u = last_second * scale + scale - 1, day_u = DAY * scale (a floor of a floor), so there is no
+    per-entry floor division.  Callers pass a constant day_u (entry_masks) so the division is a multiply."""
+    cdef int64_t k, row = -1
+    cdef uint64_t j
+    cdef bint keep
+    for k in range(e0, e1):
+        row += row_starts[k - e0]
+        j = (last_u - <uint64_t>t[k]) // day_u
+        keep = (t[k] <= as_of_u) & (j < <uint64_t>window_days)
+        masks[row & 63] |= (<uint64_t>keep) << (j & 63)
+
+
+cdef inline void entry_masks(const Pop* p, const Rules* r, int64_t start, int64_t stop, uint8_t* row_starts,
+                             uint64_t last_u, int64_t as_of_u, uint64_t* masks) noexcept nogil:
+    """Phase 1 of a block (SPEC §4.4): masks[b] = the entry-day mask of row start + b (before list validity)."""
+    cdef int64_t e0 = p.entries_off[start], e1 = p.entries_off[stop], b
+    for b in range(64):
+        masks[b] = 0
+    element_rows(p.entries_off, start, stop, row_starts)
+    if p.entry_unit == 0:
+        entry_masks_scaled(p.entry_t, e0, e1, row_starts, last_u, as_of_u, DAY, r.window_days, masks)
+    elif p.entry_unit == 1:
+        entry_masks_scaled(p.entry_t, e0, e1, row_starts, last_u, as_of_u, DAY * 1000ULL, r.window_days, masks)
+    elif p.entry_unit == 2:
+        entry_masks_scaled(p.entry_t, e0, e1, row_starts, last_u, as_of_u, DAY * 1000000ULL, r.window_days, masks)
     else:
-        c_lapse = lapse(a, r.c_days, r.c_length)
-        c_valid = r.as_of < c_lapse
-        if not c_valid:
-            reasons |= NAT_EXPIRED
-    a = to_seconds(p.nat[r.e_anchor][i], p.nat_unit[r.e_anchor])
-    if bit(p.nat_valid[r.e_anchor], i) and a <= r.as_of:
-        e_lapse = lapse(a, r.e_days, r.e_length)
-        e_valid = r.as_of < e_lapse
-    if not e_valid:
-        reasons |= ENTRY_NAT_MISSING
-    if risk:
-        reasons |= RISK_TRAVEL
+        entry_masks_scaled(p.entry_t, e0, e1, row_starts, last_u, as_of_u, DAY * 1000000000ULL, r.window_days,
+                           masks)
 
-    # §4.4 commuting pattern and enrollment.
-    ring = code_bit(r.ring, home - CODE_MIN)
-    registered = bit(p.registered, i) and bit(p.registered_valid, i)
-    count = hc_popcount64(entry_days)
-    enrolled = registered or (ring and count >= r.min_entry_days)
-    if not enrolled:
-        reasons |= NOT_ENROLLED
-    if count < r.min_entry_days:
-        reasons |= PATTERN_NOT_MET
-    if not ring:
-        reasons |= HOME_OUTSIDE_RING
 
-    # §4.5 outcome.
-    badge = r.active and green and enrolled and c_valid and not risk
-    entry = green and not risk and (e_valid or badge)
-    if badge:
-        badge_until = c_lapse
-        if not registered:
-            # The pattern stops holding at midnight(k + window_days), k the min_entry_days-th most recent day.
-            m = entry_days
-            for k in range(r.min_entry_days - 1):
-                m &= m - 1
-            pattern_end = midnight(r.today - hc_ctz64(m) + r.window_days)
-            if pattern_end < badge_until:
-                badge_until = pattern_end
-    if entry:
-        entry_until = e_lapse if e_valid else badge_until
-        if badge and badge_until > entry_until:
-            entry_until = badge_until
-    o.reasons[i] = reasons
-    o.badge_until[i] = badge_until
-    o.entry_until[i] = entry_until
-    return badge * ROW_BADGE + entry * ROW_ENTRY + enrolled * ROW_ENROLLED
+cdef inline int64_t unit_scale(int unit) noexcept nogil:
+    if unit == 0:
+        return 1
+    if unit == 1:
+        return 1000
+    if unit == 2:
+        return 1000000
+    return 1000000000
 
 
 cdef int64_t evaluate_block(const Pop* p, const Rules* r, const Out* o, int64_t block) noexcept nogil:
-    """Rows 64 * block .. 64 * block + 63: one word of each bitmap.  Returns the number of invalid rows."""
-    cdef int64_t start = block * 64, stop = min(start + 64, p.n), i, invalid = 0
-    cdef uint64_t badge = 0, entry = 0, enrolled = 0
+    """Rows 64 * block .. 64 * block + 63: one word of each bitmap.  Returns the number of invalid rows.
+
+    A block whose list elements are all present and whose visit regions are all valid (almost every block) is
+    evaluated in two phases: flat passes over all its visits (block_visit_hits) and entries (entry_masks), so the
+    list loops exit once per block rather than once per row, then the rows, with the scalar validity bitmaps read a
+    word at a time.  Any other block takes the row-by-row path (evaluate_row), which finds the bad rows."""
+    cdef int64_t start = block * 64, stop = min(start + 64, p.n), i, b, invalid = 0
+    cdef int64_t e0 = p.entries_off[start], e1 = p.entries_off[stop]
+    cdef int64_t v0 = p.visits_off[start], v1 = p.visits_off[stop]
+    cdef uint8_t row_starts[BLOCK_ELEMS + 1]
+    cdef uint64_t masks[64]
+    cdef uint64_t badge = 0, entry = 0, enrolled = 0, hits = 0
     cdef int flags
+    cdef bint ok = True
+    # Raw-unit entry thresholds (entry_masks_scaled), usable when last_second * scale cannot overflow.
+    cdef int64_t scale = unit_scale(p.entry_unit), last_second = midnight(r.today + 1) - 1
+    cdef bint scaled = -(INT64_MAX // scale) + 1 < last_second and last_second < (INT64_MAX // scale) - 1
+    cdef uint64_t last_u = <uint64_t>(last_second * scale + (scale - 1)) if scaled else 0
+    cdef int64_t as_of_u = r.as_of * scale + (scale - 1) if scaled else 0
+    if (scaled and v1 - v0 <= BLOCK_ELEMS and e1 - e0 <= BLOCK_ELEMS and all_set(p.entry_t_valid, e0, e1)
+            and all_set(p.visit_valid, v0, v1) and all_set(p.visit_region_valid, v0, v1)
+            and all_set(p.visit_day_valid, v0, v1)):
+        hits = block_visit_hits(p, r, start, stop, row_starts, &ok)
+    else:
+        ok = False
+    if ok:
+        entry_masks(p, r, start, stop, row_starts, last_u, as_of_u, masks)
+
+    # Per-block validity words (SPEC §4.1: a null list is empty) and the NAT anchor columns.
+    cdef int64_t count_rows = stop - start
+    cdef uint64_t ok_w = (bits_word(p.person_valid, start, count_rows) & bits_word(p.home_valid, start, count_rows)
+                          & bits_word(p.color_valid, start, count_rows))
+    cdef uint64_t ent_w = bits_word(p.entries_valid, start, count_rows)
+    cdef uint64_t vis_w = bits_word(p.visits_valid, start, count_rows)
+    cdef uint64_t reg_w = bits_word(p.registered, start, count_rows) & bits_word(p.registered_valid, start, count_rows)
+    cdef uint64_t cnat_w = bits_word(p.nat_valid[r.c_anchor], start, count_rows)
+    cdef uint64_t enat_w = bits_word(p.nat_valid[r.e_anchor], start, count_rows)
+    cdef const int64_t* c_nat = p.nat[r.c_anchor]
+    cdef const int64_t* e_nat = p.nat[r.e_anchor]
+    cdef int c_unit = p.nat_unit[r.c_anchor], e_unit = p.nat_unit[r.e_anchor]
     for i in range(start, stop):
-        flags = evaluate_row(p, r, o, i)
-        badge |= (<uint64_t>(flags & ROW_BADGE)) << (i - start)
-        entry |= (<uint64_t>((flags & ROW_ENTRY) >> 1)) << (i - start)
-        enrolled |= (<uint64_t>((flags & ROW_ENROLLED) >> 2)) << (i - start)
+        b = i - start
+        if not ok:
+            flags = evaluate_row(p, r, o, i)
+        elif not ((ok_w >> b) & 1) or not valid_code(r.province_ok, p.home[i]) or <uint8_t>p.color[i] > 2:
+            flags = mark_invalid(o, i)  # §4.1 scalars; the lists were checked for the whole block above
+        else:
+            flags = row_outcome(r, o, i, p.home[i], p.color[i], (cnat_w >> b) & 1, c_nat[i], c_unit,
+                                (enat_w >> b) & 1, e_nat[i], e_unit, masks[b] if (ent_w >> b) & 1 else 0,
+                                ((vis_w & hits) >> b) & 1, (reg_w >> b) & 1)
+        badge |= (<uint64_t>(flags & ROW_BADGE)) << b
+        entry |= (<uint64_t>((flags & ROW_ENTRY) >> 1)) << b
+        enrolled |= (<uint64_t>((flags & ROW_ENROLLED) >> 2)) << b
         invalid += (flags & ROW_INVALID) >> 3
     o.badge[block] = badge
     o.entry[block] = entry

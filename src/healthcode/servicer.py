@@ -7,6 +7,7 @@ runs in a thread pool (it releases the GIL), so the event loop keeps serving whi
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -38,6 +39,8 @@ log = logging.getLogger("healthcode.admin")
 
 #: Row-form requests up to this size are evaluated on the event loop (about 1,000 persons).
 INLINE_REQUEST_BYTES = 128 * 1024
+#: Bulk requests evaluated ahead of the one whose results are being sent.
+PIPELINE = 2
 
 
 def _timeline(snap: Snapshot, name: str) -> PolicyTimeline:
@@ -124,23 +127,40 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
         snap = self.state.snapshot
         ctx = None
         rows = 0
-        index = 0
-        async for request in request_iterator:
-            if ctx is None:
-                options = request.options
-                as_of = options.as_of.seconds if options.HasField("as_of") else None
-                ctx = self._context(snap, as_of, options.policy)
-                yield pb.EvaluateArrowResponse(info=_info(ctx, snap))
-            elif request.HasField("options"):
-                raise Refused(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"request {index}: options belong in the first request only"
-                )
-            if request.arrow_ipc:
-                for data, n in await self._run(self._evaluate_ipc, request.arrow_ipc, ctx, index):
+        # Request k + 1 is evaluated while the results of request k are sent: at most PIPELINE requests are in
+        # flight, so a fast sender cannot make the server buffer without bound.
+        pending: collections.deque[asyncio.Future[list[tuple[bytes, int]]]] = collections.deque()
+        try:
+            index = 0
+            async for request in request_iterator:
+                if ctx is None:
+                    options = request.options
+                    as_of = options.as_of.seconds if options.HasField("as_of") else None
+                    ctx = self._context(snap, as_of, options.policy)
+                    yield pb.EvaluateArrowResponse(info=_info(ctx, snap))
+                elif request.HasField("options"):
+                    raise Refused(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"request {index}: options belong in the first request only"
+                    )
+                if request.arrow_ipc:
+                    loop = asyncio.get_running_loop()
+                    pending.append(
+                        loop.run_in_executor(self.executor, self._evaluate_ipc, request.arrow_ipc, ctx, index)
+                    )
+                while pending and (len(pending) >= PIPELINE or pending[0].done()):
+                    for data, n in await pending.popleft():
+                        rows += n
+                        ROWS.set(rows)
+                        yield pb.EvaluateArrowResponse(arrow_ipc=data, rows=n)
+                index += 1
+            while pending:
+                for data, n in await pending.popleft():
                     rows += n
                     ROWS.set(rows)
                     yield pb.EvaluateArrowResponse(arrow_ipc=data, rows=n)
-            index += 1
+        finally:
+            for future in pending:  # abandoned (error, deadline, cancellation): drop work not yet started
+                future.cancel()
         if ctx is None:
             raise Refused(
                 grpc.StatusCode.INVALID_ARGUMENT, "the stream carried no request (the first one holds the options)"
