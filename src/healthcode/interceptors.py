@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import json
 import logging
 import sys
 import time
@@ -57,28 +56,45 @@ class _Call:
         mapped = _status(exc)
         if mapped is None:
             # Unexpected: log the type only (a message could quote row content), answer INTERNAL.
-            log.error(json.dumps({"event": "rpc_error", "method": self.method, "error": type(exc).__name__}))
+            log.error(f'{{"event": "rpc_error", "method": "{self.method}", "error": "{type(exc).__name__}"}}')
             return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server log has the time"
         return mapped
 
     def finish(self, code: grpc.StatusCode) -> None:
         seconds = time.perf_counter() - self.started
         rows = ROWS.get() if self.rows is None else self.rows
-        metrics.REQUESTS.labels(self.method, code.name).inc()
-        metrics.LATENCY.labels(self.method).observe(seconds)
+        requests, latency, rows_total = _series(self.method, code)
+        requests.inc()
+        latency.observe(seconds)
         if rows:
-            metrics.ROWS.labels(self.method).inc(rows)
-        log.info(
-            json.dumps(
-                {"event": "rpc", "method": self.method, "rows": rows, "ms": round(seconds * 1000, 3), "code": code.name}
+            rows_total.inc(rows)
+        if log.isEnabledFor(logging.INFO):
+            # Method names and codes are identifiers: the line is valid JSON without an encoder.
+            log.info(
+                f'{{"event": "rpc", "method": "{self.method}", "rows": {rows}, "ms": {seconds * 1000:.3f}, '
+                f'"code": "{code.name}"}}'
             )
-        )
 
     def cancelled_code(self) -> grpc.StatusCode:
         remaining = self.context.time_remaining()
         return (
             grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
         )
+
+
+_SERIES: dict[tuple[str, grpc.StatusCode], tuple[Any, Any, Any]] = {}
+
+
+def _series(method: str, code: grpc.StatusCode) -> tuple[Any, Any, Any]:
+    """The metric children of a method and code (label lookups cost more than the increments)."""
+    found = _SERIES.get((method, code))
+    if found is None:
+        found = _SERIES[(method, code)] = (
+            metrics.REQUESTS.labels(method, code.name),
+            metrics.LATENCY.labels(method),
+            metrics.ROWS.labels(method),
+        )
+    return found
 
 
 def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
