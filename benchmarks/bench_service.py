@@ -71,31 +71,30 @@ def _bulk_requests(table: pa.Table) -> list[bytes]:
     return [data for data, _rows in ipc_chunks(table, MESSAGE_BYTES - 4096)]
 
 
-def _evaluate_arrow(target: str, chunks: list[bytes]) -> tuple[float, int, int]:
-    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        stub = pb_grpc.HealthCodeStub(channel)
+def _evaluate_arrow(channel: grpc.Channel, chunks: list[bytes]) -> tuple[float, int, int]:
+    """One EvaluateArrow call on an open channel (a bulk client keeps its channel, as a gateway does)."""
+    stub = pb_grpc.HealthCodeStub(channel)
 
-        def requests():  # type: ignore[no-untyped-def]
-            options = pb.EvaluateOptions()
-            options.as_of.seconds = AS_OF
-            yield pb.EvaluateArrowRequest(options=options)
-            for data in chunks:
-                yield pb.EvaluateArrowRequest(arrow_ipc=data)
+    def requests():  # type: ignore[no-untyped-def]
+        options = pb.EvaluateOptions()
+        options.as_of.seconds = AS_OF
+        yield pb.EvaluateArrowRequest(options=options)
+        for data in chunks:
+            yield pb.EvaluateArrowRequest(arrow_ipc=data)
 
-        started = time.perf_counter()
-        rows = received = 0
-        for response in stub.EvaluateArrow(requests(), timeout=600):
-            rows += response.rows
-            received += len(response.arrow_ipc)
-        return time.perf_counter() - started, rows, received
+    started = time.perf_counter()
+    rows = received = 0
+    for response in stub.EvaluateArrow(requests(), timeout=600):
+        rows += response.rows
+        received += len(response.arrow_ipc)
+    return time.perf_counter() - started, rows, received
 
 
-def _echo(target: str, chunks: list[bytes]) -> tuple[float, int]:
-    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        call = channel.stream_stream("/bench.Echo/Stream", request_serializer=None, response_deserializer=None)
-        started = time.perf_counter()
-        received = sum(len(r) for r in call(iter(chunks), timeout=600))
-        return time.perf_counter() - started, received
+def _echo(channel: grpc.Channel, chunks: list[bytes]) -> tuple[float, int]:
+    call = channel.stream_stream("/bench.Echo/Stream", request_serializer=None, response_deserializer=None)
+    started = time.perf_counter()
+    received = sum(len(r) for r in call(iter(chunks), timeout=600))
+    return time.perf_counter() - started, received
 
 
 def bench_bulk(server: str, echo: str, sizes: Sequence[int], repeats: int) -> list[dict]:
@@ -105,8 +104,14 @@ def bench_bulk(server: str, echo: str, sizes: Sequence[int], repeats: int) -> li
         chunks = _bulk_requests(table)
         sent = sum(len(c) for c in chunks)
         del table
-        evals = [_evaluate_arrow(server, chunks) for _ in range(repeats)]
-        echoes = [_echo(echo, chunks) for _ in range(repeats)]
+        with (
+            grpc.insecure_channel(server, options=CHANNEL_OPTIONS) as server_channel,
+            grpc.insecure_channel(echo, options=CHANNEL_OPTIONS) as echo_channel,
+        ):
+            _evaluate_arrow(server_channel, chunks[:1])  # connect and warm up both channels
+            _echo(echo_channel, chunks[:1])
+            evals = [_evaluate_arrow(server_channel, chunks) for _ in range(repeats)]
+            echoes = [_echo(echo_channel, chunks) for _ in range(repeats)]
         t_eval = float(np.median([e[0] for e in evals]))
         t_echo = float(np.median([e[0] for e in echoes]))
         assert all(e[1] == rows for e in evals), "EvaluateArrow returned a different row count"
@@ -191,27 +196,30 @@ def bench_gateway(server: str, echo: str, concurrencies: Sequence[int], seconds:
 # -- row form vs Arrow form -----------------------------------------------------------------------------------------
 
 
-def bench_forms(server: str, rows: int) -> dict:
+def bench_forms(server: str, rows: int, batch_sizes: Sequence[int] = (100, 1000)) -> dict:
+    """Rows/s of Evaluate (sequential calls of each batch size) and of EvaluateArrow for the same rows, on one
+    channel each; 100 is the gateway benchmark's batch, 1,000 the row form at its most favourable."""
     table = pa.Table.from_batches(list(generate_batches(rows, seed=7)))
-    requests = []
-    for start in range(0, rows, 1000):
-        r = pb.EvaluateRequest(persons=batch_to_persons(table.slice(start, 1000)))
-        r.as_of.seconds = AS_OF
-        requests.append(r)
     chunks = _bulk_requests(table)
+    out: dict = {"rows": rows}
     with grpc.insecure_channel(server, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.HealthCodeStub(channel)
-        started = time.perf_counter()
-        for r in requests:
-            stub.Evaluate(r, timeout=60)
-        t_rows = time.perf_counter() - started
-    t_arrow = min(_evaluate_arrow(server, chunks)[0] for _ in range(3))
-    return {
-        "rows": rows,
-        "row_form_rows_per_s": round(rows / t_rows),
-        "arrow_form_rows_per_s": round(rows / t_arrow),
-        "arrow_over_row": round(t_rows / t_arrow, 1),
-    }
+        t_arrow = float(np.median([_evaluate_arrow(channel, chunks)[0] for _ in range(5)]))
+        out["arrow_form_rows_per_s"] = round(rows / t_arrow)
+        for size in batch_sizes:
+            requests = []
+            for start in range(0, rows, size):
+                r = pb.EvaluateRequest(persons=batch_to_persons(table.slice(start, size)))
+                r.as_of.seconds = AS_OF
+                requests.append(r)
+            stub.Evaluate(requests[0], timeout=60)  # warm up
+            started = time.perf_counter()
+            for r in requests:
+                stub.Evaluate(r, timeout=60)
+            t_rows = time.perf_counter() - started
+            out[f"row_form_{size}_rows_per_s"] = round(rows / t_rows)
+            out[f"arrow_over_row_{size}"] = round(t_rows / t_arrow, 1)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
