@@ -37,6 +37,7 @@ serve: build
 
 lint: build
 	$(BIN)/ruff check src tests benchmarks setup.py
+	$(BIN)/mypy src/healthcode
 
 test: build lint
 	$(BIN)/python -m pytest -q tests

@@ -165,6 +165,7 @@ class BatchColumns:
     visit_day: np.ndarray  # int32 (date32)
     visit_day_valid: Bits
     keep_alive: tuple[object, ...] = ()  # arrays whose buffers the views point into
+    person_ids: np.ndarray | None = None  # uint64 values, when decoded from row form (for the response)
 
 
 def batch_columns(batch: pa.RecordBatch) -> BatchColumns:

@@ -49,10 +49,10 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                 raise ValueError
             return v
         if kind == "float":
-            v = float(value)
-            if v < 0:
+            f = float(value)
+            if f < 0:
                 raise ValueError
-            return v
+            return f
         if kind == "bool":
             if isinstance(value, bool):
                 return value
@@ -68,7 +68,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     except (TypeError, ValueError):
         least = 1 if name in ("max_message_bytes", "workers") else 0
         wanted = {"int": f"a whole number >= {least}", "float": "a number >= 0", "bool": "true or false"}.get(
-            kind, "a string"
+            str(kind), "a string"
         )
         raise ConfigError(f"{where}: {name}: expected {wanted}, got {value!r}") from None
 

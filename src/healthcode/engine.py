@@ -25,7 +25,7 @@ REFERENCE_ENV = "HEALTHCODE_REFERENCE"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
-    from . import _kernel
+    from . import _kernel  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - the extension is built by `pip install .`
     _kernel = None  # type: ignore[assignment]
 
@@ -151,10 +151,9 @@ def evaluate_batches(
     threads = default_threads() if n_threads is None else n_threads
     if threads < 1:
         raise ValueError(f"n_threads must be >= 1, got {threads}")
+    run: Callable[[Context, pa.RecordBatch], pa.RecordBatch] | None = None
     if use_reference():
         from .reference import evaluate_batch_reference as run
-    else:
-        run = None
     for batch in batches:
         columns.check_schema(batch.schema)
         columns.validate(batch)

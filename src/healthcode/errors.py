@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class HealthcodeError(ValueError):
     """Base class of every error this package raises for bad input."""
@@ -21,3 +23,14 @@ class RiskListError(HealthcodeError):
 
 class CorruptDataError(HealthcodeError):
     """Arrow data whose buffers are inconsistent (e.g. list offsets out of range): names the column."""
+
+
+def read_text(path: str | os.PathLike[str], error: type[HealthcodeError], what: str) -> str:
+    """A UTF-8 text file's contents; ``error`` names the file if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text") from None

@@ -45,7 +45,7 @@ import pyarrow as pa
 
 from .columns import POPULATION_SCHEMA, VISIT_TYPE
 from .regions import RISK_CSV_HEADER
-from .timebase import DAY_SECONDS, day, day_to_date, midnight, to_instant
+from .timebase import DAY_SECONDS, OFFSET_SECONDS, day, day_to_date, to_instant
 
 #: 2021-11-30 12:00 Beijing time, the article's date.
 DEFAULT_AS_OF = to_instant("2021-11-30T12:00:00+08:00")
@@ -238,7 +238,7 @@ def _batch(rng: np.random.Generator, start: int, n: int, seed: int, as_of: int) 
     e_group = np.repeat(group, n_entries)
     age_days = _uniform_int(rng, _ENTRY_AGE_LO[e_group], _ENTRY_AGE_SPAN[e_group])
     tod = _uniform_int(rng, _ENTRY_TOD_LO[e_group], _ENTRY_TOD_SPAN[e_group])
-    entry_values = midnight(today - age_days) + tod
+    entry_values = (today - age_days) * DAY_SECONDS - OFFSET_SECONDS + tod  # midnight(), vectorized
     entry_null = np.zeros(len(e_group), dtype=bool)
     del e_group, age_days, tod
 
@@ -388,8 +388,8 @@ def generate_risk_csv(seed: int = 0, as_of: int = DEFAULT_AS_OF) -> str:
     # A few more local-case counties drawn from the visitors' homes.
     for region in rng.choice(_VISITOR.codes, size=3, replace=False).tolist():
         start = today + int(rng.integers(-25, 3))
-        end = "" if rng.random() < 0.5 else day_to_date(start + int(rng.integers(5, 21))).isoformat()
-        out.append(f"{region},{day_to_date(start).isoformat()},{end},local_case")
+        until = "" if rng.random() < 0.5 else day_to_date(start + int(rng.integers(5, 21))).isoformat()
+        out.append(f"{region},{day_to_date(start).isoformat()},{until},local_case")
     out.extend(f"{region},,,border_port" for region in BORDER_PORTS)
     return "\n".join(out) + "\n"
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import tomllib
 
-from .errors import PolicyError
+from .errors import PolicyError, read_text
 from .regions import is_valid_code
 from .timebase import to_instant
 
@@ -216,14 +216,7 @@ def load_policy(path: str | os.PathLike[str] | None = None) -> PolicyTimeline:
     """Load a policy timeline from a TOML file, or the shipped default (SPEC §3) when ``path`` is None."""
     if path is None:
         return default_policy()
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise PolicyError(f"{path}: not UTF-8 text") from None
-    return parse_policy(text, str(path))
+    return parse_policy(read_text(path, PolicyError, "policy file"), str(path))
 
 
 _DEFAULT: PolicyTimeline | None = None

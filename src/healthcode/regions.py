@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RiskListError
+from .errors import RiskListError, read_text
 from .timebase import date_to_day, day_to_date
 
 PROVINCES = (11, 12, 13, 14, 15, 21, 22, 23, 31, 32, 33, 34, 35, 36, 37, 41, 42, 43, 44, 45, 46,
@@ -255,14 +255,7 @@ def parse_risk_csv(text: str, source: str = "<risk list>") -> RiskList:
 
 def load_risk_list(path: str | os.PathLike[str]) -> RiskList:
     """Load and validate a risk-list CSV file."""
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            text = f.read()
-    except OSError as exc:
-        raise RiskListError(f"{path}: cannot read risk list: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise RiskListError(f"{path}: not UTF-8 text") from None
-    return parse_risk_csv(text, str(path))
+    return parse_risk_csv(read_text(path, RiskListError, "risk list"), str(path))
 
 
 def risk_list_from_rows(

@@ -116,7 +116,7 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
             _schema, batches = read_ipc(data, f"request {index}: arrow_ipc")
         except WireError as exc:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        out = []
+        out: list[tuple[bytes, int]] = []
         for result in engine.evaluate_batches(batches, ctx, self.kernel_threads):
             out.extend(ipc_chunks(result, self.settings.max_message_bytes - 1024))
         return out

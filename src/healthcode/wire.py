@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from . import _kernel
+from . import _kernel  # type: ignore[attr-defined]
 from ._proto.v1 import healthcode_pb2 as pb
 from .columns import (
     POPULATION_SCHEMA,
@@ -67,7 +67,7 @@ def decode_request(data: bytes) -> tuple[BatchColumns, int | None, str]:
         visit_region_valid=Bits(c["region_ok"], 0),
         visit_day=c["day"],
         visit_day_valid=Bits(c["day_ok"], 0),
-        keep_alive=(c["pid"],),  # person ids, for the response
+        person_ids=c["pid"],
     )
     return cols, as_of, policy
 
@@ -75,6 +75,7 @@ def decode_request(data: bytes) -> tuple[BatchColumns, int | None, str]:
 def columns_to_batch(cols: BatchColumns) -> pa.RecordBatch:
     """Decoded row-form columns as an Arrow population batch (the reference path and :func:`persons_to_batch`)."""
     n = cols.n
+    assert cols.person_ids is not None, "decode_request keeps the person ids"
 
     def arr(type_: pa.DataType, values: np.ndarray, valid: Bits, length: int) -> pa.Array:
         bitmap = None if valid.data is None else pa.py_buffer(valid.data)
@@ -93,7 +94,7 @@ def columns_to_batch(cols: BatchColumns) -> pa.RecordBatch:
     report, report_ok, _ = cols.nat["report"]
     return pa.RecordBatch.from_arrays(
         [
-            arr(pa.uint64(), cols.keep_alive[0], cols.person_id_valid, n),
+            arr(pa.uint64(), cols.person_ids, cols.person_id_valid, n),
             arr(pa.int32(), cols.home_region, cols.home_region_valid, n),
             pa.Array.from_buffers(pa.bool_(), n, [None, pa.py_buffer(cols.registered.data)]),
             arr(pa.int8(), cols.base_color, cols.base_color_valid, n),
@@ -116,7 +117,7 @@ def _encode(
     pid_valid: Bits,
     flags: Sequence[Bits],
     reasons: np.ndarray,
-    until: Sequence[np.ndarray],
+    until: np.ndarray | Sequence[np.ndarray],
     errors: pa.Array,
     info: pb.EvaluationInfo,
 ) -> bytes:
@@ -132,7 +133,8 @@ def _encode(
 def encode_output(cols: BatchColumns, out: KernelOutput, info: pb.EvaluationInfo) -> bytes:
     """The serialized EvaluateResponse straight from the kernel's buffers (the gateway path)."""
     flags = [Bits(out.bits[k].view(np.uint8), 0) for k in range(3)]
-    return _encode(cols.keep_alive[0], cols.person_id_valid, flags, out.reasons, out.until, out.errors, info)
+    assert cols.person_ids is not None, "decode_request keeps the person ids"
+    return _encode(cols.person_ids, cols.person_id_valid, flags, out.reasons, out.until, out.errors, info)
 
 
 def encode_result(result: pa.RecordBatch, info: pb.EvaluationInfo) -> bytes:
