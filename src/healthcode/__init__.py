@@ -1,7 +1,7 @@
 """healthcode: Beijing commuter (通勤) badge and entry evaluation over Arrow columns (see SPEC.md)."""
 
 from .engine import evaluate
-from .errors import CorruptDataError, HealthcodeError, PolicyError, RiskListError, SchemaError
+from .errors import CorruptDataError, HealthcodeError, PolicyError, RiskListError, SchemaError, StoreError
 from .policy import Policy, PolicyTimeline, default_policy, load_policy, parse_policy
 from .regions import RiskList, load_risk_list, parse_risk_csv, risk_list_from_rows
 from .results import RESULT_SCHEMA, Reason
@@ -17,6 +17,7 @@ __all__ = [
     "RiskList",
     "RiskListError",
     "SchemaError",
+    "StoreError",
     "default_policy",
     "evaluate",
     "load_policy",

@@ -119,6 +119,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_load(args: argparse.Namespace) -> int:
+    from .store import DEFAULT_PATH, STORE_ENV, Store
+
+    started = time.perf_counter()
+    path = args.store or os.environ.get(STORE_ENV) or DEFAULT_PATH
+    with _population_reader(args.population, args.batch_rows) as (schema, total, batches):
+        try:
+            columns.check_schema(schema)
+        except HealthcodeError as exc:
+            raise CliError(f"{args.population}: {exc}") from None
+        with Store(path) as store, _progress(total, args.progress) as bar:
+            try:
+                summary = store.load_population(batches, progress=bar.update)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise CliError(f"{args.population}: cannot read: {exc}") from None
+    seconds = time.perf_counter() - started
+    reasons = "; ".join(f"{k}: {v:,}" for k, v in summary.skipped.items() if v)
+    print(
+        f"{summary.persons:,} persons new ({summary.persons_updated:,} updated), {summary.nat_results:,} NAT results, "
+        f"{summary.entries:,} entries, {summary.visits:,} visits stored from {summary.rows:,} rows; "
+        f"{summary.skipped_total:,} invalid rows skipped{f' ({reasons})' if reasons else ''} in {seconds:.2f} s; "
+        f"store {path}"
+    )
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -231,6 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="the instant the data is generated around (default 2021-11-30 12:00 +08:00)",
     )
     gen.set_defaults(func=cmd_generate)
+
+    ld = sub.add_parser(
+        "load", parents=[progress], help="load a population file into the store",
+        description="Load a population file (Parquet or Arrow IPC, SPEC §3 schema) into the DuckDB store: persons, "
+        "NAT results, entries and visits. Loading the same file again stores nothing new; invalid rows are skipped "
+        "and counted.",
+    )  # fmt: skip
+    ld.add_argument("population", help="population file (.parquet, or .arrow/.feather for Arrow IPC)")
+    ld.add_argument(
+        "--store", default=None,
+        help="store database file (default: $HEALTHCODE_STORE, else ./data/healthcode.duckdb)",
+    )  # fmt: skip
+    ld.add_argument("--batch-rows", type=_threads, default=1_000_000, help=argparse.SUPPRESS)
+    ld.set_defaults(func=cmd_load)
 
     srv = sub.add_parser(
         "serve", help="run the gRPC server",

@@ -25,6 +25,13 @@ class CorruptDataError(HealthcodeError):
     """Arrow data whose buffers are inconsistent (e.g. list offsets out of range): names the column."""
 
 
+class StoreError(HealthcodeError):
+    """The population store refused a call: names the row (0-based, within the call) and the column, or the file.
+
+    Nothing of the failing call is stored.
+    """
+
+
 def read_text(path: str | os.PathLike[str], error: type[HealthcodeError], what: str) -> str:
     """A UTF-8 text file's contents; ``error`` names the file if it cannot be read."""
     try:

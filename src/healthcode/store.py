@@ -1,0 +1,726 @@
+"""The population in an embedded database: a DuckDB file behind a narrow interface.
+
+Only this module knows the database is DuckDB; callers hand it Arrow tables and get Arrow tables back, so another
+database could back the same methods later.  Layout (created on open when missing; ``schema_version`` records it):
+
+* ``persons`` one row per person (``person_id`` primary key), the SPEC §3 scalars and ``updated_at``.
+* ``nat_results`` append-only NAT history ``(person_id, sample_time, report_time)``; ``sample_time`` may be null.
+* ``entries`` checkpoint scans ``(person_id, t)``; ``visits`` county-days ``(person_id, region, day)``.
+* ``risk_lists``, ``policies`` every loaded version's text; ``statuses`` the last published status per person;
+  ``change_log`` status changes in ``seq`` order.  (Filled by the next slice; created now so it builds on them.)
+
+**Instants are stored as BIGINT epoch seconds** (SPEC §2: sub-second input floored), never as TIMESTAMPTZ, so the
+store's arithmetic is the SPEC's integer arithmetic; ``visits.day`` is a DATE (the local date, as Arrow date32).
+Event tables are unique on all their columns, so replaying the same rows stores nothing new.
+
+Every ingest method validates its whole input with vectorized Arrow/numpy code first (an error names the 0-based row
+of the call and the column, and nothing of the call is stored), then writes in one transaction.  A :class:`Store`
+holds one connection and serialises its calls with a lock; DuckDB allows one writing process per file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import columns
+from .errors import StoreError
+from .regions import CODE_MAX, CODE_MIN, PROVINCE_OK
+from .timebase import day, day_to_date, midnight, to_instant
+
+SCHEMA_VERSION = 1
+DEFAULT_PATH = os.path.join("data", "healthcode.duckdb")
+#: Environment variable naming the store file when no path is given.
+STORE_ENV = "HEALTHCODE_STORE"
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER NOT NULL,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+);
+CREATE TABLE IF NOT EXISTS persons (
+    person_id UBIGINT PRIMARY KEY,
+    home_region INTEGER NOT NULL,
+    registered_commuter BOOLEAN NOT NULL,
+    base_color TINYINT NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nat_results (
+    person_id UBIGINT NOT NULL,
+    sample_time BIGINT,
+    report_time BIGINT NOT NULL,
+    UNIQUE (person_id, sample_time, report_time)
+);
+CREATE TABLE IF NOT EXISTS entries (
+    person_id UBIGINT NOT NULL,
+    t BIGINT NOT NULL,
+    UNIQUE (person_id, t)
+);
+CREATE TABLE IF NOT EXISTS visits (
+    person_id UBIGINT NOT NULL,
+    region INTEGER NOT NULL,
+    day DATE NOT NULL,
+    UNIQUE (person_id, region, day)
+);
+CREATE TABLE IF NOT EXISTS risk_lists (
+    version BIGINT PRIMARY KEY,
+    loaded_at TIMESTAMPTZ NOT NULL,
+    csv VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS policies (
+    version BIGINT PRIMARY KEY,
+    loaded_at TIMESTAMPTZ NOT NULL,
+    toml VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS statuses (
+    person_id UBIGINT PRIMARY KEY,
+    commuter_badge BOOLEAN NOT NULL,
+    entry_permitted BOOLEAN NOT NULL,
+    enrolled BOOLEAN NOT NULL,
+    reasons USMALLINT NOT NULL,
+    badge_valid_until BIGINT,
+    entry_valid_until BIGINT,
+    risk_list_version BIGINT,
+    as_of BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS change_log (
+    seq BIGINT PRIMARY KEY,
+    person_id UBIGINT NOT NULL,
+    old_badge BOOLEAN,
+    new_badge BOOLEAN NOT NULL,
+    old_entry BOOLEAN,
+    new_entry BOOLEAN NOT NULL,
+    old_reasons USMALLINT,
+    new_reasons USMALLINT NOT NULL,
+    risk_list_version BIGINT,
+    as_of BIGINT NOT NULL
+);
+"""
+TABLES = (
+    "persons", "nat_results", "entries", "visits", "risk_lists", "policies", "statuses", "change_log",
+)  # fmt: skip
+
+#: Why a population row was skipped (SPEC §4.1), in the order the checks apply; each row counts once.
+SKIP_REASONS = (
+    "person_id is null",
+    "home_region is null or not a valid code",
+    "base_color is null or not 0/1/2",
+    "a visit is null or has a null or invalid region or a null day",
+    "an entry instant is null",
+)
+
+
+@dataclass(frozen=True)
+class IngestCounts:
+    """What one ingest call did: rows newly stored, rows already there (``updated``: persons whose values changed)."""
+
+    inserted: int
+    already_present: int
+    updated: int = 0
+
+
+@dataclass
+class LoadSummary:
+    """What :meth:`Store.load_population` did.  Counts are rows newly stored (replays add nothing)."""
+
+    rows: int = 0
+    persons: int = 0
+    persons_updated: int = 0
+    nat_results: int = 0
+    entries: int = 0
+    visits: int = 0
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vectorized validation of ingest input.  Errors name the 0-based row of the call and the column.
+
+
+def _row_error(row: int, name: str, what: str) -> StoreError:
+    return StoreError(f"row {row}, column {name!r}: {what}; nothing of this call was stored")
+
+
+def _as_table(data: pa.Table | pa.RecordBatch, what: str) -> pa.Table:
+    if isinstance(data, pa.RecordBatch):
+        return pa.Table.from_batches([data])
+    if isinstance(data, pa.Table):
+        return data
+    raise StoreError(f"{what} must be a pyarrow Table or RecordBatch, not {type(data).__name__}")
+
+
+def _column(table: pa.Table, name: str, what: str, needs: str) -> pa.Array:
+    if name not in table.column_names:
+        raise StoreError(f"column {name!r} is missing; {what} needs {needs}")
+    if table.column_names.count(name) > 1:
+        raise StoreError(f"column {name!r} appears more than once")
+    chunked = table.column(name)
+    return chunked.combine_chunks() if chunked.num_chunks != 1 else chunked.chunk(0)
+
+
+def _valid_mask(arr: pa.Array) -> np.ndarray:
+    if arr.null_count == 0:
+        return np.ones(len(arr), dtype=bool)
+    return np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _no_nulls(arr: pa.Array, name: str) -> None:
+    if arr.null_count:
+        raise _row_error(int(np.flatnonzero(~_valid_mask(arr))[0]), name, "is null")
+
+
+def _first(bad: np.ndarray, name: str, what: str) -> None:
+    if bad.any():
+        raise _row_error(int(np.flatnonzero(bad)[0]), name, what)
+
+
+def _integers(arr: pa.Array, name: str) -> np.ndarray:
+    """The values of an integer column (nulls as 0), as int64 or uint64."""
+    if not pa.types.is_integer(arr.type):
+        raise StoreError(f"column {name!r} has type {arr.type}; expected an integer type")
+    return np.asarray(arr.fill_null(0).to_numpy(zero_copy_only=False))
+
+
+def _person_ids(table: pa.Table, what: str) -> pa.Array:
+    arr = _column(table, "person_id", what, "person_id (uint64)")
+    values = _integers(arr, "person_id")
+    _no_nulls(arr, "person_id")
+    _first(values < 0, "person_id", "is negative; person ids are uint64")
+    return pa.array(values.astype(np.uint64), type=pa.uint64())
+
+
+def _region_ok(values: np.ndarray) -> np.ndarray:
+    """SPEC §3 code validity, vectorized: 100000..999999 with a province-level prefix."""
+    in_range = (values >= CODE_MIN) & (values <= CODE_MAX)
+    prefix = np.where(in_range, values // 10000, 0).astype(np.int64)
+    return in_range & (PROVINCE_OK[prefix] == 1)
+
+
+def _regions(arr: pa.Array, name: str) -> pa.Array:
+    values = _integers(arr, name)
+    _no_nulls(arr, name)
+    _first(~_region_ok(values), name, "is not a valid region code (six digits with a province-level prefix)")
+    return pa.array(values.astype(np.int32), type=pa.int32())
+
+
+def _seconds(arr: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A tz-aware timestamp column as floored epoch seconds (nulls as 0) and its validity mask."""
+    t = arr.type
+    if not pa.types.is_timestamp(t):
+        raise StoreError(f"column {name!r} has type {t}; expected a timestamp with a time zone")
+    if t.tz is None:
+        raise StoreError(
+            f"column {name!r} has type {t} without a time zone (every row); instants must be tz-aware, "
+            "e.g. timestamp[s, tz=UTC]"
+        )
+    raw = np.asarray(arr.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+    divisor = columns.UNIT_DIVISORS[columns.TIMESTAMP_UNITS[t.unit]]
+    return raw // divisor, _valid_mask(arr)  # numpy floors toward minus infinity, as SPEC §2 wants
+
+
+def _required_seconds(arr: pa.Array, name: str) -> pa.Array:
+    values, _ = _seconds(arr, name)
+    _no_nulls(arr, name)
+    return pa.array(values, type=pa.int64())
+
+
+def _days(arr: pa.Array, name: str) -> pa.Array:
+    if not pa.types.is_date(arr.type):
+        raise StoreError(f"column {name!r} has type {arr.type}; expected date32 (the local calendar date)")
+    _no_nulls(arr, name)
+    return arr.cast(pa.date32())
+
+
+def _rows(n: int) -> pa.Array:
+    return pa.array(np.arange(n, dtype=np.int64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Population rows (SPEC §3) -> store rows, with the SPEC §4.1 validity of each row.
+
+
+def _list_elements(arr: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """The parent row of each element of a list column and the elements, skipping null lists.
+
+    ``pc.list_parent_indices`` also counts the values a null list slot spans, which ``pc.list_flatten`` skips, so
+    the raw child range is taken and the elements under null lists are dropped here with one mask.
+    """
+    lst = columns._as_list(arr)
+    offsets = columns.offsets_view(lst)
+    parents = np.asarray(pc.list_parent_indices(lst).to_numpy(zero_copy_only=False), dtype=np.int64)
+    values = lst.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    if lst.null_count:
+        keep = _valid_mask(lst)[parents]
+        parents = parents[keep]
+        values = values.filter(pa.array(keep))
+    return parents, values
+
+
+def _population_rows(batch: pa.RecordBatch) -> tuple[dict[str, pa.Table], list[int]]:
+    """The store rows of the valid population rows, and how many rows each skip reason took."""
+    n = batch.num_rows
+    col = batch.column
+    names = batch.schema.names
+    pid = col(names.index("person_id"))
+    home = col(names.index("home_region"))
+    color = col(names.index("base_color"))
+    home_v = np.asarray(home.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+    color_v = np.asarray(color.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+    e_parent, e_values = _list_elements(col(names.index("entry_times")))
+    v_parent, v_structs = _list_elements(col(names.index("visits")))
+    v_region = v_structs.field("region")
+    v_day = v_structs.field("day")
+    region_v = np.asarray(v_region.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+    bad_visit = ~_valid_mask(v_structs) | ~_valid_mask(v_region) | ~_region_ok(region_v) | ~_valid_mask(v_day)
+    bad_entry = ~_valid_mask(e_values)
+
+    checks = [
+        ~_valid_mask(pid),
+        ~_valid_mask(home) | ~_region_ok(home_v),
+        ~_valid_mask(color) | (color_v < 0) | (color_v > 2),
+        np.bincount(v_parent[bad_visit], minlength=n)[:n] > 0,
+        np.bincount(e_parent[bad_entry], minlength=n)[:n] > 0,
+    ]
+    invalid = np.zeros(n, dtype=bool)
+    skipped = []
+    for bad in checks:
+        skipped.append(int(np.count_nonzero(bad & ~invalid)))
+        invalid |= bad
+    ok = ~invalid
+
+    pid_v = np.asarray(pid.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.uint64)
+    registered = col(names.index("registered_commuter")).fill_null(False)
+    keep = pa.array(ok)
+    persons = pa.table(
+        {
+            "_row": _rows(n),
+            "person_id": pa.array(pid_v, type=pa.uint64()),
+            "home_region": pa.array(home_v.astype(np.int32), type=pa.int32()),
+            "registered_commuter": registered,
+            "base_color": pa.array(color_v.astype(np.int8), type=pa.int8()),
+        }
+    ).filter(keep)
+    sample, _ = _seconds(col(names.index("nat_sample_time")), "nat_sample_time")
+    report, report_ok = _seconds(col(names.index("nat_report_time")), "nat_report_time")
+    nat_keep = ok & report_ok
+    nat = pa.table(
+        {
+            "person_id": pa.array(pid_v[nat_keep], type=pa.uint64()),
+            "sample_time": pa.array(sample[nat_keep], type=pa.int64(), mask=~_valid_mask(
+                col(names.index("nat_sample_time")))[nat_keep]),
+            "report_time": pa.array(report[nat_keep], type=pa.int64()),
+        }
+    )
+    e_keep = ok[e_parent]
+    e_secs, _ = _seconds(e_values, "entry_times")
+    entries = pa.table(
+        {
+            "person_id": pa.array(pid_v[e_parent[e_keep]], type=pa.uint64()),
+            "t": pa.array(e_secs[e_keep], type=pa.int64()),
+        }
+    )
+    v_keep = ok[v_parent]
+    visits = pa.table(
+        {
+            "person_id": pa.array(pid_v[v_parent[v_keep]], type=pa.uint64()),
+            "region": pa.array(region_v[v_keep].astype(np.int32), type=pa.int32()),
+            "day": v_day.filter(pa.array(v_keep)),
+        }
+    )
+    return {"persons": persons, "nat": nat, "entries": entries, "visits": visits}, skipped
+
+
+def _population_batches(data: Any) -> Iterator[pa.RecordBatch]:
+    if isinstance(data, pa.RecordBatch):
+        yield data
+    elif isinstance(data, pa.Table):
+        yield from data.to_batches()
+    elif isinstance(data, pa.RecordBatchReader):
+        yield from data
+    elif isinstance(data, Iterable):
+        for batch in data:
+            if not isinstance(batch, pa.RecordBatch):
+                raise StoreError(f"population batches must be pyarrow RecordBatches, not {type(batch).__name__}")
+            yield batch
+    else:
+        raise StoreError(
+            "population must be a pyarrow Table, RecordBatch or an iterable of RecordBatches, "
+            f"not {type(data).__name__}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Store:
+    """The population store: a DuckDB file (``path``; default ``$HEALTHCODE_STORE`` or ``./data/healthcode.duckdb``).
+
+    Opening creates the file, its folder and the tables when missing.  Use as a context manager or call
+    :meth:`close`.  ``":memory:"`` gives a throwaway in-memory store.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        if path is None:
+            path = os.environ.get(STORE_ENV) or DEFAULT_PATH
+        self.path = os.fspath(path)
+        self._lock = threading.Lock()
+        self._seq = 0
+        if self.path != ":memory:":
+            folder = os.path.dirname(os.path.abspath(self.path))
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"{self.path}: cannot create folder {folder}: {exc.strerror or exc}") from None
+            if os.path.isdir(self.path):
+                raise StoreError(f"{self.path}: is a folder; give a database file path")
+            _check_magic(self.path)
+        try:
+            self._con = duckdb.connect(self.path)
+        except duckdb.Error as exc:
+            raise StoreError(f"{self.path}: cannot open the store: {_first_line(exc)}") from None
+        try:
+            self._init_schema()
+        except BaseException:
+            self._con.close()
+            raise
+
+    def _init_schema(self) -> None:
+        try:
+            self._con.execute("BEGIN")
+            self._con.execute(_DDL)
+            row = _one(self._con.execute("SELECT max(version) FROM schema_version"))
+            found = row[0] if row else None
+            if found is None:
+                self._con.execute("INSERT INTO schema_version (version) VALUES (?)", [SCHEMA_VERSION])
+            self._con.execute("COMMIT")
+        except duckdb.Error as exc:
+            self._con.execute("ROLLBACK")
+            raise StoreError(f"{self.path}: cannot set up the store tables: {_first_line(exc)}") from None
+        if found is not None and found > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: store schema version {found} is newer than this healthcode supports ({SCHEMA_VERSION})"
+            )
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            row = _one(self._con.execute("SELECT max(version) FROM schema_version"))
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table."""
+        with self._lock:
+            out = {}
+            for name in TABLES:
+                row = _one(self._con.execute(f"SELECT count(*) FROM {name}"))
+                out[name] = int(row[0]) if row else 0
+            return out
+
+    def table(self, name: str) -> pa.Table:
+        """A whole store table as Arrow (for inspection and tests; instants are epoch seconds)."""
+        if name not in TABLES:
+            raise StoreError(f"no store table {name!r}; the tables are {', '.join(TABLES)}")
+        with self._lock:
+            return self._con.sql(f"SELECT * FROM {name} ORDER BY ALL").to_arrow_table()
+
+    # -- transactions and registered inputs ----------------------------------------------------------------------
+
+    def _transaction(self, work: Callable[[], Any]) -> Any:
+        with self._lock:
+            self._con.execute("BEGIN")
+            try:
+                result = work()
+                self._con.execute("COMMIT")
+            except duckdb.Error as exc:
+                self._con.execute("ROLLBACK")
+                raise StoreError(f"{self.path}: the store rejected the write: {_first_line(exc)}") from None
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+            return result
+
+    def _register(self, table: pa.Table) -> str:
+        self._seq += 1
+        name = f"_in_{self._seq}"
+        self._con.register(name, table)
+        return name
+
+    def _count(self, sql: str, params: list[Any] | None = None) -> int:
+        row = _one(self._con.execute(sql, params or []))
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def _check_known(self, view: str) -> None:
+        row = _one(self._con.execute(
+            f"SELECT i._row, i.person_id FROM {view} i ANTI JOIN persons p ON i.person_id = p.person_id "
+            "ORDER BY i._row LIMIT 1"
+        ))
+        if row is not None:
+            raise _row_error(int(row[0]), "person_id", f"person {row[1]} is not in the store (upsert_persons first)")
+
+    # -- ingest ------------------------------------------------------------------------------------------------
+
+    def upsert_persons(self, data: pa.Table | pa.RecordBatch) -> IngestCounts:
+        """Insert or update persons.  Columns: ``person_id`` (uint64, or any integer >= 0), ``home_region``
+        (integer, a valid code), ``registered_commuter`` (bool; null means false), ``base_color`` (integer 0..2).
+
+        A person id may appear once per call.  Returns inserted, already present (of which ``updated`` changed).
+        """
+        table = _as_table(data, "persons")
+        what, needs = "persons", "person_id, home_region, registered_commuter, base_color"
+        pid = _person_ids(table, what)
+        home = _regions(_column(table, "home_region", what, needs), "home_region")
+        reg = _column(table, "registered_commuter", what, needs)
+        if not pa.types.is_boolean(reg.type):
+            raise StoreError(f"column 'registered_commuter' has type {reg.type}; expected bool")
+        color_arr = _column(table, "base_color", what, needs)
+        color = _integers(color_arr, "base_color")
+        _no_nulls(color_arr, "base_color")
+        _first((color < 0) | (color > 2), "base_color", "is not 0 (green), 1 (yellow) or 2 (red)")
+        ids = pid.to_numpy()
+        if len(ids) > 1:
+            order = np.argsort(ids, kind="stable")
+            dup = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+            if len(dup):
+                second = int(np.min(order[dup + 1]))
+                raise _row_error(second, "person_id", f"person {ids[second]} appears more than once in this call")
+        clean = pa.table(
+            {
+                "person_id": pid,
+                "home_region": home,
+                "registered_commuter": reg.fill_null(False),
+                "base_color": pa.array(color.astype(np.int8), type=pa.int8()),
+            }
+        )
+
+        def work() -> IngestCounts:
+            view = self._register(clean)
+            try:
+                return IngestCounts(*self._upsert(view, len(clean)))
+            finally:
+                self._con.unregister(view)
+
+        return self._transaction(work)  # type: ignore[no-any-return]
+
+    def _upsert(self, view: str, n: int) -> tuple[int, int, int]:
+        """Upsert from a view with unique person ids: (inserted, already present, updated)."""
+        updated = self._count(
+            f"UPDATE persons SET home_region = i.home_region, registered_commuter = i.registered_commuter, "
+            f"base_color = i.base_color, updated_at = current_timestamp FROM {view} i "
+            "WHERE persons.person_id = i.person_id AND (persons.home_region <> i.home_region "
+            "OR persons.registered_commuter <> i.registered_commuter OR persons.base_color <> i.base_color)"
+        )
+        inserted = self._count(
+            "INSERT INTO persons SELECT i.person_id, i.home_region, i.registered_commuter, i.base_color, "
+            f"current_timestamp FROM {view} i ANTI JOIN persons p ON i.person_id = p.person_id"
+        )
+        return inserted, n - inserted, updated
+
+    def record_nat_results(self, data: pa.Table | pa.RecordBatch) -> IngestCounts:
+        """Append NAT results.  Columns: ``person_id`` (a stored person), ``report_time`` (tz-aware timestamp,
+        any unit), ``sample_time`` (tz-aware timestamp, nullable).  Instants are floored to seconds."""
+        table = _as_table(data, "NAT results")
+        what, needs = "NAT results", "person_id, sample_time, report_time"
+        pid = _person_ids(table, what)
+        sample_arr = _column(table, "sample_time", what, needs)
+        sample, sample_ok = _seconds(sample_arr, "sample_time")
+        report = _required_seconds(_column(table, "report_time", what, needs), "report_time")
+        clean = pa.table(
+            {
+                "_row": _rows(len(pid)),
+                "person_id": pid,
+                "sample_time": pa.array(sample, type=pa.int64(), mask=~sample_ok),
+                "report_time": report,
+            }
+        )
+        return self._append(clean, self._insert_nat)
+
+    def record_entries(self, data: pa.Table | pa.RecordBatch) -> IngestCounts:
+        """Append Beijing entries.  Columns: ``person_id`` (a stored person), ``t`` (tz-aware timestamp, any unit)."""
+        table = _as_table(data, "entries")
+        pid = _person_ids(table, "entries")
+        t = _required_seconds(_column(table, "t", "entries", "person_id, t"), "t")
+        clean = pa.table({"_row": _rows(len(pid)), "person_id": pid, "t": t})
+        return self._append(clean, self._insert_entries)
+
+    def record_visits(self, data: pa.Table | pa.RecordBatch) -> IngestCounts:
+        """Append visits.  Columns: ``person_id`` (a stored person), ``region`` (integer, a valid code),
+        ``day`` (date32, the local date)."""
+        table = _as_table(data, "visits")
+        what, needs = "visits", "person_id, region, day"
+        pid = _person_ids(table, what)
+        region = _regions(_column(table, "region", what, needs), "region")
+        days = _days(_column(table, "day", what, needs), "day")
+        clean = pa.table({"_row": _rows(len(pid)), "person_id": pid, "region": region, "day": days})
+        return self._append(clean, self._insert_visits)
+
+    def _append(self, clean: pa.Table, insert: Callable[[str], int]) -> IngestCounts:
+        def work() -> IngestCounts:
+            view = self._register(clean)
+            try:
+                self._check_known(view)
+                inserted = insert(view)
+            finally:
+                self._con.unregister(view)
+            return IngestCounts(inserted, len(clean) - inserted)
+
+        return self._transaction(work)  # type: ignore[no-any-return]
+
+    def _insert_nat(self, view: str) -> int:
+        # sample_time may be null, and NULLs never conflict in a unique index: match with IS NOT DISTINCT FROM.
+        return self._count(
+            f"INSERT INTO nat_results SELECT DISTINCT i.person_id, i.sample_time, i.report_time FROM {view} i "
+            "WHERE NOT EXISTS (SELECT 1 FROM nat_results n WHERE n.person_id = i.person_id "
+            "AND n.report_time = i.report_time AND n.sample_time IS NOT DISTINCT FROM i.sample_time)"
+        )
+
+    def _insert_entries(self, view: str) -> int:
+        return self._count(f"INSERT OR IGNORE INTO entries SELECT DISTINCT person_id, t FROM {view}")
+
+    def _insert_visits(self, view: str) -> int:
+        return self._count(f"INSERT OR IGNORE INTO visits SELECT DISTINCT person_id, region, day FROM {view}")
+
+    # -- bulk load ---------------------------------------------------------------------------------------------
+
+    def load_population(self, data: Any, progress: Callable[[int], None] | None = None) -> LoadSummary:
+        """Load a SPEC §3 population (a Table, a RecordBatch or an iterable of batches, e.g. a Parquet stream).
+
+        Each batch is one transaction: persons are upserted (a later row for the same id wins), the NAT pair is
+        appended when ``nat_report_time`` is not null, and entries and visits are exploded and appended.  Rows that
+        SPEC §4.1 calls invalid are skipped and counted by reason in the summary; schema problems raise
+        :class:`SchemaError` before the batch is written.  ``progress(rows)`` is called after each batch.
+        """
+        summary = LoadSummary()
+        for batch in _population_batches(data):
+            columns.check_schema(batch.schema)
+            columns.validate(batch)
+            parts, skipped = _population_rows(batch)
+            summary.rows += batch.num_rows
+            for reason, k in zip(SKIP_REASONS, skipped, strict=True):
+                summary.skipped[reason] += k
+
+            def work(parts: dict[str, pa.Table] = parts) -> tuple[int, ...]:
+                views = {k: self._register(v) for k, v in parts.items()}
+                try:
+                    # A person id twice in one batch: the last row wins (as two upserts in a row would).
+                    persons = self._register(
+                        self._con.sql(
+                            f"SELECT * EXCLUDE (_row) FROM {views['persons']} "
+                            "QUALIFY row_number() OVER (PARTITION BY person_id ORDER BY _row DESC) = 1"
+                        ).to_arrow_table()
+                    )
+                    views["_persons"] = persons
+                    inserted, _, updated = self._upsert(persons, len(parts["persons"]))
+                    return (
+                        inserted, updated, self._insert_nat(views["nat"]),
+                        self._insert_entries(views["entries"]), self._insert_visits(views["visits"]),
+                    )  # fmt: skip
+                finally:
+                    for view in views.values():
+                        self._con.unregister(view)
+
+            persons, updated, nat, entries, visits = self._transaction(work)
+            summary.persons += persons
+            summary.persons_updated += updated
+            summary.nat_results += nat
+            summary.entries += entries
+            summary.visits += visits
+            if progress is not None:
+                progress(batch.num_rows)
+        return summary
+
+    # -- read back ---------------------------------------------------------------------------------------------
+
+    def population(self, as_of: _dt.datetime | int | float | str, lookback_days: int) -> pa.Table:
+        """The SPEC §3 population at ``as_of`` (``columns.POPULATION_SCHEMA``), one row per person by person_id.
+
+        ``nat_*`` is the latest NAT result whose report_time <= as_of (by report, then sample time); entries are
+        those with ``t <= as_of`` and visits those with ``day <= day(as_of)``, both only from the local day
+        ``day(as_of) - lookback_days + 1`` on.  Pass the longest window the policy needs (``max(risk.lookback_days,
+        commuter_pattern.window_days)``).  Lists are sorted; none in the window gives an empty list.
+        """
+        if isinstance(lookback_days, bool) or not isinstance(lookback_days, int) or lookback_days < 1:
+            raise StoreError(f"lookback_days must be a whole number >= 1, got {lookback_days!r}")
+        try:
+            t = to_instant(as_of)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"as_of: {exc}") from None
+        today = day(t)
+        first = today - lookback_days + 1
+        sql = """
+        WITH nat AS (
+            SELECT person_id, sample_time, report_time FROM nat_results WHERE report_time <= $as_of
+            QUALIFY row_number() OVER (
+                PARTITION BY person_id ORDER BY report_time DESC, sample_time DESC NULLS LAST) = 1
+        ), e AS (
+            SELECT person_id, list(t ORDER BY t) AS entry_times FROM entries
+            WHERE t >= $t_first AND t <= $as_of GROUP BY person_id
+        ), v AS (
+            SELECT person_id, list({'region': region, 'day': day} ORDER BY day, region) AS visits FROM visits
+            WHERE day >= $d_first AND day <= $d_today GROUP BY person_id
+        )
+        SELECT p.person_id, p.home_region, p.registered_commuter, p.base_color,
+               nat.sample_time AS nat_sample_time, nat.report_time AS nat_report_time, e.entry_times, v.visits
+        FROM persons p LEFT JOIN nat USING (person_id) LEFT JOIN e USING (person_id) LEFT JOIN v USING (person_id)
+        ORDER BY p.person_id
+        """
+        params = {"as_of": t, "t_first": midnight(first), "d_first": day_to_date(first), "d_today": day_to_date(today)}
+        with self._lock:
+            try:
+                raw = self._con.sql(sql, params=params).to_arrow_table()
+            except duckdb.Error as exc:
+                raise StoreError(f"{self.path}: cannot read the population: {_first_line(exc)}") from None
+        table = raw.cast(columns.POPULATION_SCHEMA)
+        for name in ("entry_times", "visits"):
+            i = table.schema.get_field_index(name)
+            col = table.column(i)
+            empty = pa.scalar([], type=col.type)
+            table = table.set_column(i, table.schema.field(i), pc.fill_null(col, empty))
+        return table
+
+
+def _check_magic(path: str) -> None:
+    """Refuse an existing file that is not a DuckDB database (DuckDB would otherwise try to open it anyway)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read the store: {exc.strerror or exc}") from None
+    if head and head[8:12] != b"DUCK":
+        raise StoreError(f"{path}: not a DuckDB database file; give a new path or an existing store")
+
+
+def _one(result: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:
+    """The first row of a result, fetching it whole (DuckDB refuses other work while a result is unfinished)."""
+    rows = result.fetchall()
+    return tuple(rows[0]) if rows else None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
