@@ -153,7 +153,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = {
         "listen": args.listen, "risk": args.risk, "policy": args.policy, "metrics_listen": args.metrics_listen,
-        "demo_population": args.demo_population, "demo_as_of": args.demo_as_of,
+        "demo_population": args.demo_population, "demo_as_of": args.demo_as_of, "store": args.store,
+        "clock": args.clock,
     }  # fmt: skip
     settings = load_settings(args.config, overrides=overrides)
     return asyncio.run(serve(settings))
@@ -283,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--risk", help="risk-list CSV to start with (default: an empty list)")
     srv.add_argument("--policy", help="policy timeline TOML (default: the shipped policy)")
     srv.add_argument("--metrics-listen", help="host:port of the Prometheus endpoint (default 127.0.0.1:9464)")
+    srv.add_argument(
+        "--store",
+        help="DuckDB store (see 'healthcode load'): enables Reevaluate, WatchChanges, GetStatus and re-evaluation "
+        "on PutRiskList",
+    )
+    srv.add_argument(
+        "--clock", help="use this fixed instant (ISO-8601 with an offset) instead of the wall clock: replaying history"
+    )
     srv.add_argument("--demo-population", help=argparse.SUPPRESS)
     srv.add_argument("--demo-as-of", help=argparse.SUPPRESS)
     srv.set_defaults(func=cmd_serve)

@@ -33,6 +33,16 @@ class Settings:
     demo_population: str | None = None  # a population file evaluated once at start-up (make serve)
     demo_as_of: str | None = None  # the instant the demo is evaluated at (None: now)
     reflection: bool = True
+    store: str | None = None  # DuckDB store file: enables re-evaluation, change stream, GetStatus (issue 4)
+    clock: str | None = None  # a fixed instant (ISO-8601) used instead of the wall clock: replaying history, tests
+
+    def now(self) -> int:
+        """The server's clock (SPEC §2: read only when a request gives no as_of)."""
+        import time
+
+        from .timebase import to_instant
+
+        return to_instant(self.clock) if self.clock else int(time.time())
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

@@ -18,15 +18,40 @@ from grpc_reflection.v1alpha import reflection
 from . import engine, metrics
 from ._proto.v1 import healthcode_pb2 as pb
 from .config import Settings
+from .ingest import IngestQueue
 from .interceptors import ObservedService, configure_logging
 from .policy import load_policy, parse_policy
 from .regions import load_risk_list, parse_risk_csv
 from .servicer import HealthCodeService
 from .state import State
+from .statusbook import StatusBook
+from .store import Store
 from .timebase import to_datetime, to_instant
 
 log = logging.getLogger("healthcode.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HealthCode"].full_name
+
+
+def _open_store(settings: Settings, state: State) -> tuple[Store, StatusBook] | None:
+    """With --store: open it, keep the starting risk list as a version, and build the status book."""
+    if not settings.store:
+        return None
+    store = Store(settings.store)
+    snap = state.snapshot
+    latest = store.latest_risk_list()
+    if latest is not None and not settings.risk:
+        state.replace_risk_list(parse_risk_csv(latest[1], f"{settings.store}: risk list v{latest[0]}"), latest[0])
+    else:
+        version = 1 if latest is None else latest[0] + 1
+        state.replace_risk_list(snap.risk, version)
+        store.record_risk_list(version, snap.risk.to_csv())
+    started = time.perf_counter()
+    book = StatusBook(store, state.snapshot.policy, settings.now(), settings.kernel_threads or None)
+    log.info(
+        f'{{"event": "store_opened", "persons": {len(book.ids)}, "published": {int(book.known.sum())}, '
+        f'"high_water_mark": {book.high_water_mark}, "seconds": {time.perf_counter() - started:.2f}}}'
+    )
+    return store, book
 
 
 def _initial_state(settings: Settings) -> State:
@@ -66,6 +91,13 @@ def service_handlers(service: HealthCodeService) -> grpc.GenericRpcHandler:
             "GetRiskList": handler("unary_unary", "GetRiskList", pb.GetRiskListRequest),
             "PutPolicy": handler("unary_unary", "PutPolicy", pb.PutPolicyRequest),
             "GetPolicy": handler("unary_unary", "GetPolicy", pb.GetPolicyRequest),
+            "Reevaluate": handler("unary_unary", "Reevaluate", pb.ReevaluateRequest),
+            "WatchChanges": handler("unary_stream", "WatchChanges", pb.WatchChangesRequest),
+            "GetStatus": handler("unary_unary", "GetStatus", pb.GetStatusRequest),
+            "UpsertPersons": handler("unary_unary", "UpsertPersons", pb.UpsertPersonsRequest),
+            "RecordNatResults": handler("unary_unary", "RecordNatResults", pb.RecordNatResultsRequest),
+            "RecordEntries": handler("unary_unary", "RecordEntries", pb.RecordEntriesRequest),
+            "RecordVisits": handler("unary_unary", "RecordVisits", pb.RecordVisitsRequest),
         },
     )
 
@@ -99,7 +131,7 @@ async def _demo(state: State, settings: Settings, executor: ThreadPoolExecutor) 
     def run() -> str:
         started = time.perf_counter()
         snap = state.snapshot
-        as_of = to_instant(settings.demo_as_of) if settings.demo_as_of else int(time.time())
+        as_of = to_instant(settings.demo_as_of) if settings.demo_as_of else settings.now()
         table = engine.evaluate(pq.read_table(path), snap.risk, snap.policy, as_of, settings.kernel_threads or None)
         badges = pc.sum(table["commuter_badge"]).as_py() or 0
         entries = pc.sum(table["entry_permitted"]).as_py() or 0
@@ -115,9 +147,12 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit code."""
     configure_logging(settings.log_level)
     state = _initial_state(settings)
+    opened = _open_store(settings, state)
+    book = None if opened is None else opened[1]
+    ingest = None if opened is None else IngestQueue(opened[0])
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="evaluate")
     server = grpc.aio.server(interceptors=[ObservedService()], options=grpc_options(settings))
-    server.add_generic_rpc_handlers((service_handlers(HealthCodeService(state, settings, executor)),))
+    server.add_generic_rpc_handlers((service_handlers(HealthCodeService(state, settings, executor, book, ingest)),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
@@ -166,5 +201,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(settings.grace_seconds)
     executor.shutdown(wait=True, cancel_futures=True)
+    if ingest is not None:
+        await ingest.close()  # commits what is still queued before the store closes
+    if opened is not None:
+        opened[0].close()
     print("healthcode: stopped", file=sys.stderr, flush=True)
     return 0

@@ -9,20 +9,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 
 import grpc
+import numpy as np
 
 from . import engine, metrics
 from ._proto.v1 import healthcode_pb2 as pb
 from ._proto.v1 import healthcode_pb2_grpc as pb_grpc
 from .config import Settings
+from .ingest import IngestQueue, QueueClosed, QueueFull, request_table
 from .interceptors import ROWS, Refused
 from .policy import PolicyTimeline, parse_policy
 from .regions import parse_risk_csv
 from .state import Snapshot, State
+from .statusbook import StatusBook, Summary
 from .wire import (
     WireError,
     columns_to_batch,
@@ -60,17 +62,44 @@ def _info(ctx: engine.Context, snap: Snapshot) -> pb.EvaluationInfo:
     return info
 
 
+def _summary(summary: Summary) -> pb.ReevaluationSummary:
+    out = pb.ReevaluationSummary(
+        evaluated=summary.evaluated,
+        changed=summary.changed,
+        badges_lost=summary.badges_lost,
+        badges_gained=summary.badges_gained,
+        entries_lost=summary.entries_lost,
+        entries_gained=summary.entries_gained,
+        high_water_mark=summary.high_water_mark,
+        risk_list_version=summary.risk_list_version,
+        regions_changed=summary.regions_changed,
+    )
+    out.as_of.seconds = summary.as_of
+    return out
+
+
 class HealthCodeService(pb_grpc.HealthCodeServicer):
-    def __init__(self, state: State, settings: Settings, executor: Executor) -> None:
+    def __init__(
+        self,
+        state: State,
+        settings: Settings,
+        executor: Executor,
+        book: StatusBook | None = None,
+        ingest: IngestQueue | None = None,
+    ) -> None:
         self.state = state
         self.settings = settings
         self.executor = executor
+        self.book = book
+        self.ingest = ingest
+        self._admin = asyncio.Lock()  # risk-list replacements and re-evaluations, one at a time
+        self._published = asyncio.Condition()  # notified after each commit to the change log
         self.kernel_threads = settings.kernel_threads or engine.default_threads()
         metrics.RISK_VERSION.set(state.snapshot.risk_version)
         metrics.POLICY_VERSION.set(state.snapshot.policy_version)
 
     def _context(self, snap: Snapshot, as_of: int | None, policy: str) -> engine.Context:
-        return engine.make_context(snap.risk, _timeline(snap, policy), int(time.time()) if as_of is None else as_of)
+        return engine.make_context(snap.risk, _timeline(snap, policy), self.settings.now() if as_of is None else as_of)
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -178,10 +207,143 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
             risk = await self._run(risk_from_entries, request.entries.entries)
         else:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "give the new list as csv or as entries")
-        snap = self.state.put_risk_list(risk)
+        async with self._admin:
+            summary = None
+            if self.book is not None:
+                # Re-evaluate the persons the change can affect, commit their statuses and change log, then publish
+                # the new list: an evaluation sees the old list or the new one, never a mix.
+                old = self.state.snapshot
+                new = risk.with_version(old.risk_version + 1)
+                book = self.book
+                now = self.settings.now()
+                summary = await self._run(book.reevaluate_risk_change, old.risk, new, old.policy, now)
+                await self._run(book.store.record_risk_list, new.version, new.to_csv())
+            snap = self.state.put_risk_list(risk)
+        if summary is not None:
+            await self._notify()
         metrics.RISK_VERSION.set(snap.risk_version)
         log.info(f'{{"event": "risk_list_replaced", "version": {snap.risk_version}, "entries": {len(risk)}}}')
-        return pb.PutRiskListResponse(version=snap.risk_version, entries=len(risk))
+        response = pb.PutRiskListResponse(version=snap.risk_version, entries=len(risk))
+        if summary is not None:
+            response.reevaluation.CopyFrom(_summary(summary))
+        return response
+
+    # -- the store: mass re-evaluation, change stream, status lookup ----------------------------------------------
+
+    def _need_book(self) -> StatusBook:
+        if self.book is None:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this server has no store: start it with --store PATH (or HEALTHCODE_STORE) to use this RPC",
+            )
+        return self.book
+
+    async def _notify(self) -> None:
+        async with self._published:
+            self._published.notify_all()
+
+    async def _ingest(self, kind: str, request: object) -> pb.IngestResponse:
+        if self.ingest is None:
+            self._need_book()  # raises: no store
+            raise AssertionError("a store without an ingest queue")
+        table = request_table(kind, request)
+        ROWS.set(table.num_rows)
+        try:
+            counts = await self.ingest.submit(kind, table)
+        except QueueFull:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "the ingest queue is full; retry with back-off") from None
+        except QueueClosed:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another") from None
+        return pb.IngestResponse(
+            inserted=counts.inserted, already_present=counts.already_present, updated=counts.updated
+        )
+
+    async def UpsertPersons(
+        self, request: pb.UpsertPersonsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.IngestResponse:
+        return await self._ingest("persons", request)
+
+    async def RecordNatResults(
+        self, request: pb.RecordNatResultsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.IngestResponse:
+        return await self._ingest("nat_results", request)
+
+    async def RecordEntries(
+        self, request: pb.RecordEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.IngestResponse:
+        return await self._ingest("entries", request)
+
+    async def RecordVisits(
+        self, request: pb.RecordVisitsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.IngestResponse:
+        return await self._ingest("visits", request)
+
+    async def Reevaluate(
+        self, request: pb.ReevaluateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReevaluationSummary:
+        book = self._need_book()
+        as_of = request.as_of.seconds if request.HasField("as_of") else self.settings.now()
+        async with self._admin:
+            snap = self.state.snapshot
+            summary = await self._run(book.reevaluate, snap.risk, snap.policy, as_of)
+        await self._notify()
+        ROWS.set(summary.evaluated)
+        log.info(f'{{"event": "reevaluated", "evaluated": {summary.evaluated}, "changed": {summary.changed}}}')
+        return _summary(summary)
+
+    async def WatchChanges(
+        self, request: pb.WatchChangesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StatusChange]:
+        book = self._need_book()
+        after = request.from_sequence
+        sent = 0
+        while True:
+            page = await self._run(book.store.changes, after, 10_000)
+            if page.num_rows == 0:
+                async with self._published:
+                    if book.high_water_mark <= after:
+                        await self._published.wait()
+                continue
+            for row in page.to_pylist():
+                change = pb.StatusChange(
+                    sequence=row["seq"],
+                    person_id=row["person_id"],
+                    old_badge=bool(row["old_badge"]),
+                    new_badge=row["new_badge"],
+                    old_entry=bool(row["old_entry"]),
+                    new_entry=row["new_entry"],
+                    old_reasons=row["old_reasons"] or 0,
+                    new_reasons=row["new_reasons"],
+                    risk_list_version=row["risk_list_version"] or 0,
+                )
+                change.as_of.seconds = row["as_of"]
+                yield change
+                after = row["seq"]
+                sent += 1
+                ROWS.set(sent)
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
+        book = self._need_book()
+        snap = self.state.snapshot
+        as_of = request.as_of.seconds if request.HasField("as_of") else self.settings.now()
+        ids = np.asarray(request.person_ids, dtype=np.uint64)
+        rows = book.rows_of(ids)
+        found = rows >= 0
+        ctx = self._context(snap, as_of, "")
+        response = pb.EvaluateResponse(info=_info(ctx, snap))
+        statuses: list[pb.Status] = []
+        if found.any():
+            result = await self._run(book.evaluate_rows, rows[found], snap.risk, snap.policy, as_of, 1)
+            encoded = encode_result(result.combine_chunks().to_batches()[0], response.info)
+            statuses = list(pb.EvaluateResponse.FromString(encoded).statuses)
+        known = iter(statuses)
+        for pid, ok in zip(ids.tolist(), found.tolist(), strict=True):
+            if ok:
+                response.statuses.append(next(known))
+            else:
+                response.statuses.add(person_id=pid, error="person_id is not in the store")
+        ROWS.set(len(ids))
+        return response
 
     async def GetRiskList(self, request: pb.GetRiskListRequest, context: grpc.aio.ServicerContext) -> pb.RiskList:
         snap = self.state.snapshot

@@ -43,6 +43,12 @@ class State:
             self._snapshot = replace(current, risk=risk.with_version(current.risk_version + 1))
             return self._snapshot
 
+    def replace_risk_list(self, risk: RiskList, version: int) -> Snapshot:
+        """Install ``risk`` under an explicit version (start-up, continuing the versions kept in a store)."""
+        with self._lock:
+            self._snapshot = replace(self._snapshot, risk=risk.with_version(version))
+            return self._snapshot
+
     def put_policy(self, policy: PolicyTimeline, text: str) -> Snapshot:
         with self._lock:
             current = self._snapshot

@@ -248,6 +248,123 @@ def _rows(n: int) -> pa.Array:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Validation of each ingest kind, without the database (the person-known check runs in the transaction).
+
+
+def _clean_persons(data: pa.Table | pa.RecordBatch) -> pa.Table:
+    """Validated ``upsert_persons`` input: unique uint64 ids, int32 regions, bool, int8 colors."""
+    table = _as_table(data, "persons")
+    what, needs = "persons", "person_id, home_region, registered_commuter, base_color"
+    pid = _person_ids(table, what)
+    home = _regions(_column(table, "home_region", what, needs), "home_region")
+    reg = _column(table, "registered_commuter", what, needs)
+    if not pa.types.is_boolean(reg.type):
+        raise StoreError(f"column 'registered_commuter' has type {reg.type}; expected bool")
+    color_arr = _column(table, "base_color", what, needs)
+    color = _integers(color_arr, "base_color")
+    _no_nulls(color_arr, "base_color")
+    _first((color < 0) | (color > 2), "base_color", "is not 0 (green), 1 (yellow) or 2 (red)")
+    ids = pid.to_numpy()
+    if len(ids) > 1:
+        order = np.argsort(ids, kind="stable")
+        dup = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+        if len(dup):
+            second = int(np.min(order[dup + 1]))
+            raise _row_error(second, "person_id", f"person {ids[second]} appears more than once in this call")
+    clean = pa.table(
+        {
+            "person_id": pid,
+            "home_region": home,
+            "registered_commuter": reg.fill_null(False),
+            "base_color": pa.array(color.astype(np.int8), type=pa.int8()),
+        }
+    )
+    return clean
+
+
+def _clean_nat_results(data: pa.Table | pa.RecordBatch) -> pa.Table:
+    """Validated ``record_nat_results`` input: ``_row``, person_id, sample_time and report_time in seconds."""
+    table = _as_table(data, "NAT results")
+    what, needs = "NAT results", "person_id, sample_time, report_time"
+    pid = _person_ids(table, what)
+    sample_arr = _column(table, "sample_time", what, needs)
+    sample, sample_ok = _seconds(sample_arr, "sample_time")
+    report = _required_seconds(_column(table, "report_time", what, needs), "report_time")
+    clean = pa.table(
+        {
+            "_row": _rows(len(pid)),
+            "person_id": pid,
+            "sample_time": pa.array(sample, type=pa.int64(), mask=~sample_ok),
+            "report_time": report,
+        }
+    )
+    return clean
+
+
+def _clean_entries(data: pa.Table | pa.RecordBatch) -> pa.Table:
+    """Validated ``record_entries`` input: ``_row``, person_id, t in seconds."""
+    table = _as_table(data, "entries")
+    pid = _person_ids(table, "entries")
+    t = _required_seconds(_column(table, "t", "entries", "person_id, t"), "t")
+    clean = pa.table({"_row": _rows(len(pid)), "person_id": pid, "t": t})
+    return clean
+
+
+def _clean_visits(data: pa.Table | pa.RecordBatch) -> pa.Table:
+    """Validated ``record_visits`` input: ``_row``, person_id, region, day."""
+    table = _as_table(data, "visits")
+    what, needs = "visits", "person_id, region, day"
+    pid = _person_ids(table, what)
+    region = _regions(_column(table, "region", what, needs), "region")
+    days = _days(_column(table, "day", what, needs), "day")
+    clean = pa.table({"_row": _rows(len(pid)), "person_id": pid, "region": region, "day": days})
+    return clean
+
+
+def _credit(tagged: pa.Table, new: pa.Table, keys: tuple[str, ...]) -> dict[int, int]:
+    """How many of the newly stored rows ``new`` each item (``_sub``) gets: a row goes to its first occurrence in
+    ``tagged`` (ordered by item, then row).  Null key values match each other (an extra is-null key column)."""
+
+    def keyed(t: pa.Table) -> tuple[pa.Table, list[str]]:
+        names = []
+        for k in keys:
+            col = t.column(k)
+            if col.null_count:
+                t = t.set_column(t.column_names.index(k), k, pc.fill_null(col, pa.scalar(0, col.type)))
+                t = t.append_column(f"{k}__null", pc.is_null(col))
+                names.append(f"{k}__null")
+            names.append(k)
+        return t, names
+
+    firsts = tagged.select([*keys, "_sub"]).group_by(list(keys), use_threads=False).aggregate([("_sub", "first")])
+    firsts, names = keyed(firsts)
+    new, new_names = keyed(new.select(list(keys)))
+    for name in set(names) - set(new_names):
+        new = new.append_column(name, pa.array(np.zeros(new.num_rows, dtype=bool)))
+    for name in set(new_names) - set(names):
+        firsts = firsts.append_column(name, pa.array(np.zeros(firsts.num_rows, dtype=bool)))
+    names = sorted(set(names) | set(new_names))
+    joined = new.join(firsts, names, join_type="inner", use_threads=False)
+    per = joined.group_by("_sub_first", use_threads=False).aggregate([("_sub_first", "count")])
+    return dict(zip(per.column(0).to_pylist(), per.column(1).to_pylist(), strict=True))
+
+
+#: The ingest kinds :meth:`Store.ingest_group` takes, with each kind's validation and (for events) its key columns.
+INGEST_KINDS = ("persons", "nat_results", "entries", "visits")
+_CLEANERS: dict[str, Callable[[Any], pa.Table]] = {
+    "persons": _clean_persons,
+    "nat_results": _clean_nat_results,
+    "entries": _clean_entries,
+    "visits": _clean_visits,
+}
+_EVENT_KEYS = {
+    "nat_results": ("person_id", "sample_time", "report_time"),
+    "entries": ("person_id", "t"),
+    "visits": ("person_id", "region", "day"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Population rows (SPEC §3) -> store rows, with the SPEC §4.1 validity of each row.
 
 
@@ -490,32 +607,7 @@ class Store:
 
         A person id may appear once per call.  Returns inserted, already present (of which ``updated`` changed).
         """
-        table = _as_table(data, "persons")
-        what, needs = "persons", "person_id, home_region, registered_commuter, base_color"
-        pid = _person_ids(table, what)
-        home = _regions(_column(table, "home_region", what, needs), "home_region")
-        reg = _column(table, "registered_commuter", what, needs)
-        if not pa.types.is_boolean(reg.type):
-            raise StoreError(f"column 'registered_commuter' has type {reg.type}; expected bool")
-        color_arr = _column(table, "base_color", what, needs)
-        color = _integers(color_arr, "base_color")
-        _no_nulls(color_arr, "base_color")
-        _first((color < 0) | (color > 2), "base_color", "is not 0 (green), 1 (yellow) or 2 (red)")
-        ids = pid.to_numpy()
-        if len(ids) > 1:
-            order = np.argsort(ids, kind="stable")
-            dup = np.flatnonzero(ids[order][1:] == ids[order][:-1])
-            if len(dup):
-                second = int(np.min(order[dup + 1]))
-                raise _row_error(second, "person_id", f"person {ids[second]} appears more than once in this call")
-        clean = pa.table(
-            {
-                "person_id": pid,
-                "home_region": home,
-                "registered_commuter": reg.fill_null(False),
-                "base_color": pa.array(color.astype(np.int8), type=pa.int8()),
-            }
-        )
+        clean = _clean_persons(data)
 
         def work() -> IngestCounts:
             view = self._register(clean)
@@ -543,40 +635,16 @@ class Store:
     def record_nat_results(self, data: pa.Table | pa.RecordBatch) -> IngestCounts:
         """Append NAT results.  Columns: ``person_id`` (a stored person), ``report_time`` (tz-aware timestamp,
         any unit), ``sample_time`` (tz-aware timestamp, nullable).  Instants are floored to seconds."""
-        table = _as_table(data, "NAT results")
-        what, needs = "NAT results", "person_id, sample_time, report_time"
-        pid = _person_ids(table, what)
-        sample_arr = _column(table, "sample_time", what, needs)
-        sample, sample_ok = _seconds(sample_arr, "sample_time")
-        report = _required_seconds(_column(table, "report_time", what, needs), "report_time")
-        clean = pa.table(
-            {
-                "_row": _rows(len(pid)),
-                "person_id": pid,
-                "sample_time": pa.array(sample, type=pa.int64(), mask=~sample_ok),
-                "report_time": report,
-            }
-        )
-        return self._append(clean, self._insert_nat)
+        return self._append(_clean_nat_results(data), self._insert_nat)
 
     def record_entries(self, data: pa.Table | pa.RecordBatch) -> IngestCounts:
         """Append Beijing entries.  Columns: ``person_id`` (a stored person), ``t`` (tz-aware timestamp, any unit)."""
-        table = _as_table(data, "entries")
-        pid = _person_ids(table, "entries")
-        t = _required_seconds(_column(table, "t", "entries", "person_id, t"), "t")
-        clean = pa.table({"_row": _rows(len(pid)), "person_id": pid, "t": t})
-        return self._append(clean, self._insert_entries)
+        return self._append(_clean_entries(data), self._insert_entries)
 
     def record_visits(self, data: pa.Table | pa.RecordBatch) -> IngestCounts:
         """Append visits.  Columns: ``person_id`` (a stored person), ``region`` (integer, a valid code),
         ``day`` (date32, the local date)."""
-        table = _as_table(data, "visits")
-        what, needs = "visits", "person_id, region, day"
-        pid = _person_ids(table, what)
-        region = _regions(_column(table, "region", what, needs), "region")
-        days = _days(_column(table, "day", what, needs), "day")
-        clean = pa.table({"_row": _rows(len(pid)), "person_id": pid, "region": region, "day": days})
-        return self._append(clean, self._insert_visits)
+        return self._append(_clean_visits(data), self._insert_visits)
 
     def _append(self, clean: pa.Table, insert: Callable[[str], int]) -> IngestCounts:
         def work() -> IngestCounts:
@@ -603,6 +671,106 @@ class Store:
 
     def _insert_visits(self, view: str) -> int:
         return self._count(f"INSERT OR IGNORE INTO visits SELECT DISTINCT person_id, region, day FROM {view}")
+
+    # -- group commit ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def prepare_ingest(kind: str, data: pa.Table | pa.RecordBatch) -> pa.Table:
+        """The validation of one ingest call of ``kind`` without touching the database (raises :class:`StoreError`
+        naming the row and column); pass the result to :meth:`ingest_group` with ``prepared=True``.  Whether the
+        persons of events are stored is checked later, in the transaction."""
+        if kind not in _CLEANERS:
+            raise StoreError(f"unknown ingest kind {kind!r}; the kinds are {', '.join(INGEST_KINDS)}")
+        return _CLEANERS[kind](data)
+
+    def ingest_group(
+        self, items: list[tuple[str, pa.Table | pa.RecordBatch]], *, prepared: bool = False
+    ) -> list[IngestCounts | StoreError]:
+        """Several ingest calls (``(kind, table)``, kind one of :data:`INGEST_KINDS`) in ONE transaction.
+
+        Each item is validated on its own, as the single-kind method would (errors name the item's own rows); an
+        item that fails gets its :class:`StoreError` in the result list and none of its rows are stored, while the
+        others are committed together.  An event whose person is not stored fails its own item only; persons items
+        are applied first (in list order), so events may name persons upserted in the same group.
+
+        Counts are per item, as if the items ran one after another in list order: a row present in two items is
+        "inserted" for the first and "already present" for the later one (and a persons row upserted twice counts
+        as already present, maybe ``updated``, the second time).  A database failure rolls back the whole group
+        and raises.  ``prepared=True`` says the tables come from :meth:`prepare_ingest` (validation is skipped).
+        """
+        results: list[IngestCounts | StoreError | None] = [None] * len(items)
+        cleaned: dict[int, pa.Table] = {}
+        for i, (kind, data) in enumerate(items):
+            if prepared and kind in _CLEANERS and isinstance(data, pa.Table):
+                cleaned[i] = data
+                continue
+            try:
+                cleaned[i] = self.prepare_ingest(kind, data)
+            except StoreError as exc:
+                results[i] = exc
+        if cleaned:
+
+            def work() -> dict[int, IngestCounts | StoreError]:
+                out: dict[int, IngestCounts | StoreError] = {}
+                for i, clean in cleaned.items():
+                    if items[i][0] == "persons":
+                        view = self._register(clean)
+                        try:
+                            out[i] = IngestCounts(*self._upsert(view, len(clean)))
+                        finally:
+                            self._con.unregister(view)
+                for kind in _EVENT_KEYS:
+                    subs = [i for i in cleaned if items[i][0] == kind]
+                    if subs:
+                        out.update(self._group_events(kind, [(i, cleaned[i]) for i in subs]))
+                return out
+
+            for i, res in self._transaction(work).items():
+                results[i] = res
+        return [r if r is not None else StoreError("internal: item not processed") for r in results]
+
+    def _group_events(self, kind: str, subs: list[tuple[int, pa.Table]]) -> dict[int, IngestCounts | StoreError]:
+        """Append the event items of one kind together (inside the open transaction); counts per item."""
+        out: dict[int, IngestCounts | StoreError] = {}
+        tagged = pa.concat_tables(
+            [t.append_column("_sub", pa.array(np.full(len(t), i, dtype=np.int64))) for i, t in subs]
+        )
+        view = self._register(tagged)
+        try:
+            unknown = self._con.execute(
+                f"SELECT i._sub, min(i._row), arg_min(i.person_id, i._row) FROM {view} i "
+                "ANTI JOIN persons p ON i.person_id = p.person_id GROUP BY i._sub"
+            ).fetchall()
+            if unknown:
+                for sub, row, pid in unknown:
+                    out[int(sub)] = _row_error(
+                        int(row), "person_id", f"person {pid} is not in the store (upsert_persons first)"
+                    )
+                self._con.unregister(view)
+                bad = pa.array(np.array([int(u[0]) for u in unknown], dtype=np.int64))
+                tagged = tagged.filter(pc.invert(pc.is_in(tagged.column("_sub"), value_set=bad)))
+                view = self._register(tagged)
+            keys = _EVENT_KEYS[kind]
+            cols = ", ".join(keys)
+            if kind == "nat_results":
+                # NULL sample times never conflict in the unique index: compare with IS NOT DISTINCT FROM.
+                sql = (
+                    f"INSERT INTO nat_results SELECT DISTINCT i.person_id, i.sample_time, i.report_time FROM {view} i "
+                    "WHERE NOT EXISTS (SELECT 1 FROM nat_results n WHERE n.person_id = i.person_id "
+                    "AND n.report_time = i.report_time AND n.sample_time IS NOT DISTINCT FROM i.sample_time) "
+                    f"RETURNING {cols}"
+                )
+            else:
+                sql = f"INSERT OR IGNORE INTO {kind} SELECT DISTINCT {cols} FROM {view} RETURNING {cols}"
+            new = self._con.sql(sql).to_arrow_table()  # INSERT ... RETURNING runs once, here
+        finally:
+            self._con.unregister(view)
+        credited = _credit(tagged, new, keys) if new.num_rows else {}
+        for i, t in subs:
+            if i not in out:
+                inserted = int(credited.get(i, 0))
+                out[i] = IngestCounts(inserted, len(t) - inserted)
+        return out
 
     # -- bulk load ---------------------------------------------------------------------------------------------
 
@@ -701,6 +869,61 @@ class Store:
             empty = pa.scalar([], type=col.type)
             table = table.set_column(i, table.schema.field(i), pc.fill_null(col, empty))
         return table
+
+
+    # -- published statuses and the change log (mass re-evaluation) ---------------------------------------------
+
+    def statuses(self) -> pa.Table:
+        """The last published status of every person (person_id, commuter_badge, entry_permitted, enrolled,
+        reasons, badge_valid_until, entry_valid_until, risk_list_version, as_of)."""
+        with self._lock:
+            return self._con.sql("SELECT * FROM statuses ORDER BY person_id").to_arrow_table()
+
+    def high_water_mark(self) -> int:
+        """The change log's last sequence number (0 when empty)."""
+        return self._count("SELECT coalesce(max(seq), 0) FROM change_log")
+
+    def publish(self, statuses: pa.Table, changes: pa.Table) -> int:
+        """Commit new statuses (upserted by person_id) and their change-log rows in one transaction.
+
+        ``changes`` has the change_log columns but ``seq``, in the order to number them; returns the new high-water
+        mark.  A reader never sees the statuses without their change-log rows or the other way round."""
+
+        def work() -> int:
+            base = self._count("SELECT coalesce(max(seq), 0) FROM change_log")
+            if statuses.num_rows:
+                view = self._register(statuses)
+                self._con.execute(f"INSERT OR REPLACE INTO statuses SELECT * FROM {view}")
+                self._con.unregister(view)
+            if changes.num_rows:
+                view = self._register(changes)
+                self._con.execute(
+                    f"INSERT INTO change_log SELECT ? + row_number() OVER () AS seq, * FROM {view}", [base]
+                )
+                self._con.unregister(view)
+            return base + changes.num_rows
+
+        return self._transaction(work)
+
+    def changes(self, after: int, limit: int = 10_000) -> pa.Table:
+        """Change-log rows with ``seq > after``, in order, at most ``limit`` of them."""
+        with self._lock:
+            return self._con.sql(
+                "SELECT * FROM change_log WHERE seq > ? ORDER BY seq LIMIT ?", params=[after, limit]
+            ).to_arrow_table()
+
+    def record_risk_list(self, version: int, csv: str) -> None:
+        """Keep a risk-list version (every version is kept)."""
+        self._transaction(
+            lambda: self._con.execute(
+                "INSERT OR REPLACE INTO risk_lists VALUES (?, now(), ?)", [version, csv]
+            )
+        )
+
+    def latest_risk_list(self) -> tuple[int, str] | None:
+        with self._lock:
+            row = self._con.execute("SELECT version, csv FROM risk_lists ORDER BY version DESC LIMIT 1").fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
 
 
 def _check_magic(path: str) -> None:

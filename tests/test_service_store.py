@@ -1,0 +1,170 @@
+"""The service with a store (issue 4), against a real server process: full and incremental re-evaluation over RPC,
+a change stream that a subscriber can drop and resume without gaps or repeats, and the status lookup."""
+
+from __future__ import annotations
+
+import itertools
+
+import grpc
+import pyarrow as pa
+import pytest
+from service_helpers import ServerProcess
+
+from healthcode import engine, evaluate
+from healthcode._proto.v1 import healthcode_pb2 as pb
+from healthcode._proto.v1 import healthcode_pb2_grpc as pb_grpc
+from healthcode.generate import generate_batches, generate_risk_csv
+from healthcode.regions import parse_risk_csv
+from healthcode.store import Store
+
+AS_OF = 1638244800
+CLOCK = "2021-11-30T12:00:00+08:00"
+
+pytestmark = pytest.mark.skipif(engine._kernel is None, reason="the kernel is not built")
+
+
+@pytest.fixture(scope="module")
+def population() -> pa.Table:
+    return pa.Table.from_batches(list(generate_batches(5000, seed=8, as_of=AS_OF)))
+
+
+@pytest.fixture
+def served(tmp_path, population):
+    path = tmp_path / "store.duckdb"
+    with Store(path) as store:
+        store.load_population(population)
+    server = ServerProcess(
+        tmp_path, risk_csv=generate_risk_csv(8, AS_OF), extra_args=["--store", str(path), "--clock", CLOCK]
+    )
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            yield server, pb_grpc.HealthCodeStub(channel)
+    finally:
+        server.stop()
+
+
+def test_reevaluate_publishes_everyone_once_then_nothing(served, population):
+    _server, stub = served
+    first = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    result = evaluate(population, parse_risk_csv(generate_risk_csv(8, AS_OF)), as_of=AS_OF)
+    valid = result["error"].null_count  # the store skips invalid rows at load
+    assert first.evaluated == first.changed == valid
+    assert first.high_water_mark == first.changed and first.as_of.seconds == AS_OF
+    assert first.badges_gained > 0 and first.badges_lost == 0
+    again = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    assert again.changed == 0 and again.high_water_mark == first.high_water_mark
+
+
+def test_put_risk_list_reevaluates_the_affected_and_reports_counts(served):
+    _server, stub = served
+    base = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    csv = generate_risk_csv(8, AS_OF) + "131082,2021-11-20,,local_case\n110108,2021-11-25,,local_case\n"
+    reply = stub.PutRiskList(pb.PutRiskListRequest(csv=csv), timeout=60)
+    summary = reply.reevaluation
+    assert reply.version == 2 and summary.risk_list_version == 2
+    assert 0 < summary.evaluated < base.evaluated and summary.regions_changed >= 2
+    assert summary.changed > 0 and summary.badges_lost > 0 and summary.badges_gained == 0
+    assert summary.high_water_mark == base.high_water_mark + summary.changed
+    # The published statuses agree with a full evaluation under the new list.
+    after = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    assert after.changed == 0
+    # Lifting the new entries again restores the old statuses: the same persons change back.
+    back = stub.PutRiskList(pb.PutRiskListRequest(csv=generate_risk_csv(8, AS_OF)), timeout=60).reevaluation
+    assert back.changed == summary.changed and back.badges_gained == summary.badges_lost
+
+
+def test_a_subscriber_that_drops_and_resumes_sees_every_change_once(served):
+    _server, stub = served
+    total = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).high_water_mark
+    seen: list[int] = []
+    position = 0
+    while position < total:
+        # Read a little, drop the stream, reconnect from the last sequence number received.
+        call = stub.WatchChanges(pb.WatchChangesRequest(from_sequence=position), timeout=30)
+        for change in itertools.islice(call, min(700, total - position)):
+            seen.append(change.sequence)
+            position = change.sequence
+        call.cancel()
+    assert seen == list(range(1, total + 1))
+    # A live subscriber receives what a later commit publishes.
+    live = stub.WatchChanges(pb.WatchChangesRequest(from_sequence=total), timeout=30)
+    put = stub.PutRiskList(
+        pb.PutRiskListRequest(csv=generate_risk_csv(8, AS_OF) + "120104,2021-11-26,,local_case\n"), timeout=60
+    )
+    got = list(itertools.islice(live, put.reevaluation.changed))
+    live.cancel()
+    assert [c.sequence for c in got] == list(range(total + 1, put.reevaluation.high_water_mark + 1))
+    assert all(c.risk_list_version == 2 for c in got)
+
+
+def test_get_status_returns_stored_persons_in_request_order(served, population):
+    _server, stub = served
+    ids = [pid for pid in population["person_id"].to_pylist()[:40] if pid is not None][:5]
+    request = pb.GetStatusRequest(person_ids=[*ids, 424242])
+    request.as_of.seconds = AS_OF
+    reply = stub.GetStatus(request, timeout=30)
+    assert [s.person_id for s in reply.statuses] == [*ids, 424242]
+    assert reply.statuses[-1].error == "person_id is not in the store"
+    local = evaluate(population, parse_risk_csv(generate_risk_csv(8, AS_OF)), as_of=AS_OF).to_pylist()
+    by_id = {row["person_id"]: row for row in local}
+    for status in reply.statuses[:-1]:
+        assert status.reasons_mask == by_id[status.person_id]["reasons"]
+        assert status.commuter_badge == by_id[status.person_id]["commuter_badge"]
+
+
+def test_store_rpcs_without_a_store_say_how_to_enable_them(tmp_path):
+    server = ServerProcess(tmp_path, risk_csv="region,start_date,end_date,kind\n")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.HealthCodeStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Reevaluate(pb.ReevaluateRequest(), timeout=10)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "--store" in info.value.details()
+    finally:
+        server.stop()
+
+
+def test_acknowledged_ingest_survives_kill_9(tmp_path, population):
+    """Single-event RecordEntries calls from 32 threads (group commit); every acknowledged one is in the store after
+    the server process is killed with SIGKILL and the file is opened again."""
+    import concurrent.futures
+    import os
+    import signal
+
+    path = tmp_path / "store.duckdb"
+    with Store(path) as store:
+        store.load_population(population.slice(0, 500))
+        person = store.population(AS_OF, 14)["person_id"][0].as_py()
+    server = ServerProcess(tmp_path, extra_args=["--store", str(path), "--clock", CLOCK])
+    acknowledged: list[int] = []
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.HealthCodeStub(channel)
+
+            def record(i: int) -> int:
+                event = pb.EntryEvent(person_id=person)
+                event.time.seconds = AS_OF - 3600 - i  # distinct instants, one new row each
+                reply = stub.RecordEntries(pb.RecordEntriesRequest(entries=[event]), timeout=30)
+                assert reply.inserted == 1
+                return AS_OF - 3600 - i
+
+            with concurrent.futures.ThreadPoolExecutor(32) as pool:
+                acknowledged = list(pool.map(record, range(400)))
+            # A bad row fails the whole call, names the row and field, and stores nothing of it.
+            good = pb.EntryEvent(person_id=person)
+            good.time.seconds = AS_OF - 10
+            with pytest.raises(grpc.RpcError) as info:
+                stub.RecordEntries(pb.RecordEntriesRequest(entries=[good, pb.EntryEvent(person_id=person)]), timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "row 1" in info.value.details() and "t" in info.value.details()
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+    finally:
+        server.stop()
+    with Store(path) as store:
+        entries = store.table("entries")
+    mine = entries["person_id"].to_numpy() == person
+    stored = set(entries["t"].to_numpy()[mine].tolist())
+    assert set(acknowledged) <= stored
+    assert AS_OF - 10 not in stored
