@@ -168,3 +168,23 @@ def test_acknowledged_ingest_survives_kill_9(tmp_path, population):
     stored = set(entries["t"].to_numpy()[mine].tolist())
     assert set(acknowledged) <= stored
     assert AS_OF - 10 not in stored
+
+
+def test_ingested_events_reach_the_next_reevaluation_and_lookup(served, population):
+    _server, stub = served
+    stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    csv = generate_risk_csv(8, AS_OF) + "659999,2021-11-25,,local_case\n"  # a county nobody visited
+    assert stub.PutRiskList(pb.PutRiskListRequest(csv=csv), timeout=60).reevaluation.changed == 0
+    person = next(pid for pid in population["person_id"].to_pylist() if pid is not None)
+    before = stub.GetStatus(pb.GetStatusRequest(person_ids=[person]), timeout=30).statuses[0]
+    assert not before.reasons_mask & 32
+    visit = pb.VisitEvent(person_id=person, region=659999, day=pb.LocalDate(year=2021, month=11, day=27))
+    assert stub.RecordVisits(pb.RecordVisitsRequest(visits=[visit]), timeout=30).inserted == 1
+    after = stub.GetStatus(pb.GetStatusRequest(person_ids=[person]), timeout=30).statuses[0]
+    assert after.reasons_mask & 32 and not after.commuter_badge and not after.entry_permitted
+    summary = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    assert summary.changed == 1
+    (change,) = itertools.islice(
+        stub.WatchChanges(pb.WatchChangesRequest(from_sequence=summary.high_water_mark - 1), timeout=30), 1
+    )
+    assert change.person_id == person and change.new_reasons & 32 and not change.old_reasons & 32

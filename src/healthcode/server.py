@@ -149,7 +149,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     state = _initial_state(settings)
     opened = _open_store(settings, state)
     book = None if opened is None else opened[1]
-    ingest = None if opened is None else IngestQueue(opened[0])
+    ingest = None if opened is None else IngestQueue(opened[0], on_commit=lambda _committed: opened[1].mark_stale())
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="evaluate")
     server = grpc.aio.server(interceptors=[ObservedService()], options=grpc_options(settings))
     server.add_generic_rpc_handlers((service_handlers(HealthCodeService(state, settings, executor, book, ingest)),))

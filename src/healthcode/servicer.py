@@ -216,6 +216,7 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
                 new = risk.with_version(old.risk_version + 1)
                 book = self.book
                 now = self.settings.now()
+                await self._run(book.refresh, old.policy, now)
                 summary = await self._run(book.reevaluate_risk_change, old.risk, new, old.policy, now)
                 await self._run(book.store.record_risk_list, new.version, new.to_csv())
             snap = self.state.put_risk_list(risk)
@@ -285,6 +286,7 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
         as_of = request.as_of.seconds if request.HasField("as_of") else self.settings.now()
         async with self._admin:
             snap = self.state.snapshot
+            await self._run(book.refresh, snap.policy, as_of)
             summary = await self._run(book.reevaluate, snap.risk, snap.policy, as_of)
         await self._notify()
         ROWS.set(summary.evaluated)
@@ -327,6 +329,9 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
         snap = self.state.snapshot
         as_of = request.as_of.seconds if request.HasField("as_of") else self.settings.now()
         ids = np.asarray(request.person_ids, dtype=np.uint64)
+        if book.stale:
+            async with self._admin:
+                await self._run(book.refresh, snap.policy, self.settings.now())
         rows = book.rows_of(ids)
         found = rows >= 0
         ctx = self._context(snap, as_of, "")

@@ -65,12 +65,31 @@ class StatusBook:
         self.store = store
         self.kernel_threads = kernel_threads
         self._lock = threading.Lock()
-        window = timeline.longest_lookback_days
-        self.view = store.population(as_of, window).combine_chunks()
+        self.stale = False  # set when ingest committed events the view does not hold yet
+        self._build(timeline, as_of)
+        self.high_water_mark = store.high_water_mark()
+
+    def _build(self, timeline: PolicyTimeline, as_of: int) -> None:
+        self.view = self.store.population(as_of, timeline.longest_lookback_days).combine_chunks()
         self.ids = self.view.column("person_id").to_numpy()
         self._index_regions()
         self._load_published()
-        self.high_water_mark = store.high_water_mark()
+
+    def mark_stale(self) -> None:
+        """Ingest committed new rows (called after each committed group)."""
+        self.stale = True
+
+    def refresh(self, timeline: PolicyTimeline, as_of: int) -> bool:
+        """Rebuild the view from the store if ingest made it stale; True when it did.
+
+        A stopgap for delta segments: correct (every committed event is seen by the next re-evaluation or lookup)
+        but a full read of the store, so its cost grows with the store."""
+        with self._lock:
+            if not self.stale:
+                return False
+            self.stale = False
+            self._build(timeline, as_of)
+            return True
 
     # -- building ---------------------------------------------------------------------------------------------
 
