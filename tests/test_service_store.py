@@ -188,3 +188,53 @@ def test_ingested_events_reach_the_next_reevaluation_and_lookup(served, populati
         stub.WatchChanges(pb.WatchChangesRequest(from_sequence=summary.high_water_mark - 1), timeout=30), 1
     )
     assert change.person_id == person and change.new_reasons & 32 and not change.old_reasons & 32
+
+
+def test_gateway_calls_continue_during_reevaluation_and_never_see_a_half_applied_list(served, population):
+    """Evaluate calls from two threads keep being answered while risk-list replacements re-evaluate in the
+    background, and each answer comes wholly from one list version."""
+    import threading
+    import time
+
+    from healthcode.wire import batch_to_persons
+
+    _server, stub = served
+    stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    persons = batch_to_persons(population.slice(0, 200))
+    base = generate_risk_csv(8, AS_OF)
+    with_beijing = base + "".join(f"{code},2021-11-20,,local_case\n" for code in (110101, 110102, 110108))
+    request = pb.EvaluateRequest(persons=persons)
+    request.as_of.seconds = AS_OF
+    expected: dict[int, list[int]] = {}
+    for version_csv in (base, with_beijing):
+        risk = parse_risk_csv(version_csv)
+        expected[len(expected)] = evaluate(population.slice(0, 200), risk, as_of=AS_OF)["reasons"].to_pylist()
+    stop = threading.Event()
+    slowest = [0.0]
+    answers: list[tuple[int, list[int]]] = []
+
+    def gateway() -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            reply = stub.Evaluate(request, timeout=30)
+            slowest[0] = max(slowest[0], time.perf_counter() - started)
+            answers.append((reply.info.risk_list_version, [s.reasons_mask for s in reply.statuses]))
+
+    threads = [threading.Thread(target=gateway) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(6):
+            reply = stub.PutRiskList(pb.PutRiskListRequest(csv=with_beijing if i % 2 == 0 else base), timeout=60)
+            assert reply.reevaluation.evaluated > 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert len(answers) > 10
+    assert expected[0] != expected[1]  # the two lists give different answers for these persons
+    assert len({version for version, _ in answers}) > 1  # the calls overlapped the replacements
+    for version, reasons in answers:
+        # Version 1 and every odd version carry the base list; even versions the one with Beijing districts.
+        assert reasons == expected[0 if version % 2 == 1 else 1], f"version {version} mixes lists"
+    assert slowest[0] < 5.0  # generous: a re-evaluation must not stall the gateway path
