@@ -332,13 +332,12 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
         if book.stale:
             async with self._admin:
                 await self._run(book.refresh, snap.policy, self.settings.now())
-        rows = book.rows_of(ids)
+        rows, result = await self._run(book.lookup, ids, snap.risk, snap.policy, as_of)
         found = rows >= 0
         ctx = self._context(snap, as_of, "")
         response = pb.EvaluateResponse(info=_info(ctx, snap))
         statuses: list[pb.Status] = []
         if found.any():
-            result = await self._run(book.evaluate_rows, rows[found], snap.risk, snap.policy, as_of, 1)
             encoded = encode_result(result.combine_chunks().to_batches()[0], response.info)
             statuses = list(pb.EvaluateResponse.FromString(encoded).statuses)
         known = iter(statuses)

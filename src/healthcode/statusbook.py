@@ -70,10 +70,11 @@ class StatusBook:
         self.high_water_mark = store.high_water_mark()
 
     def _build(self, timeline: PolicyTimeline, as_of: int) -> None:
-        self.view = self.store.population(as_of, timeline.longest_lookback_days).combine_chunks()
-        self.ids = self.view.column("person_id").to_numpy()
+        view = self.store.population(as_of, timeline.longest_lookback_days).combine_chunks()
+        self.view, self.ids = view, view.column("person_id").to_numpy()
         self._index_regions()
         self._load_published()
+        self._current = (self.view, self.ids)  # one reference: readers outside the lock take both at once
 
     def mark_stale(self) -> None:
         """Ingest committed new rows (called after each committed group)."""
@@ -133,14 +134,25 @@ class StatusBook:
         parts = [self.region_rows[self.region_offsets[i] : self.region_offsets[i + 1]] for i in k]
         return np.unique(np.concatenate(parts))
 
-    def rows_of(self, person_ids: np.ndarray) -> np.ndarray:
+    def rows_of(self, person_ids: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
         """The view row of each person id, -1 where the store has no such person."""
-        n = len(self.ids)
+        ids = self.ids if ids is None else ids
+        n = len(ids)
         if n == 0:
             return np.full(len(person_ids), -1, dtype=np.int64)
-        rows = np.searchsorted(self.ids, person_ids)
-        found = (rows < n) & (self.ids[np.minimum(rows, n - 1)] == person_ids)
+        rows = np.searchsorted(ids, person_ids)
+        found = (rows < n) & (ids[np.minimum(rows, n - 1)] == person_ids)
         return np.where(found, rows, -1)
+
+    def lookup(
+        self, person_ids: np.ndarray, risk: RiskList, timeline: PolicyTimeline, as_of: int
+    ) -> tuple[np.ndarray, pa.Table]:
+        """Evaluate stored persons: the view row of each id (-1: unknown) and the results of the known ones, in
+        request order, both from one consistent view (a concurrent refresh swaps the view as a whole)."""
+        view, ids = self._current
+        rows = self.rows_of(person_ids, ids)
+        table = view.take(pa.array(rows[rows >= 0], pa.int64()))
+        return rows, engine.evaluate(table, risk, timeline, as_of, 1)
 
     def evaluate_rows(
         self,
