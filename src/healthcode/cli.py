@@ -145,6 +145,60 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reevaluate(args: argparse.Namespace) -> int:
+    """Re-evaluate every stored person: through a running server (--target), or on the store file directly."""
+    started = time.perf_counter()
+    as_of = None if args.as_of is None else _instant(args.as_of)
+    if args.target:
+        import grpc
+
+        from ._proto.v1 import healthcode_pb2 as pb
+        from ._proto.v1 import healthcode_pb2_grpc as pb_grpc
+
+        request = pb.ReevaluateRequest()
+        if as_of is not None:
+            request.as_of.seconds = as_of
+        try:
+            with grpc.insecure_channel(args.target) as channel:
+                reply = pb_grpc.HealthCodeStub(channel).Reevaluate(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            raise CliError(f"{args.target}: {exc.code().name}: {exc.details()}") from None
+        summary = (reply.evaluated, reply.changed, reply.badges_lost, reply.badges_gained, reply.entries_lost,
+                   reply.entries_gained, reply.high_water_mark)  # fmt: skip
+    else:
+        from .policy import load_policy
+        from .regions import load_risk_list, parse_risk_csv
+        from .statusbook import StatusBook
+        from .store import DEFAULT_PATH, STORE_ENV, Store
+
+        path = args.store or os.environ.get(STORE_ENV) or DEFAULT_PATH
+        if not os.path.exists(path):
+            raise CliError(f"{path}: no such store; create it with 'healthcode load'")
+        timeline = load_policy(args.policy)
+        t = as_of if as_of is not None else int(time.time())
+        with Store(path) as store:
+            latest = store.latest_risk_list()
+            if args.risk:
+                risk = load_risk_list(args.risk).with_version((latest[0] if latest else 0) + 1)
+                store.record_risk_list(risk.version or 1, risk.to_csv())
+            elif latest is not None:
+                risk = parse_risk_csv(latest[1], f"{path}: risk list v{latest[0]}").with_version(latest[0])
+            else:
+                raise CliError(f"{path}: the store has no risk list yet; give one with --risk")
+            book = StatusBook(store, timeline, t, args.threads)
+            with _progress(len(book.ids), args.progress) as bar:
+                s = book.reevaluate(risk, timeline, t, progress=bar.update)
+        summary = (s.evaluated, s.changed, s.badges_lost, s.badges_gained, s.entries_lost, s.entries_gained,
+                   s.high_water_mark)  # fmt: skip
+    evaluated, changed, badges_lost, badges_gained, entries_lost, entries_gained, mark = summary
+    print(
+        f"{evaluated:,} persons re-evaluated, {changed:,} changed (badges -{badges_lost:,} +{badges_gained:,}, "
+        f"entries -{entries_lost:,} +{entries_gained:,}); change log at {mark:,} in "
+        f"{time.perf_counter() - started:.2f} s"
+    )
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -272,6 +326,22 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     ld.add_argument("--batch-rows", type=_threads, default=1_000_000, help=argparse.SUPPRESS)
     ld.set_defaults(func=cmd_load)
+
+    re_ = sub.add_parser(
+        "reevaluate", parents=[progress], help="re-evaluate every stored person and publish what changed",
+        description="Re-evaluate every person in the store at --as-of (default: now), diff against the last "
+        "published statuses, and commit the changes with their change-log rows in one transaction. With --target "
+        "a running server does it (the store belongs to it while it runs); otherwise the store file is used "
+        "directly, with the latest stored risk list or --risk.",
+    )  # fmt: skip
+    re_.add_argument("--target", help="a running server (host:port) to ask instead of opening the store")
+    re_.add_argument("--store", help="store file (default: $HEALTHCODE_STORE, else ./data/healthcode.duckdb)")
+    re_.add_argument("--risk", help="risk-list CSV to record as the next version and use (store mode)")
+    re_.add_argument("--policy", help="policy timeline TOML (store mode; default: the shipped policy)")
+    re_.add_argument("--as-of", help="evaluation instant, ISO-8601 with an offset (default: now)")
+    re_.add_argument("--threads", type=_threads, default=None, help="kernel threads (default: all cores)")
+    re_.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server (default 600)")
+    re_.set_defaults(func=cmd_reevaluate)
 
     srv = sub.add_parser(
         "serve", help="run the gRPC server",

@@ -14,6 +14,7 @@ published); a valid-until instant moving alone is not a change.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ import pyarrow.compute as pc
 from . import engine
 from .policy import PolicyTimeline
 from .regions import CODE_MIN, RiskList, RiskTable
+from .results import RESULT_SCHEMA
 from .store import Store
 
 
@@ -161,10 +163,15 @@ class StatusBook:
         timeline: PolicyTimeline,
         as_of: int,
         n_threads: int | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> pa.Table:
-        """The engine's result for the given view rows (all rows when ``rows`` is None)."""
+        """The engine's result for the given view rows (all rows when ``rows`` is None), in batches of a million
+        rows; ``progress(rows)`` is called after each."""
         table = self.view if rows is None else self.view.take(pa.array(rows, pa.int64()))
-        return engine.evaluate(table, risk, timeline, as_of, n_threads)
+        ctx = engine.make_context(risk, timeline, as_of)
+        batches = table.to_batches(max_chunksize=1_000_000)
+        results = list(engine.evaluate_batches(batches, ctx, n_threads, on_batch=progress))
+        return pa.Table.from_batches(results, schema=RESULT_SCHEMA)
 
     # -- re-evaluation ----------------------------------------------------------------------------------------
 
@@ -175,12 +182,13 @@ class StatusBook:
         as_of: int,
         rows: np.ndarray | None = None,
         regions_changed: int = 0,
+        progress: Callable[[int], None] | None = None,
     ) -> Summary:
         """Evaluate ``rows`` (None: everyone) with ``risk`` (whose ``version`` is recorded), diff against the
         published statuses, commit the changed ones and their change-log rows in one transaction, publish."""
         version = risk.version or 0
         with self._lock:
-            result = self.evaluate_rows(rows, risk, timeline, as_of, self.kernel_threads)
+            result = self.evaluate_rows(rows, risk, timeline, as_of, self.kernel_threads, progress)
             idx = np.arange(len(self.ids)) if rows is None else np.asarray(rows, dtype=np.int64)
             badge = result.column("commuter_badge").to_numpy(zero_copy_only=False)
             entry = result.column("entry_permitted").to_numpy(zero_copy_only=False)

@@ -922,8 +922,8 @@ class Store:
 
     def latest_risk_list(self) -> tuple[int, str] | None:
         with self._lock:
-            row = self._con.execute("SELECT version, csv FROM risk_lists ORDER BY version DESC LIMIT 1").fetchone()
-        return None if row is None else (int(row[0]), str(row[1]))
+            rows = self._con.execute("SELECT version, csv FROM risk_lists ORDER BY version DESC LIMIT 1").fetchall()
+        return None if not rows else (int(rows[0][0]), str(rows[0][1]))
 
 
 def _check_magic(path: str) -> None:
