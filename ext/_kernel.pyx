@@ -709,4 +709,31 @@ def diagnose(Population pop, RuleSet rules, const int64_t[::1] rows, uint8_t[::1
             codes[k] = diagnose_row(&pop.p, &rules.r, rows[k], &index[k])
 
 
+def group_by_code(const int32_t[::1] codes, int64_t n_codes):
+    """A counting sort: for ``codes`` in 0 .. n_codes - 1, returns (offsets int64[n_codes + 1], order int64[n]) with
+    the positions holding code c at order[offsets[c]:offsets[c + 1]], ascending.  O(n), for the status book's
+    region index (a comparison sort of ~100M visits takes minutes)."""
+    cdef int64_t n = codes.shape[0], k, c
+    offsets_arr = np.zeros(n_codes + 1, dtype=np.int64)
+    order_arr = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] offsets = offsets_arr
+    cdef int64_t[::1] order = order_arr
+    for k in range(n):
+        if codes[k] < 0 or codes[k] >= n_codes:
+            raise ValueError(f"code {codes[k]} at {k} is outside 0..{n_codes - 1}")
+    with nogil:
+        for k in range(n):
+            offsets[codes[k] + 1] += 1
+        for c in range(n_codes):
+            offsets[c + 1] += offsets[c]
+        for k in range(n):  # scatter; offsets[c] walks up to the start of c + 1, then is shifted back below
+            c = codes[k]
+            order[offsets[c]] = k
+            offsets[c] += 1
+        for c in range(n_codes, 0, -1):
+            offsets[c] = offsets[c - 1]
+        offsets[0] = 0
+    return offsets_arr, order_arr
+
+
 include "rowform.pxi"

@@ -120,3 +120,12 @@ def test_only_affected_persons_are_evaluated_and_a_replay_changes_nothing(book):
     assert set(changes["risk_list_version"].to_pylist()) == {3}
     assert (changes["new_reasons"].to_numpy() & 32).all()  # every change here is a new RISK_TRAVEL
 
+
+
+def test_group_by_code_is_a_stable_counting_sort():
+    codes = np.random.default_rng(5).integers(0, 300, 50_001).astype(np.int32)
+    offsets, order = engine.group_by_code(codes, 300)
+    np.testing.assert_array_equal(order, np.argsort(codes, kind="stable"))
+    np.testing.assert_array_equal(np.diff(offsets), np.bincount(codes, minlength=300))
+    with pytest.raises(ValueError, match="outside"):
+        engine.group_by_code(np.array([0, 300], dtype=np.int32), 300)

@@ -30,6 +30,16 @@ except ImportError:  # pragma: no cover - the extension is built by `pip install
     _kernel = None  # type: ignore[assignment]
 
 
+def group_by_code(codes: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A counting sort of int32 ``codes`` in 0 .. n_codes - 1: (offsets[n_codes + 1], order) (see _kernel)."""
+    if _kernel is not None:
+        return _kernel.group_by_code(np.ascontiguousarray(codes, dtype=np.int32), n_codes)  # type: ignore[no-any-return]
+    order = np.argsort(codes, kind="stable")
+    offsets = np.zeros(n_codes + 1, dtype=np.int64)
+    np.cumsum(np.bincount(codes, minlength=n_codes), out=offsets[1:])
+    return offsets, order
+
+
 def use_reference() -> bool:
     return _kernel is None or os.environ.get(REFERENCE_ENV, "") not in ("", "0")
 

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from . import engine
 from .policy import PolicyTimeline
-from .regions import CODE_MIN, RiskList, RiskTable
+from .regions import CODE_MIN, N_CODES, RiskList, RiskTable
 from .results import RESULT_SCHEMA
 from .store import Store
 
@@ -97,15 +97,14 @@ class StatusBook:
     # -- building ---------------------------------------------------------------------------------------------
 
     def _index_regions(self) -> None:
-        """CSR of in-window visits by region: rows of persons with a visit to region code ``codes[k]`` are
-        ``rows[offsets[k]:offsets[k + 1]]``."""
+        """In-window visits by region: the rows of persons with a visit to code ``c`` are
+        ``region_rows[region_offsets[c - CODE_MIN]:region_offsets[c - CODE_MIN + 1]]`` (O(n) counting sort)."""
         visits = self.view.column("visits").combine_chunks()
-        parents = pc.list_parent_indices(visits).to_numpy()
+        parents = pc.list_parent_indices(visits).to_numpy().astype(np.int64)
         regions = pc.struct_field(pc.list_flatten(visits), "region").to_numpy(zero_copy_only=False)
-        pairs = np.unique(np.stack([regions.astype(np.int64), parents.astype(np.int64)]), axis=1)
-        self.region_codes, starts = np.unique(pairs[0], return_index=True)
-        self.region_offsets = np.append(starts, pairs.shape[1])
-        self.region_rows = pairs[1]
+        offsets, order = engine.group_by_code((regions - CODE_MIN).astype(np.int32), N_CODES)
+        self.region_offsets = offsets
+        self.region_rows = parents[order]
 
     def _load_published(self) -> None:
         n = len(self.ids)
@@ -129,12 +128,10 @@ class StatusBook:
 
     def rows_visiting(self, regions: np.ndarray) -> np.ndarray:
         """Rows of persons with an in-window visit to any of ``regions`` (codes), ascending."""
-        k = np.searchsorted(self.region_codes, regions)
-        k = k[(k < len(self.region_codes)) & (self.region_codes[np.minimum(k, len(self.region_codes) - 1)] == regions)]
-        if len(k) == 0:
-            return np.zeros(0, dtype=np.int64)
-        parts = [self.region_rows[self.region_offsets[i] : self.region_offsets[i + 1]] for i in k]
-        return np.unique(np.concatenate(parts))
+        idx = np.asarray(regions, dtype=np.int64) - CODE_MIN
+        idx = idx[(idx >= 0) & (idx < N_CODES)]
+        parts = [self.region_rows[self.region_offsets[i] : self.region_offsets[i + 1]] for i in idx]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
     def rows_of(self, person_ids: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
         """The view row of each person id, -1 where the store has no such person."""
