@@ -1,0 +1,443 @@
+"""Store benchmarks (issue 4): a Beijing-scale store behind the server, client and server in separate processes.
+
+1. Generate the population (``healthcode generate DIR --rows N --seed 1``) and load it into a fresh DuckDB store
+   (``healthcode load``), both as subprocesses: times, rows/s, the store file size and the stored row counts.
+2. ``healthcode serve --store ... --clock 2021-11-30T12:00:00+08:00``: start-up time (until it prints "healthcode
+   serving on"; the server's own ``store_opened`` seconds from its log), resident memory (VmRSS, VmHWM) against the
+   size of the columnar view (``Table.nbytes`` of ``Store.population``, computed here after the server stopped).
+3. Full ``Reevaluate`` twice: the first publishes everyone (every status is new, so every person is a change and
+   is written to ``statuses`` and ``change_log``), the second is the steady state (nothing changed).
+4. ``PutRiskList`` adding 10 counties the population visits (start date inside the lookback window), then lifting
+   them again: end-to-end client times, evaluated/changed counts, ratio to the steady-state full re-evaluation.
+5. Ingest: bulk ``RecordEntries`` with ``arrow_ipc`` (entry events of stored persons, messages under 4 MiB) as
+   events/s; single-event ``RecordEntries`` calls at concurrency 32 from a separate load-generator process
+   (grpc.aio) as calls/s and p50/p99 (DuckDB syncs its WAL on every commit: durability on).  Then one more full
+   ``Reevaluate``: ingest marked the view stale, so it includes rebuilding the view from the store.
+6. SIGTERM the server, compute the view size, print the figures as JSON.
+
+``python benchmarks/bench_store.py`` runs the Beijing scale (22M persons: generation ~1 min, the load several
+minutes); ``--rows N`` another size; ``--quick`` (CI) 100k persons in well under a minute.  Figures are reported,
+never asserted; the machine is shared and noisy, so read the ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+import duckdb
+import grpc
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from healthcode._proto.v1 import healthcode_pb2 as pb
+from healthcode._proto.v1 import healthcode_pb2_grpc as pb_grpc
+from healthcode.generate import VISITOR_HOMES
+from healthcode.policy import load_policy
+from healthcode.regions import parse_risk_csv
+from healthcode.store import Store
+from healthcode.timebase import DAY_SECONDS, day, day_to_date
+
+AS_OF = 1638244800  # 2021-11-30T12:00:00+08:00
+AS_OF_TEXT = "2021-11-30T12:00:00+08:00"
+SEED = 1
+DEFAULT_ROWS = 22_000_000
+QUICK_ROWS = 100_000
+MESSAGE_BYTES = 4 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MESSAGE_BYTES),
+]
+LONG = 3600.0  # RPC deadline for the mass operations at full scale (seconds)
+
+
+def _bin(name: str) -> str:
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+def _run(cmd: Sequence[str], log_path: str) -> tuple[float, str]:
+    """Run a command to completion (stderr to ``log_path``, for progress); its wall time and stdout."""
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            tail = f.read()[-2000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {tail}")
+    return seconds, proc.stdout.strip()
+
+
+def _file_bytes(path: str) -> int:
+    return sum(os.path.getsize(p) for p in (path, path + ".wal") if os.path.exists(p))
+
+
+def _proc_memory(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (peak) of a process, in MB."""
+    out: dict[str, float] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = round(int(value.split()[0]) / 1024, 1)
+    return {"rss_MB": out.get("VmRSS", 0.0), "peak_rss_MB": out.get("VmHWM", 0.0)}
+
+
+# -- 1. generate and load -------------------------------------------------------------------------------------------
+
+
+def generate(workdir: str, rows: int, reuse: bool) -> dict:
+    pop = os.path.join(workdir, "population.parquet")
+    risk = os.path.join(workdir, "risk.csv")
+    if reuse and os.path.exists(pop) and os.path.exists(risk) and pq.ParquetFile(pop).metadata.num_rows == rows:
+        return {"rows": rows, "reused": True, "parquet_MB": round(os.path.getsize(pop) / 1e6, 1)}
+    cmd = [_bin("healthcode"), "generate", workdir, "--rows", str(rows), "--seed", str(SEED), "--no-progress"]
+    seconds, _ = _run(cmd, os.path.join(workdir, "generate.log"))
+    return {
+        "rows": rows,
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(rows / seconds),
+        "parquet_MB": round(os.path.getsize(pop) / 1e6, 1),
+    }
+
+
+def load(workdir: str, store: str, rows: int) -> dict:
+    for path in (store, store + ".wal"):
+        if os.path.exists(path):
+            os.remove(path)
+    pop = os.path.join(workdir, "population.parquet")
+    cmd = [_bin("healthcode"), "load", pop, "--store", store, "--progress"]  # progress in load.log (tail -f it)
+    seconds, line = _run(cmd, os.path.join(workdir, "load.log"))
+    out: dict = {"seconds": round(seconds, 2), "rows_per_s": round(rows / seconds)}
+    with duckdb.connect(store, read_only=True) as con:  # the benchmark peeks at the file directly
+        for table in ("persons", "nat_results", "entries", "visits"):
+            out[table] = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
+    out["store_MB"] = round(_file_bytes(store) / 1e6, 1)
+    out["store_bytes_per_person"] = round(_file_bytes(store) / max(1, out["persons"]), 1)
+    m = re.search(r"([\d,]+) invalid rows skipped", line)
+    out["invalid_rows_skipped"] = int(m.group(1).replace(",", "")) if m else None
+    out["cli_line"] = line
+    return out
+
+
+def sample_person_ids(store: str, n: int) -> np.ndarray:
+    """Ids of stored persons (the ingest events must name them)."""
+    with duckdb.connect(store, read_only=True) as con:
+        ids = con.execute(
+            f"SELECT person_id FROM persons USING SAMPLE reservoir({n} ROWS) REPEATABLE (1)"
+        ).fetchnumpy()["person_id"]
+    return np.asarray(ids, dtype=np.uint64)
+
+
+# -- 2. the server --------------------------------------------------------------------------------------------------
+
+
+def start_server(workdir: str, store: str, timeout: float) -> tuple[subprocess.Popen[str], str, float, str]:
+    log_path = os.path.join(workdir, "server.log")
+    cmd = [
+        _bin("healthcode"), "serve", "--store", store, "--risk", os.path.join(workdir, "risk.csv"),
+        "--clock", AS_OF_TEXT, "--listen", "127.0.0.1:0", "--metrics-listen", "",
+    ]  # fmt: skip
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    assert proc.stdout is not None
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("healthcode serving on"):
+            return proc, line.split()[-1], time.perf_counter() - started, log_path
+    proc.kill()
+    with open(log_path) as f:
+        raise RuntimeError(f"the server did not start: {f.read()[-2000:]}")
+
+
+def stop_server(proc: subprocess.Popen[str]) -> float:
+    started = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return time.perf_counter() - started
+
+
+def _store_opened_seconds(log_path: str) -> float | None:
+    with open(log_path) as f:
+        for line in f:
+            m = re.search(r'"event": "store_opened".*"seconds": ([\d.]+)', line)
+            if m:
+                return float(m.group(1))
+    return None
+
+
+# -- 3. full re-evaluation ------------------------------------------------------------------------------------------
+
+
+def _summary(s: pb.ReevaluationSummary) -> dict:
+    return {
+        "evaluated": s.evaluated, "changed": s.changed, "badges_lost": s.badges_lost,
+        "badges_gained": s.badges_gained, "entries_lost": s.entries_lost, "entries_gained": s.entries_gained,
+        "high_water_mark": s.high_water_mark, "regions_changed": s.regions_changed,
+    }  # fmt: skip
+
+
+def reevaluate(stub: pb_grpc.HealthCodeStub) -> dict:
+    request = pb.ReevaluateRequest()
+    request.as_of.seconds = AS_OF
+    started = time.perf_counter()
+    reply = stub.Reevaluate(request, timeout=LONG)
+    return {"seconds": round(time.perf_counter() - started, 3), **_summary(reply)}
+
+
+# -- 4. risk-list changes -------------------------------------------------------------------------------------------
+
+
+def pick_counties(risk_csv: str, n: int = 10) -> list[int]:
+    """The ``n`` most visited counties of the generator's visitor homes (homes and travel destinations) that no
+    entry of the risk list touches (itself, its prefecture or its province)."""
+    listed = {r for r, *_ in parse_risk_csv(risk_csv, "risk.csv").rows()}
+    out = []
+    for code in sorted(VISITOR_HOMES, key=lambda c: (-VISITOR_HOMES[c], c)):
+        if code % 100 and not ({code, code // 100 * 100, code // 10000 * 10000} & listed):
+            out.append(code)
+    return out[:n]
+
+
+def bench_risk(stub: pb_grpc.HealthCodeStub, risk_csv: str, counties: list[int], repeats: int, full_s: float) -> dict:
+    start = day_to_date(day(AS_OF) - 3).isoformat()  # listed 3 days ago, still in force: inside the window
+    added = risk_csv.rstrip("\n") + "\n" + "".join(f"{c},{start},,local_case\n" for c in counties)
+    rounds = []
+    for _ in range(repeats):
+        row = {}
+        for name, csv in (("add", added), ("lift", risk_csv)):
+            started = time.perf_counter()
+            reply = stub.PutRiskList(pb.PutRiskListRequest(csv=csv), timeout=LONG)
+            row[name] = {"seconds": round(time.perf_counter() - started, 4), **_summary(reply.reevaluation)}
+        rounds.append(row)
+    out: dict = {"counties": counties, "listed_from": start, "rounds": rounds}
+    for name in ("add", "lift"):
+        t = float(np.median([r[name]["seconds"] for r in rounds]))
+        out[f"{name}_median_s"] = round(t, 4)
+        out[f"{name}_ratio_to_full_reevaluate"] = round(t / full_s, 4) if full_s else None
+    return out
+
+
+# -- 5. ingest ------------------------------------------------------------------------------------------------------
+
+
+def bench_bulk_ingest(stub: pb_grpc.HealthCodeStub, ids: np.ndarray, events: int, in_flight: int) -> dict:
+    rng = np.random.default_rng(11)
+    # Entry scans of stored persons at 06:00-10:00 local on the last 13 days (inside the window).
+    local_midnight = (day(AS_OF) - rng.integers(1, 14, events)) * DAY_SECONDS - 8 * 3600
+    t = local_midnight + 6 * 3600 + rng.integers(0, 4 * 3600, events)
+    table = pa.table(
+        {
+            "person_id": pa.array(ids[rng.integers(0, len(ids), events)], pa.uint64()),
+            "t": pa.array(t, pa.timestamp("s", tz="UTC")),
+        }
+    )
+    messages = []
+    for start in range(0, events, 100_000):  # 100k events (~1.6 MB) per message: one ingest group each
+        sink = pa.BufferOutputStream()
+        piece = table.slice(start, 100_000)
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(piece)
+        data = sink.getvalue().to_pybytes()
+        assert len(data) < MESSAGE_BYTES - 4096
+        messages.append(data)
+    inserted = present = 0
+    started = time.perf_counter()
+    pending: list[grpc.Future] = []
+    for data in messages:
+        pending.append(stub.RecordEntries.future(pb.RecordEntriesRequest(arrow_ipc=data), timeout=LONG))
+        if len(pending) >= in_flight:
+            reply = pending.pop(0).result()
+            inserted += reply.inserted
+            present += reply.already_present
+    for fut in pending:
+        reply = fut.result()
+        inserted += reply.inserted
+        present += reply.already_present
+    seconds = time.perf_counter() - started
+    return {
+        "events": events,
+        "messages": len(messages),
+        "message_MB": round(len(messages[0]) / 1e6, 2),
+        "in_flight": in_flight,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(events / seconds),
+        "inserted": inserted,
+        "already_present": present,
+    }
+
+
+async def _single_load(target: str, ids: list[int], concurrency: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    inserted = [0]
+    counter = [0]
+    base = AS_OF - 2 * DAY_SECONDS  # distinct instants: every call stores a new row
+
+    def payload() -> bytes:
+        counter[0] += 1
+        k = counter[0]
+        event = pb.EntryEvent(person_id=ids[k % len(ids)])
+        event.time.seconds = base + k
+        return pb.RecordEntriesRequest(entries=[event]).SerializeToString()
+
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        call = channel.unary_unary(
+            "/healthcode.v1.HealthCode/RecordEntries", request_serializer=None, response_deserializer=None
+        )
+        await call(payload(), timeout=60)  # warm the channel
+        stop_at = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < stop_at:
+                data = payload()
+                t0 = time.perf_counter()
+                reply = await call(data, timeout=60)
+                latencies.append(time.perf_counter() - t0)
+                inserted[0] += pb.IngestResponse.FromString(reply).inserted
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    lat = np.array(latencies)
+    return {
+        "concurrency": concurrency,
+        "seconds": round(elapsed, 2),
+        "calls": len(latencies),
+        "calls_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 2),
+        "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 2),
+        "inserted": inserted[0],
+    }
+
+
+def _single_process(args: tuple[str, list[int], int, float], queue: mp.Queue) -> None:
+    queue.put(asyncio.run(_single_load(*args)))
+
+
+def bench_single_ingest(target: str, ids: np.ndarray, concurrency: int, seconds: float) -> dict:
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=_single_process, args=((target, ids[:10_000].tolist(), concurrency, seconds), queue))
+    proc.start()
+    out = queue.get(timeout=seconds + 300)
+    proc.join()
+    return out  # type: ignore[no-any-return]
+
+
+# -- 6. the view ----------------------------------------------------------------------------------------------------
+
+
+def view_size(store: str) -> dict:
+    lookback = load_policy(None).longest_lookback_days
+    started = time.perf_counter()
+    with Store(store) as s:
+        view = s.population(AS_OF, lookback).combine_chunks()
+    seconds = time.perf_counter() - started
+    return {
+        "persons": view.num_rows,
+        "lookback_days": lookback,
+        "nbytes_MB": round(view.nbytes / 1e6, 1),
+        "bytes_per_person": round(view.nbytes / max(1, view.num_rows), 1),
+        "entries_in_window": len(view.column("entry_times").combine_chunks().flatten()),
+        "visits_in_window": len(view.column("visits").combine_chunks().flatten()),
+        "read_seconds": round(seconds, 2),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=None, help=f"persons (default {DEFAULT_ROWS:,})")
+    parser.add_argument("--quick", action="store_true", help=f"CI: {QUICK_ROWS:,} persons, seconds not minutes")
+    parser.add_argument("--workdir", help="keep the population, store and server log here (default: a temp dir)")
+    parser.add_argument(
+        "--reuse", action="store_true",
+        help="with --workdir: reuse its population.parquet and risk.csv when the row count matches (the store is "
+        "always loaded afresh)",
+    )  # fmt: skip
+    parser.add_argument("--counties", help="comma-separated county codes to list and lift (default: 10 visited ones)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    rows = args.rows or (QUICK_ROWS if args.quick else DEFAULT_ROWS)
+    bulk_events = 100_000 if args.quick else 1_000_000
+    single_seconds = 1.0 if args.quick else 5.0
+    repeats = 3
+
+    tmp = None
+    if args.workdir:
+        workdir = args.workdir
+        os.makedirs(workdir, exist_ok=True)
+    else:
+        workdir = tmp = tempfile.mkdtemp(prefix="bench_store_")
+    store = os.path.join(workdir, "store.duckdb")
+    wall = time.perf_counter()
+    report: dict = {"rows": rows, "workdir": workdir}
+    server = None
+    try:
+        report["generate"] = generate(workdir, rows, args.reuse and bool(args.workdir))
+        report["load"] = load(workdir, store, rows)
+        ids = sample_person_ids(store, 100_000)
+        with open(os.path.join(workdir, "risk.csv")) as f:
+            risk_csv = f.read()
+
+        server, target, startup, log_path = start_server(workdir, store, LONG)
+        report["startup"] = {"seconds": round(startup, 2), **_proc_memory(server.pid)}
+        with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+            stub = pb_grpc.HealthCodeStub(channel)
+            first = reevaluate(stub)
+            steady = reevaluate(stub)
+            report["reevaluate"] = {
+                "first_publishes_everyone": first,
+                "steady_state": steady,
+                "memory_after": _proc_memory(server.pid),
+            }
+            counties = [int(c) for c in args.counties.split(",")] if args.counties else pick_counties(risk_csv)
+            report["risk_list"] = bench_risk(stub, risk_csv, counties, repeats, steady["seconds"])
+            report["ingest_bulk_arrow"] = bench_bulk_ingest(stub, ids, bulk_events, in_flight=2)
+            report["ingest_single_event"] = bench_single_ingest(target, ids, 32, single_seconds)
+            report["reevaluate_after_ingest"] = {
+                "note": "ingest marked the view stale: includes rebuilding it from the store",
+                **reevaluate(stub),
+            }
+        report["server_memory_end"] = _proc_memory(server.pid)
+        report["stop_seconds"] = round(stop_server(server), 2)
+        server = None
+        report["startup"]["store_opened_seconds"] = _store_opened_seconds(log_path)
+        report["view"] = view_size(store)
+        view_mb = report["view"]["nbytes_MB"]
+        report["startup"]["rss_over_view"] = round(report["startup"]["rss_MB"] / view_mb, 2) if view_mb else None
+        report["store_MB_end"] = round(_file_bytes(store) / 1e6, 1)
+    finally:
+        if server is not None:
+            stop_server(server)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report["wall_seconds"] = round(time.perf_counter() - wall, 1)
+    print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
