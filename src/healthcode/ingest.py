@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.ipc
 
 from ._proto.v1 import healthcode_pb2 as pb
 from .errors import StoreError
 from .store import INGEST_KINDS, IngestCounts, Store, _row_error
+from .wire import WireError, read_stream
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +125,10 @@ _CONVERTERS: dict[str, Callable[[Any], pa.Table]] = {
 def read_arrow_ipc(data: bytes) -> pa.Table:
     """All batches of an Arrow IPC stream as one table; malformed bytes raise ``StoreError("arrow_ipc: ...")``."""
     try:
-        with pyarrow.ipc.open_stream(pa.py_buffer(data)) as reader:
-            return reader.read_all()
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        what = str(exc).strip() or type(exc).__name__
-        raise StoreError(f"arrow_ipc: not a readable Arrow IPC stream: {what}") from None
+        schema, batches = read_stream(data, "arrow_ipc")
+    except WireError as exc:
+        raise StoreError(str(exc)) from None  # ingest errors are the store's (same status code either way)
+    return pa.Table.from_batches(batches, schema=schema)
 
 
 def request_table(kind: str, request: Any) -> pa.Table:

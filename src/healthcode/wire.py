@@ -193,26 +193,30 @@ def batch_to_persons(batch: pa.RecordBatch | pa.Table) -> list[pb.Person]:
     return out
 
 
-def read_ipc(data: bytes, what: str = "arrow_ipc") -> tuple[pa.Schema, list[pa.RecordBatch]]:
-    """Read a complete Arrow IPC stream zero-copy; a population schema problem names the column."""
+def read_stream(data: bytes, what: str) -> tuple[pa.Schema, list[pa.RecordBatch]]:
+    """All batches of a complete Arrow IPC stream, zero-copy; unreadable bytes raise :class:`WireError` naming
+    ``what``.  The one reader of IPC bytes from the wire (bulk requests, results, ingest)."""
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(data))
-        batches = list(reader)
-    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
-        raise WireError(f"{what}: not a readable Arrow IPC stream ({exc})") from None
+        return reader.schema, list(reader)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        detail = str(exc).strip() or type(exc).__name__
+        raise WireError(f"{what}: not a readable Arrow IPC stream: {detail}") from None
+
+
+def read_ipc(data: bytes, what: str = "arrow_ipc") -> tuple[pa.Schema, list[pa.RecordBatch]]:
+    """A population IPC stream; a schema problem names the column."""
+    schema, batches = read_stream(data, what)
     try:
-        check_schema(reader.schema)
+        check_schema(schema)
     except SchemaError as exc:
         raise WireError(f"{what}: {exc}") from None
-    return reader.schema, batches
+    return schema, batches
 
 
 def read_ipc_results(data: bytes) -> list[pa.RecordBatch]:
     """Result batches from a response's Arrow IPC stream."""
-    try:
-        return list(pa.ipc.open_stream(pa.py_buffer(data)))
-    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
-        raise WireError(f"response arrow_ipc: not a readable Arrow IPC stream ({exc})") from None
+    return read_stream(data, "response arrow_ipc")[1]
 
 
 def write_ipc(batches: Sequence[pa.RecordBatch], schema: pa.Schema) -> bytes:
