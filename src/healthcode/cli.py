@@ -120,10 +120,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from .store import DEFAULT_PATH, STORE_ENV, Store
+    from .store import Store, resolve_path
 
     started = time.perf_counter()
-    path = args.store or os.environ.get(STORE_ENV) or DEFAULT_PATH
+    path = resolve_path(args.store)
     with _population_reader(args.population, args.batch_rows) as (schema, total, batches):
         try:
             columns.check_schema(schema)
@@ -169,9 +169,9 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
         from .policy import load_policy
         from .regions import load_risk_list, parse_risk_csv
         from .statusbook import StatusBook
-        from .store import DEFAULT_PATH, STORE_ENV, Store
+        from .store import Store, resolve_path
 
-        path = args.store or os.environ.get(STORE_ENV) or DEFAULT_PATH
+        path = resolve_path(args.store)
         if not os.path.exists(path):
             raise CliError(f"{path}: no such store; create it with 'healthcode load'")
         timeline = load_policy(args.policy)

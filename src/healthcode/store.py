@@ -482,6 +482,11 @@ def _population_batches(data: Any) -> Iterator[pa.RecordBatch]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def resolve_path(path: str | os.PathLike[str] | None) -> str:
+    """The store file: ``path``, else ``$HEALTHCODE_STORE``, else ``./data/healthcode.duckdb``."""
+    return os.fspath(path) if path is not None else os.environ.get(STORE_ENV) or DEFAULT_PATH
+
+
 class Store:
     """The population store: a DuckDB file (``path``; default ``$HEALTHCODE_STORE`` or ``./data/healthcode.duckdb``).
 
@@ -490,9 +495,7 @@ class Store:
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
-        if path is None:
-            path = os.environ.get(STORE_ENV) or DEFAULT_PATH
-        self.path = os.fspath(path)
+        self.path = resolve_path(path)
         self._lock = threading.Lock()
         self._seq = 0
         if self.path != ":memory:":
