@@ -24,11 +24,6 @@ class Reason(enum.IntFlag):
     INVALID_INPUT = 1 << 15
 
 
-def reason_names(mask: int) -> list[str]:
-    """The names of the bits set in ``mask``, lowest bit first."""
-    return [r.name for r in Reason if mask & r.value and r.name]
-
-
 RESULT_SCHEMA = pa.schema(
     [
         pa.field("person_id", pa.uint64()),
