@@ -65,7 +65,7 @@ def _published(book: StatusBook) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _full(book: StatusBook, risk: RiskList) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    result = engine.evaluate(book.view, risk, TIMELINE, AS_OF)
+    result = engine.evaluate(book.view.state.table(), risk, TIMELINE, AS_OF)
     return (
         result["commuter_badge"].to_numpy(zero_copy_only=False),
         result["entry_permitted"].to_numpy(zero_copy_only=False),
@@ -88,8 +88,20 @@ def test_incremental_equals_full_on_random_edits(book, seed):
         for got, want in zip(_published(book), _full(book, new), strict=True):
             np.testing.assert_array_equal(got, want, err_msg=f"seed {seed} version {version} rows {rows}")
         current = new
-    # The store holds exactly what is published in memory, and one change-log row per change.
-    stored = book.store.statuses()
+    # The store holds exactly what is published in memory (before and after a checkpoint), one change-log row per
+    # change, and a book opened afterwards on the same store starts from the same published statuses.
+    for checkpoint in (False, True):
+        if checkpoint:
+            assert book.checkpoint() == book.high_water_mark
+        _check_store_matches(book)
+    again = StatusBook(book.store, TIMELINE, AS_OF, kernel_threads=1)
+    for got, want in zip(_published(again), _published(book), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert again.high_water_mark == book.high_water_mark == again.checkpoint_seq
+
+
+def _check_store_matches(book: StatusBook) -> None:
+    stored = book.store.published()
     rows_ = book.rows_of(stored["person_id"].to_numpy())
     assert (rows_ >= 0).all() and len(rows_) == len(book.ids)
     np.testing.assert_array_equal(stored["commuter_badge"].to_numpy(zero_copy_only=False), book.badge[rows_])

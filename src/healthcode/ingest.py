@@ -184,10 +184,11 @@ class IngestQueue:
     submission and stops growing past ``max_group_rows`` rows or ``max_group_bytes`` bytes.  At most
     ``max_pending`` submissions may wait; past that :meth:`submit` raises :class:`QueueFull`.
 
-    Store work runs on a single worker thread owned by the queue.  ``on_commit(items)`` is called in the event loop
-    after each committed group with its successful submissions (:class:`Committed`, in queue order); its errors
-    are logged, never passed to the callers.  :meth:`close` commits what is queued and stops; the store stays
-    open (its owner closes it).  ``commits`` counts transactions run, ``groups`` groups taken.
+    Store work runs on a single worker thread owned by the queue.  ``on_commit(items)`` is called on that thread
+    after each committed group with its successful submissions (:class:`Committed`, in queue order) and before
+    their callers are answered; its errors are logged, never passed to the callers.  :meth:`close` commits what is
+    queued and stops; the store stays open (its owner closes it).  ``commits`` counts transactions run,
+    ``groups`` groups taken.
     """
 
     def __init__(
@@ -296,21 +297,29 @@ class IngestQueue:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
-            committed: list[Committed] = []
-            for p, res in zip(group, results, strict=True):
-                if isinstance(res, IngestCounts):
-                    committed.append(Committed(p.kind, p.table, res))
-                    if not p.future.done():
-                        p.future.set_result(res)
-                elif not p.future.done():
-                    p.future.set_exception(res)
+            committed = [
+                Committed(p.kind, p.table, res) for p, res in zip(group, results, strict=True)
+                if isinstance(res, IngestCounts)
+            ]
             if committed:
                 self.commits += 1
                 if self.on_commit is not None:
-                    try:
-                        self.on_commit(committed)
-                    except Exception:
-                        log.exception("ingest on_commit callback failed")
+                    # Before the callers hear back, so what they wrote is visible to their next read.
+                    await loop.run_in_executor(self._executor, self._notify, committed)
+            for p, res in zip(group, results, strict=True):
+                if p.future.done():
+                    continue
+                if isinstance(res, IngestCounts):
+                    p.future.set_result(res)
+                else:
+                    p.future.set_exception(res)
+
+    def _notify(self, committed: list[Committed]) -> None:
+        assert self.on_commit is not None
+        try:
+            self.on_commit(committed)
+        except Exception:
+            log.exception("ingest on_commit callback failed")
 
     def _ingest(self, items: list[tuple[str, pa.Table]]) -> list[IngestCounts | StoreError]:
         return self.store.ingest_group(items, prepared=True)  # type: ignore[arg-type]

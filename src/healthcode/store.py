@@ -6,8 +6,13 @@ database could back the same methods later.  Layout (created on open when missin
 * ``persons`` one row per person (``person_id`` primary key), the SPEC §3 scalars and ``updated_at``.
 * ``nat_results`` append-only NAT history ``(person_id, sample_time, report_time)``; ``sample_time`` may be null.
 * ``entries`` checkpoint scans ``(person_id, t)``; ``visits`` county-days ``(person_id, region, day)``.
-* ``risk_lists``, ``policies`` every loaded version's text; ``statuses`` the last published status per person;
-  ``change_log`` status changes in ``seq`` order.  (Filled by the next slice; created now so it builds on them.)
+* ``risk_lists``, ``policies`` every loaded version's text; ``admin_log`` who changed what (risk list, policy,
+  re-evaluation) and when.
+* ``change_log`` every published status change in ``seq`` order: **the record of the published statuses**.  A
+  publish appends to it and nothing else (one transaction), so its cost is the number of changes, not the size of
+  the population.  ``statuses`` is a checkpoint of the last published status per person as of change
+  ``checkpoint.seq``; the current statuses are that checkpoint overridden by the later changes
+  (:meth:`Store.published`), and :meth:`Store.write_checkpoint` rewrites it in the background.
 
 **Instants are stored as BIGINT epoch seconds** (SPEC §2: sub-second input floored), never as TIMESTAMPTZ, so the
 store's arithmetic is the SPEC's integer arithmetic; ``visits.day`` is a DATE (the local date, as Arrow date32).
@@ -37,7 +42,7 @@ from .errors import StoreError
 from .regions import CODE_MAX, CODE_MIN, PROVINCE_OK
 from .timebase import day, day_to_date, midnight, to_instant
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_PATH = os.path.join("data", "healthcode.duckdb")
 #: Environment variable naming the store file when no path is given.
 STORE_ENV = "HEALTHCODE_STORE"
@@ -82,18 +87,15 @@ CREATE TABLE IF NOT EXISTS policies (
     toml VARCHAR NOT NULL
 );
 CREATE TABLE IF NOT EXISTS statuses (
-    person_id UBIGINT PRIMARY KEY,
+    person_id UBIGINT NOT NULL,
     commuter_badge BOOLEAN NOT NULL,
     entry_permitted BOOLEAN NOT NULL,
-    enrolled BOOLEAN NOT NULL,
     reasons USMALLINT NOT NULL,
-    badge_valid_until BIGINT,
-    entry_valid_until BIGINT,
     risk_list_version BIGINT,
     as_of BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS change_log (
-    seq BIGINT PRIMARY KEY,
+    seq BIGINT NOT NULL,
     person_id UBIGINT NOT NULL,
     old_badge BOOLEAN,
     new_badge BOOLEAN NOT NULL,
@@ -104,9 +106,45 @@ CREATE TABLE IF NOT EXISTS change_log (
     risk_list_version BIGINT,
     as_of BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS checkpoint (
+    seq BIGINT NOT NULL,
+    written_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS admin_log (
+    changed_at TIMESTAMPTZ NOT NULL,
+    caller VARCHAR NOT NULL,
+    action VARCHAR NOT NULL,
+    version BIGINT,
+    detail VARCHAR
+);
+"""
+#: Schema 1 kept every published status in ``statuses`` (keyed) and numbered the change log by a key; schema 2
+#: makes the change log the record and ``statuses`` a checkpoint (both unkeyed: appends cost no index upkeep).
+_MIGRATE_1_TO_2 = """
+CREATE TABLE statuses_v2 AS
+    SELECT person_id, commuter_badge, entry_permitted, reasons, risk_list_version, as_of FROM statuses;
+DROP TABLE statuses;
+ALTER TABLE statuses_v2 RENAME TO statuses;
+CREATE TABLE change_log_v2 AS SELECT * FROM change_log ORDER BY seq;
+DROP TABLE change_log;
+ALTER TABLE change_log_v2 RENAME TO change_log;
+INSERT INTO checkpoint SELECT coalesce(max(seq), 0), now() FROM change_log;
+INSERT INTO schema_version (version) VALUES (2);
+"""
+#: The published statuses: the checkpoint overridden by the later changes up to sequence number ``$upto``.
+_PUBLISHED = """
+WITH cp AS (SELECT coalesce(max(seq), 0) AS seq FROM checkpoint),
+tail AS (
+    SELECT person_id, new_badge AS commuter_badge, new_entry AS entry_permitted, new_reasons AS reasons,
+           risk_list_version, as_of
+    FROM change_log WHERE seq > (SELECT seq FROM cp) AND seq <= $upto
+    QUALIFY row_number() OVER (PARTITION BY person_id ORDER BY seq DESC) = 1
+)
+SELECT * FROM (SELECT s.* FROM statuses s ANTI JOIN tail t USING (person_id) UNION ALL SELECT * FROM tail)
 """
 TABLES = (
-    "persons", "nat_results", "entries", "visits", "risk_lists", "policies", "statuses", "change_log",
+    "persons", "nat_results", "entries", "visits", "risk_lists", "policies", "statuses", "change_log", "checkpoint",
+    "admin_log",
 )  # fmt: skip
 
 #: Why a population row was skipped (SPEC §4.1), in the order the checks apply; each row counts once.
@@ -497,6 +535,7 @@ class Store:
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = resolve_path(path)
         self._lock = threading.Lock()
+        self._checkpoint_lock = threading.Lock()
         self._seq = 0
         if self.path != ":memory:":
             folder = os.path.dirname(os.path.abspath(self.path))
@@ -525,6 +564,8 @@ class Store:
             found = row[0] if row else None
             if found is None:
                 self._con.execute("INSERT INTO schema_version (version) VALUES (?)", [SCHEMA_VERSION])
+            elif found == 1:
+                self._con.execute(_MIGRATE_1_TO_2)
             self._con.execute("COMMIT")
         except duckdb.Error as exc:
             self._con.execute("ROLLBACK")
@@ -537,7 +578,7 @@ class Store:
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        with self._lock:
+        with self._checkpoint_lock, self._lock:
             self._con.close()
 
     def __enter__(self) -> Store:
@@ -876,37 +917,80 @@ class Store:
 
     # -- published statuses and the change log (mass re-evaluation) ---------------------------------------------
 
-    def statuses(self) -> pa.Table:
-        """The last published status of every person (person_id, commuter_badge, entry_permitted, enrolled,
-        reasons, badge_valid_until, entry_valid_until, risk_list_version, as_of)."""
+    def published(self) -> pa.Table:
+        """The last published status of every person ever published (person_id, commuter_badge, entry_permitted,
+        reasons, risk_list_version, as_of), by person_id: the checkpoint overridden by the later changes."""
+        sql = _PUBLISHED.replace("$upto", str(2**62)) + " ORDER BY person_id"
         with self._lock:
-            return self._con.sql("SELECT * FROM statuses ORDER BY person_id").to_arrow_table()
+            try:
+                return self._con.sql(sql).to_arrow_table()
+            except duckdb.Error as exc:
+                raise StoreError(f"{self.path}: cannot read the published statuses: {_first_line(exc)}") from None
+
+    def checkpoint_seq(self) -> int:
+        """The change-log sequence number the ``statuses`` checkpoint includes (0: none written)."""
+        with self._lock:
+            return self._count("SELECT coalesce(max(seq), 0) FROM checkpoint")
+
+    def write_checkpoint(self) -> int:
+        """Rewrite the ``statuses`` checkpoint as of the change log's current high-water mark (the state
+        :meth:`published` gives), in one transaction and entirely inside the database; returns that mark.
+
+        Runs on its own connection, so ingest and publishes go on meanwhile (they write other tables); changes
+        appended meanwhile have higher sequence numbers and stay in the tail."""
+        with self._checkpoint_lock:
+            cur = self._con.cursor()
+            try:
+                cur.execute("BEGIN")
+                try:
+                    row = _one(cur.execute("SELECT coalesce(max(seq), 0) FROM change_log"))
+                    seq = int(row[0]) if row else 0
+                    cur.execute("CREATE TABLE statuses_next AS " + _PUBLISHED.replace("$upto", str(seq)))
+                    cur.execute("DROP TABLE statuses")
+                    cur.execute("ALTER TABLE statuses_next RENAME TO statuses")
+                    cur.execute("INSERT INTO checkpoint VALUES (?, now())", [seq])
+                    cur.execute("COMMIT")
+                except duckdb.Error as exc:
+                    cur.execute("ROLLBACK")
+                    raise StoreError(f"{self.path}: cannot write the status checkpoint: {_first_line(exc)}") from None
+            finally:
+                cur.close()
+            return seq
 
     def high_water_mark(self) -> int:
         """The change log's last sequence number (0 when empty)."""
-        return self._count("SELECT coalesce(max(seq), 0) FROM change_log")
+        with self._lock:
+            return self._count("SELECT coalesce(max(seq), 0) FROM change_log")
 
-    def publish(self, statuses: pa.Table, changes: pa.Table) -> int:
-        """Commit new statuses (upserted by person_id) and their change-log rows in one transaction.
+    def publish(self, changes: pa.Table) -> int:
+        """Append status changes to the change log in one transaction, numbered on from the high-water mark in
+        the order given; returns the new high-water mark.
 
-        ``changes`` has the change_log columns but ``seq``, in the order to number them; returns the new high-water
-        mark.  A reader never sees the statuses without their change-log rows or the other way round."""
+        ``changes`` has the change_log columns but ``seq`` (person_id, old/new badge, entry and reasons, the old
+        ones null for a first publish, risk_list_version, as_of)."""
 
         def work() -> int:
             base = self._count("SELECT coalesce(max(seq), 0) FROM change_log")
-            if statuses.num_rows:
-                view = self._register(statuses)
-                self._con.execute(f"INSERT OR REPLACE INTO statuses SELECT * FROM {view}")
-                self._con.unregister(view)
             if changes.num_rows:
                 view = self._register(changes)
-                self._con.execute(
-                    f"INSERT INTO change_log SELECT ? + row_number() OVER () AS seq, * FROM {view}", [base]
-                )
-                self._con.unregister(view)
+                try:
+                    self._con.execute(
+                        f"INSERT INTO change_log SELECT ? + row_number() OVER () AS seq, * FROM {view}", [base]
+                    )
+                finally:
+                    self._con.unregister(view)
             return base + changes.num_rows
 
-        return self._transaction(work)
+        return self._transaction(work)  # type: ignore[no-any-return]
+
+    def record_admin(self, caller: str, action: str, version: int | None, detail: str = "") -> None:
+        """Keep who changed what: ``caller`` (a principal name, never a secret), ``action`` (``put_risk_list``,
+        ``put_policy``, ``reevaluate``), the resulting version and a short detail."""
+        self._transaction(
+            lambda: self._con.execute(
+                "INSERT INTO admin_log VALUES (now(), ?, ?, ?, ?)", [caller, action, version, detail]
+            )
+        )
 
     def changes(self, after: int, limit: int = 10_000) -> pa.Table:
         """Change-log rows with ``seq > after``, in order, at most ``limit`` of them."""
