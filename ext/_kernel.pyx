@@ -320,9 +320,9 @@ cdef inline int row_outcome(const Rules* r, const Out* o, int64_t i, int32_t hom
     return badge * ROW_BADGE + entry * ROW_ENTRY + enrolled * ROW_ENROLLED
 
 
-cdef int evaluate_row(const Pop* p, const Rules* r, const Out* o, int64_t i) noexcept nogil:
-    """SPEC §4 for row ``i`` on its own (the path for blocks with null or invalid list elements): writes its
-    reasons and valid-until instants, returns its ROW_* flags."""
+cdef int evaluate_row(const Pop* p, const Rules* r, const Out* o, int64_t i, int64_t j) noexcept nogil:
+    """SPEC §4 for row ``i`` on its own (the path for blocks with null or invalid list elements, and for selected
+    rows): writes its reasons and valid-until instants at output index ``j``, returns its ROW_* flags."""
     cdef bint bad = False, risk = False
     cdef uint64_t entry_days = 0
     cdef int64_t start, stop
@@ -347,9 +347,9 @@ cdef int evaluate_row(const Pop* p, const Rules* r, const Out* o, int64_t i) noe
             else:
                 bad = True
     if bad:
-        return mark_invalid(o, i)
+        return mark_invalid(o, j)
 
-    return row_outcome(r, o, i, p.home[i], p.color[i],
+    return row_outcome(r, o, j, p.home[i], p.color[i],
                        bit(p.nat_valid[r.c_anchor], i), p.nat[r.c_anchor][i], p.nat_unit[r.c_anchor],
                        bit(p.nat_valid[r.e_anchor], i), p.nat[r.e_anchor][i], p.nat_unit[r.e_anchor],
                        entry_days, risk, bit(p.registered, i) and bit(p.registered_valid, i))
@@ -507,7 +507,7 @@ cdef int64_t evaluate_block(const Pop* p, const Rules* r, const Out* o, int64_t 
     for i in range(start, stop):
         b = i - start
         if not ok:
-            flags = evaluate_row(p, r, o, i)
+            flags = evaluate_row(p, r, o, i, i)
         elif not ((ok_w >> b) & 1) or not valid_code(r.province_ok, p.home[i]) or <uint8_t>p.color[i] > 2:
             flags = mark_invalid(o, i)  # §4.1 scalars; the lists were checked for the whole block above
         else:
@@ -694,6 +694,38 @@ def evaluate(Population pop, RuleSet rules, uint64_t[::1] badge, uint64_t[::1] e
         for b in prange(blocks, nogil=True, schedule="dynamic", chunksize=16, num_threads=threads):
             invalid += evaluate_block(p, r, &o, b)
     return invalid
+
+
+def evaluate_selected(Population pop, RuleSet rules, const int64_t[::1] rows, uint8_t[::1] flags,
+                      uint16_t[::1] reasons, int n_threads=1):
+    """Evaluate the given ``rows`` of ``pop`` (any order; no copy of the rows is made): for each, its ROW_* flags
+    (1 badge, 2 entry, 4 enrolled, 8 invalid) and reasons, in the order of ``rows``."""
+    cdef int64_t k, m = rows.shape[0]
+    if flags.shape[0] < m or reasons.shape[0] < m:
+        raise ValueError("outputs are shorter than rows")
+    for k in range(m):
+        if not 0 <= rows[k] < pop.p.n:
+            raise IndexError(f"row {rows[k]} is outside the batch")
+    if m == 0:
+        return
+    cdef int64_t[::1] until = np.empty(2 * m, dtype=np.int64)
+    cdef Out o
+    o.badge = NULL
+    o.entry = NULL
+    o.enrolled = NULL
+    o.reasons = &reasons[0]
+    o.badge_until = &until[0]
+    o.entry_until = &until[m]
+    cdef const Pop* p = &pop.p
+    cdef const Rules* r = &rules.r
+    cdef int threads = max(1, n_threads)
+    if threads == 1 or m < 65536:
+        with nogil:
+            for k in range(m):
+                flags[k] = <uint8_t>evaluate_row(p, r, &o, rows[k], k)
+    else:
+        for k in prange(m, nogil=True, schedule="static", chunksize=4096, num_threads=threads):
+            flags[k] = <uint8_t>evaluate_row(p, r, &o, rows[k], k)
 
 
 def diagnose(Population pop, RuleSet rules, const int64_t[::1] rows, uint8_t[::1] codes, int32_t[::1] index):

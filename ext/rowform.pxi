@@ -65,10 +65,11 @@ cdef inline void skip_field(Reader* r, uint64_t wire_type) noexcept nogil:
         r.bad = True  # groups (3, 4) and undefined wire types
 
 
-cdef inline int64_t read_timestamp_seconds(Reader* parent) noexcept nogil:
+cdef inline int64_t read_timestamp_seconds(Reader* parent, int64_t seconds) noexcept nogil:
     # google.protobuf.Timestamp: seconds = 1 (int64); nanos (>= 0) only add to it, so seconds is the floor.
+    # ``seconds`` is the value so far: a field that occurs again is merged into it (protobuf's rule for a singular
+    # message field), so an occurrence without seconds keeps it.
     cdef Reader m = sub_reader(parent)
-    cdef int64_t seconds = 0
     cdef uint64_t tag
     while m.p < m.end and not m.bad:
         tag = read_varint(&m)
@@ -103,25 +104,21 @@ cdef inline bint valid_date(int64_t y, int64_t m, int64_t d) noexcept nogil:
     return d <= mdays
 
 
-cdef inline bint read_local_date(Reader* parent, int32_t* out) noexcept nogil:
+cdef inline void read_local_date(Reader* parent, int64_t* y, int64_t* mo, int64_t* d) noexcept nogil:
+    # Merges into the fields read so far (a LocalDate that occurs twice in a Visit is merged, as protobuf does).
     cdef Reader m = sub_reader(parent)
-    cdef int64_t y = 0, mo = 0, d = 0
     cdef uint64_t tag
     while m.p < m.end and not m.bad:
         tag = read_varint(&m)
         if tag == 0x08:
-            y = <int32_t>read_varint(&m)
+            y[0] = <int32_t>read_varint(&m)
         elif tag == 0x10:
-            mo = <int32_t>read_varint(&m)
+            mo[0] = <int32_t>read_varint(&m)
         elif tag == 0x18:
-            d = <int32_t>read_varint(&m)
+            d[0] = <int32_t>read_varint(&m)
         else:
             skip_field(&m, tag & 7)
     parent.bad |= m.bad
-    if m.bad or not valid_date(y, mo, d):
-        return False
-    out[0] = <int32_t>days_from_civil(y, mo, d)
-    return True
 
 
 cdef inline bint read_iso_date(Reader s, int32_t* out) noexcept nogil:
@@ -177,6 +174,7 @@ cdef void read_visit(Reader* parent, PersonCols* c, int64_t v) noexcept nogil:
     cdef Reader m = sub_reader(parent)
     cdef uint64_t tag
     cdef bint have_date = False
+    cdef int64_t y = 0, mo = 0, d = 0
     cdef Reader iso
     iso.p = NULL
     cdef bint day_ok = False
@@ -189,13 +187,17 @@ cdef void read_visit(Reader* parent, PersonCols* c, int64_t v) noexcept nogil:
             set_bit(c.region_ok, v)
         elif tag == 0x12:
             have_date = True
-            day_ok = read_local_date(&m, &c.day[v])
+            read_local_date(&m, &y, &mo, &d)
         elif tag == 0x1a:
             iso = sub_reader(&m)
         else:
             skip_field(&m, tag & 7)
     parent.bad |= m.bad
-    if not have_date and iso.p != NULL and iso.p < iso.end:
+    if have_date:
+        day_ok = valid_date(y, mo, d)
+        if day_ok:
+            c.day[v] = <int32_t>days_from_civil(y, mo, d)
+    elif iso.p != NULL and iso.p < iso.end:
         day_ok = read_iso_date(iso, &c.day[v])
     if day_ok:
         set_bit(c.day_ok, v)
@@ -234,9 +236,9 @@ cdef void read_person(Reader* parent, PersonCols* c, Counts* at, bint fill) noex
         tag = read_varint(&m)
         if tag == 0x3a:  # 7: entry_times
             if fill:
-                c.entries[at.entries] = read_timestamp_seconds(&m)
+                c.entries[at.entries] = read_timestamp_seconds(&m, 0)
             else:
-                read_timestamp_seconds(&m)  # validates the nested bytes in the counting pass too
+                read_timestamp_seconds(&m, 0)  # validates the nested bytes in the counting pass too
             at.entries += 1
         elif tag == 0x42:  # 8: visits
             if fill:
@@ -262,10 +264,10 @@ cdef void read_person(Reader* parent, PersonCols* c, Counts* at, bint fill) noex
             c.color[i] = <int8_t>raw if raw <= 2 else -1
             set_bit(c.color_ok, i)
         elif tag == 0x2a:  # 5: nat_sample_time
-            c.sample[i] = read_timestamp_seconds(&m)
+            c.sample[i] = read_timestamp_seconds(&m, c.sample[i])
             set_bit(c.sample_ok, i)
         elif tag == 0x32:  # 6: nat_report_time
-            c.report[i] = read_timestamp_seconds(&m)
+            c.report[i] = read_timestamp_seconds(&m, c.report[i])
             set_bit(c.report_ok, i)
         else:
             skip_field(&m, tag & 7)
@@ -285,7 +287,7 @@ cdef bint read_request(Reader r, PersonCols* c, Counts* at, bint fill, int64_t* 
         if tag == 0x0a:  # 1: persons
             read_person(&r, c, at, fill)
         elif tag == 0x12:  # 2: as_of
-            as_of[0] = read_timestamp_seconds(&r)
+            as_of[0] = read_timestamp_seconds(&r, as_of[0])
             has_as_of[0] = True
         elif tag == 0x1a:  # 3: policy
             s = sub_reader(&r)
@@ -352,6 +354,8 @@ def decode_evaluate_request(data):
     at.persons = at.entries = at.visits = 0
     r.p = &view[0] if view.shape[0] else NULL
     r.bad = False
+    as_of = 0
+    has_as_of = False
     cdef bint ok
     with nogil:
         ok = read_request(r, &c, &at, True, &as_of, &has_as_of, &policy, &policy_len)

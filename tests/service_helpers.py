@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pyarrow as pa
 from conftest import EPOCH_DATE, seconds
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -31,7 +32,7 @@ HEALTHCODE = str(VENV_BIN / "healthcode")
 READY_TIMEOUT = 30.0
 
 _SERVING_RE = re.compile(r"^healthcode serving on (\S+:\d+)\s*$", re.M)
-_METRICS_RE = re.compile(r"^metrics on (http://\S+:\d+/metrics)\s*$", re.M)
+_METRICS_RE = re.compile(r"^metrics on (https?://\S+:\d+/metrics)\s*$", re.M)
 
 
 def healthcode_cmd() -> list[str]:
@@ -274,3 +275,100 @@ def collect_arrow(responses: Iterable[pb.EvaluateArrowResponse]) -> tuple[pa.Tab
             batches.extend(got)
     assert info is not None, "no response carried the EvaluationInfo"
     return pa.Table.from_batches(batches, schema=RESULT_SCHEMA), info, sizes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TLS material and secured channels (test_security, test_limits)
+
+
+class Pki:
+    """A CA, a server certificate for localhost/127.0.0.1 and client certificates, as PEM files in ``folder``:
+    ``trusted`` (CN gw-1, signed by the CA), ``admin-cert`` (CN ops-1), ``untrusted`` (CN gw-1, signed by another
+    CA), ``expired`` (CN gw-1, signed by the CA, validity over); ``path(name, "crt"|"key")``."""
+
+    def __init__(self, folder: Path) -> None:
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        now = dt.datetime.now(dt.timezone.utc)
+
+        def write(name: str, cert: Any, key: Any) -> None:
+            (self.folder / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            (self.folder / f"{name}.key").write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
+
+        def name(cn: str) -> Any:
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+        def ca(cn: str) -> tuple[Any, Any]:
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = (
+                x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(cn)).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+                .sign(key, hashes.SHA256())
+            )  # fmt: skip
+            return cert, key
+
+        def leaf(cn: str, issuer: tuple[Any, Any], server: bool, *, expired: bool = False) -> tuple[Any, Any]:
+            key = ec.generate_private_key(ec.SECP256R1())
+            start, end = (now - dt.timedelta(days=10), now - dt.timedelta(days=1)) if expired else (
+                now - dt.timedelta(days=1), now + dt.timedelta(days=30))  # fmt: skip
+            sans: list[Any] = [x509.DNSName(cn)]
+            if server:
+                sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+            cert = (
+                x509.CertificateBuilder().subject_name(name(cn)).issuer_name(issuer[0].subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(start).not_valid_after(end)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                .sign(issuer[1], hashes.SHA256())
+            )  # fmt: skip
+            return cert, key
+
+        root = ca("healthcode test CA")
+        other = ca("some other CA")
+        write("ca", *root)
+        write("other-ca", *other)
+        write("server", *leaf("localhost", root, True))
+        write("trusted", *leaf("gw-1", root, False))
+        write("admin-cert", *leaf("ops-1", root, False))
+        write("unknown-cert", *leaf("stranger", root, False))
+        write("untrusted", *leaf("gw-1", other, False))
+        write("expired", *leaf("gw-1", root, False, expired=True))
+
+    def path(self, name: str, kind: str = "crt") -> str:
+        return str(self.folder / f"{name}.{kind}")
+
+    def server_args(self, *, mutual: bool = False) -> list[str]:
+        args = ["--tls-cert", self.path("server"), "--tls-key", self.path("server", "key")]
+        return args + (["--tls-client-ca", self.path("ca")] if mutual else [])
+
+    def channel(self, address: str, client: str | None = None, token: str | None = None) -> grpc.Channel:
+        """A TLS channel trusting the test CA (with ``client``'s certificate, and a bearer token, when given)."""
+        from healthcode.client import make_channel
+
+        cert = None if client is None else self.path(client)
+        key = None if client is None else self.path(client, "key")
+        return make_channel(address, tls_ca=self.path("ca"), tls_cert=cert, tls_key=key, token=token)
+
+
+def token_channel(address: str, token: str | None) -> grpc.Channel:
+    """A plaintext channel whose calls carry ``authorization: Bearer <token>`` (none when ``token`` is None)."""
+    from healthcode.client import make_channel
+
+    return make_channel(address, token=token)

@@ -418,3 +418,39 @@ def test_cli_load_end_to_end_and_errors(tmp_path: Path) -> None:
     assert_one_line_error(run("load", "novisits.parquet", "--store", str(store), cwd=tmp_path), "'visits'")
     usage = run("load", cwd=tmp_path)
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+def test_a_schema_1_store_is_migrated_with_its_published_statuses_and_change_log(tmp_path):
+    """Schema 1 kept statuses keyed and the change log unpacked; opening it upgrades both in place."""
+    import duckdb
+
+    path = str(tmp_path / "v1.duckdb")
+    con = duckdb.connect(path)
+    con.execute("""
+        CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());
+        INSERT INTO schema_version (version) VALUES (1);
+        CREATE TABLE statuses (person_id UBIGINT PRIMARY KEY, commuter_badge BOOLEAN NOT NULL,
+            entry_permitted BOOLEAN NOT NULL, enrolled BOOLEAN NOT NULL, reasons USMALLINT NOT NULL,
+            badge_valid_until BIGINT, entry_valid_until BIGINT, risk_list_version BIGINT, as_of BIGINT NOT NULL);
+        CREATE TABLE change_log (seq BIGINT PRIMARY KEY, person_id UBIGINT NOT NULL, old_badge BOOLEAN,
+            new_badge BOOLEAN NOT NULL, old_entry BOOLEAN, new_entry BOOLEAN NOT NULL, old_reasons USMALLINT,
+            new_reasons USMALLINT NOT NULL, risk_list_version BIGINT, as_of BIGINT NOT NULL);
+        INSERT INTO change_log VALUES (1, 7, NULL, true, NULL, true, NULL, 0, 1, 100),
+                                      (2, 8, NULL, false, NULL, true, NULL, 4112, 1, 100),
+                                      (3, 7, true, false, true, false, 0, 32, 2, 200);
+        INSERT INTO statuses VALUES (7, false, false, true, 32, NULL, NULL, 2, 200),
+                                    (8, false, true, false, 4112, NULL, 5, 1, 100);
+    """)
+    con.close()
+    with Store(path) as store:
+        assert store.schema_version == 2
+        assert store.high_water_mark() == store.checkpoint_seq() == 3
+        published = store.published()
+        assert published.column("person_id").to_pylist() == [7, 8]
+        assert published.column("commuter_badge").to_pylist() == [False, False]
+        assert published.column("entry_permitted").to_pylist() == [False, True]
+        assert published.column("reasons").to_pylist() == [32, 4112]
+        changes = store.changes(0)
+        assert changes.column("old_badge").to_pylist() == [None, None, True]
+        assert changes.column("new_reasons").to_pylist() == [0, 4112, 32]
+        assert changes.column("old_reasons").to_pylist() == [None, None, 0]

@@ -166,3 +166,22 @@ def test_ingest_during_a_compaction_is_kept(tmp_path, population):
     new = compact_with_ingest_in_between(AS_OF)
     assert new.generation == snapshot_gen + 1 and len(new.overlay_slots) > 0
     _assert_view_is_store(book, store)
+
+
+def test_evaluating_selected_rows_in_place_equals_evaluating_a_copy_of_them(population):
+    """The kernel's selection path (re-evaluation by region reads rows in place) on valid and invalid rows, in any
+    order, repeated, on 1 and 2 threads."""
+    risk = parse_risk_csv(generate_risk_csv(2, AS_OF))
+    ctx = engine.make_context(risk, TIMELINE, AS_OF)
+    batch = population.combine_chunks().to_batches()[0]
+    prepared = engine.Prepared(batch)
+    rows = np.random.default_rng(4).integers(0, batch.num_rows, 70_000)
+    want = engine.evaluate(batch.take(pa.array(rows)), risk, TIMELINE, AS_OF)
+    assert (want.column("reasons").to_numpy() & (1 << 15)).any()  # some rows are invalid (SPEC §4.1)
+    for threads in (1, 2):
+        badge, entry, reasons = engine.evaluate_selected(ctx, prepared, rows, threads)
+        np.testing.assert_array_equal(badge, want.column("commuter_badge").to_numpy(zero_copy_only=False))
+        np.testing.assert_array_equal(entry, want.column("entry_permitted").to_numpy(zero_copy_only=False))
+        np.testing.assert_array_equal(reasons, want.column("reasons").to_numpy())
+    with pytest.raises(IndexError, match="outside the batch"):
+        engine.evaluate_selected(ctx, prepared, np.array([batch.num_rows]))

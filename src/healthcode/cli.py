@@ -159,7 +159,7 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
         if as_of is not None:
             request.as_of.seconds = as_of
         try:
-            with grpc.insecure_channel(args.target) as channel:
+            with _channel(args) as channel:
                 reply = pb_grpc.HealthCodeStub(channel).Reevaluate(request, timeout=args.timeout)
         except grpc.RpcError as exc:
             raise CliError(f"{args.target}: {exc.code().name}: {exc.details()}") from None
@@ -208,7 +208,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {
         "listen": args.listen, "risk": args.risk, "policy": args.policy, "metrics_listen": args.metrics_listen,
         "demo_population": args.demo_population, "demo_as_of": args.demo_as_of, "store": args.store,
-        "clock": args.clock,
+        "clock": args.clock, "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca,
+        "tokens_file": args.tokens_file, "client_roles": args.client_roles, "reflection": args.reflection,
+        "max_message_bytes": args.max_message_bytes, "max_request_rows": args.max_request_rows,
+        "max_concurrent_calls": args.max_concurrent_calls,
+        "max_concurrent_calls_per_caller": args.max_concurrent_calls_per_caller,
     }  # fmt: skip
     settings = load_settings(args.config, overrides=overrides)
     return asyncio.run(serve(settings))
@@ -227,8 +231,9 @@ def cmd_call_evaluate(args: argparse.Namespace) -> int:
         except HealthcodeError as exc:
             raise CliError(f"{args.population}: {exc}") from None
         table = pa.Table.from_batches(list(batches), schema=schema)
+    client = Client(args.target, timeout=args.timeout, channel=_channel(args))
     try:
-        with Client(args.target, timeout=args.timeout) as client, _progress(total, args.progress) as bar:
+        with client, _progress(total, args.progress) as bar:
             result, info = client.evaluate_arrow(table, as_of=as_of, policy=args.policy or "", on_rows=bar.update)
     except grpc.RpcError as exc:
         raise CliError(f"{args.target}: {exc.code().name}: {exc.details()}") from None
@@ -242,6 +247,20 @@ def cmd_call_evaluate(args: argparse.Namespace) -> int:
         f"as_of {info.as_of.ToDatetime(tzinfo=BEIJING).isoformat()}; wrote {args.out}"
     )
     return 0
+
+
+def _channel(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The channel to --target with the connection options (TLS, client certificate, bearer token)."""
+    from .client import DEFAULT_MESSAGE_BYTES, make_channel, read_token
+
+    try:
+        token = read_token(args.token_file)
+        return make_channel(
+            args.target, max_message_bytes=DEFAULT_MESSAGE_BYTES, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+            tls_key=args.tls_key, tls=True if args.tls else None, server_name=args.server_name, token=token,
+        )  # fmt: skip
+    except (OSError, ValueError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
 
 
 def _instant(text: str) -> int:
@@ -278,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     progress.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None,
         help="show a progress bar (default: on a terminal, for large inputs)",
+    )  # fmt: skip
+
+    connection = argparse.ArgumentParser(add_help=False)
+    conn = connection.add_argument_group("connection (a secured server; see README 'Security and limits')")
+    conn.add_argument("--tls", action="store_true", help="use TLS, checking the server against the system CAs")
+    conn.add_argument("--tls-ca", help="use TLS, checking the server's certificate against this CA bundle (PEM)")
+    conn.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS; with --tls-key")
+    conn.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
+    conn.add_argument("--server-name", help="the name to check the server's certificate for (default: the host)")
+    conn.add_argument(
+        "--token-file", help="file holding a bearer token (default: $HEALTHCODE_TOKEN, when set)"
     )  # fmt: skip
 
     ev = sub.add_parser(
@@ -328,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld.set_defaults(func=cmd_load)
 
     re_ = sub.add_parser(
-        "reevaluate", parents=[progress], help="re-evaluate every stored person and publish what changed",
+        "reevaluate", parents=[progress, connection], help="re-evaluate every stored person and publish what changed",
         description="Re-evaluate every person in the store at --as-of (default: now), diff against the last "
         "published statuses, and commit the changes with their change-log rows in one transaction. With --target "
         "a running server does it (the store belongs to it while it runs); otherwise the store file is used "
@@ -362,6 +392,24 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--clock", help="use this fixed instant (ISO-8601 with an offset) instead of the wall clock: replaying history"
     )
+    sec = srv.add_argument_group("security and limits (see README 'Security and limits')")
+    sec.add_argument("--tls-cert", help="server certificate chain (PEM): the port speaks TLS only; with --tls-key")
+    sec.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
+    sec.add_argument("--tls-client-ca", help="CA bundle (PEM): require client certificates it signed (mutual TLS)")
+    sec.add_argument(
+        "--tokens-file", help="bearer tokens, one 'name role token' a line (also $HEALTHCODE_TOKENS)"
+    )  # fmt: skip
+    sec.add_argument("--client-roles", help="client certificate identities and roles: 'CN-or-SAN=role,...'")
+    sec.add_argument(
+        "--reflection", action=argparse.BooleanOptionalAction, default=None,
+        help="server reflection (default: on)",
+    )  # fmt: skip
+    sec.add_argument("--max-message-bytes", type=int, help="per gRPC message, both directions (default 4194304)")
+    sec.add_argument("--max-request-rows", type=int, help="rows per request, 0: no limit (default 1000000)")
+    sec.add_argument("--max-concurrent-calls", type=int, help="calls in flight, 0: no limit (default 256)")
+    sec.add_argument(
+        "--max-concurrent-calls-per-caller", type=int, help="calls in flight per caller, 0: no limit (default 0)"
+    )  # fmt: skip
     srv.add_argument("--demo-population", help=argparse.SUPPRESS)
     srv.add_argument("--demo-as-of", help=argparse.SUPPRESS)
     srv.set_defaults(func=cmd_serve)
@@ -369,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     call = sub.add_parser("call", help="call a running server", description="Call a running healthcode server.")
     call_sub = call.add_subparsers(dest="rpc", metavar="RPC", required=True)
     ce = call_sub.add_parser(
-        "evaluate", parents=[progress], help="evaluate a population file through the bulk (Arrow) path",
+        "evaluate", parents=[progress, connection], help="evaluate a population file through the bulk (Arrow) path",
         description="Send a population file through EvaluateArrow and write the results to a Parquet file.",
     )  # fmt: skip
     ce.add_argument("population", help="population file (.parquet, or .arrow/.feather)")

@@ -2,6 +2,9 @@
 
 ``evaluate`` sends persons in row form (the gateway path); ``evaluate_arrow`` streams a ``pyarrow.Table`` through
 the bulk path in chunks under the message limit and reassembles the result table in order.
+
+Against a secured server: ``Client(target, tls_ca="ca.crt", tls_cert="client.crt", tls_key="client.key",
+token=read_token("gateway.token"))`` (TLS with a client certificate for mutual TLS, and a bearer token).
 """
 
 from __future__ import annotations
@@ -24,6 +27,102 @@ from .wire import ipc_chunks, read_ipc_results
 
 DEFAULT_MESSAGE_BYTES = 4 * 1024 * 1024
 Instant = _dt.datetime | int | float | str
+#: Environment variable a bearer token is read from when no token file is given (see :func:`read_token`).
+TOKEN_ENV = "HEALTHCODE_TOKEN"
+
+
+def read_token(path: str | os.PathLike[str] | None = None, env: str = TOKEN_ENV) -> str | None:
+    """A bearer token from a file (its first line) or else from the environment variable ``env``; None if
+    neither is given.  An unreadable or empty file raises ``ValueError`` naming the file (never the token)."""
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read the token file: {getattr(exc, 'strerror', None) or exc}") from None
+        if not token:
+            raise ValueError(f"{path}: the token file is empty")
+        return token
+    return os.environ.get(env) or None
+
+
+def channel_credentials(
+    tls_ca: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials: ``tls_ca`` the CA bundle that signed the server's certificate (None: the system roots);
+    ``tls_cert`` and ``tls_key`` this client's certificate and key, for mutual TLS."""
+
+    def read(p: str | os.PathLike[str] | None) -> bytes | None:
+        if p is None:
+            return None
+        with open(p, "rb") as f:
+            return f.read()
+
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("give both tls_cert and tls_key (the client certificate and its private key)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(tls_ca), private_key=read(tls_key), certificate_chain=read(tls_cert)
+    )
+
+
+class _Metadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds fixed metadata (the authorization header) to every call of a channel."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self.metadata = list(metadata)
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), *self.metadata])
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), requests)
+
+
+def make_channel(
+    target: str,
+    *,
+    max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
+    tls_ca: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+    tls: bool | None = None,
+    server_name: str | None = None,
+    token: str | None = None,
+) -> grpc.Channel:
+    """A channel to a healthcode server: TLS when ``tls`` (default: when any of tls_ca/tls_cert/tls_key is
+    given), and every call carrying ``authorization: Bearer <token>`` when ``token`` is given.
+    ``server_name`` overrides the name checked against the server's certificate."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    if tls is None:
+        tls = any(x is not None for x in (tls_ca, tls_cert, tls_key))
+    if tls:
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key), options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    if token:
+        channel = grpc.intercept_channel(channel, _Metadata([("authorization", f"Bearer {token}")]))
+    return channel
 
 
 def _timestamp(value: Instant) -> Any:
@@ -33,7 +132,10 @@ def _timestamp(value: Instant) -> Any:
 
 
 class Client:
-    """``Client("127.0.0.1:50051")``; use as a context manager or call :meth:`close`."""
+    """``Client("127.0.0.1:50051")``; use as a context manager or call :meth:`close`.
+
+    For a secured server give ``tls_ca`` (and ``tls_cert``/``tls_key`` under mutual TLS) and ``token`` (a bearer
+    token, e.g. from :func:`read_token`); see :func:`make_channel`."""
 
     def __init__(
         self,
@@ -42,15 +144,24 @@ class Client:
         max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
         timeout: float | None = 60.0,
         channel: grpc.Channel | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls: bool | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.max_message_bytes = max_message_bytes
         self.timeout = timeout
-        self.channel = channel or grpc.insecure_channel(
+        self.channel = channel or make_channel(
             target,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
+            max_message_bytes=max_message_bytes,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls=tls,
+            server_name=server_name,
+            token=token,
         )
         self.stub = pb_grpc.HealthCodeStub(self.channel)
 

@@ -35,6 +35,22 @@ class Settings:
     reflection: bool = True
     store: str | None = None  # DuckDB store file: enables re-evaluation, change stream, GetStatus (issue 4)
     clock: str | None = None  # a fixed instant (ISO-8601) used instead of the wall clock: replaying history, tests
+    # -- security (README "Security and limits") -------------------------------------------------------------------
+    tls_cert: str | None = None  # PEM certificate chain of the server: with tls_key, the gRPC port speaks TLS only
+    tls_key: str | None = None  # PEM private key of tls_cert
+    tls_client_ca: str | None = None  # PEM CA bundle: clients must present a certificate it signed (mutual TLS)
+    metrics_tls: bool = True  # with TLS configured, the metrics endpoint speaks HTTPS with the same certificate
+    tokens_file: str | None = None  # bearer tokens, one "name role token" a line (also: $HEALTHCODE_TOKENS)
+    client_roles: str | None = None  # mTLS identities: "CN-or-SAN=role[+role],..." (TOML: also a table)
+    # -- limits ------------------------------------------------------------------------------------------------------
+    max_request_rows: int = 1_000_000  # rows per request (row-form persons, one Arrow IPC message); 0: no limit
+    max_concurrent_calls: int = 256  # healthcode calls in flight (streams included); 0: no limit
+    max_concurrent_calls_per_caller: int = 0  # per principal (or per peer host when unauthenticated); 0: no limit
+    keepalive_time_ms: int = 60_000  # server pings an idle connection this often (0: never)
+    keepalive_timeout_ms: int = 20_000  # and drops it when the ping is not answered in this time
+    min_ping_interval_ms: int = 10_000  # clients may ping at most this often (grpc.http2.min_ping_interval...)
+    max_connection_age_ms: int = 30 * 60_000  # connections are closed (GOAWAY) after this, so channels rebalance
+    max_connection_age_grace_ms: int = 60_000  # calls still running then get this long to finish
 
     def now(self) -> int:
         """The server's clock (SPEC §2: read only when a request gives no as_of)."""
@@ -48,14 +64,19 @@ class Settings:
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
+_AT_LEAST_ONE = ("max_message_bytes", "workers", "keepalive_timeout_ms")
+
+
 def _coerce(name: str, value: Any, where: str) -> Any:
     kind = _FIELDS[name].type
+    if name == "client_roles" and isinstance(value, Mapping):
+        value = ",".join(f"{k}={v}" for k, v in value.items())  # a TOML table: identity = "role"
     try:
         if kind == "int":
             if isinstance(value, bool):
                 raise ValueError
             v = int(value)
-            if v < 0 or (name in ("max_message_bytes", "workers") and v < 1):
+            if v < 0 or (name in _AT_LEAST_ONE and v < 1):
                 raise ValueError
             return v
         if kind == "float":
@@ -76,7 +97,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             return None
         return str(value)
     except (TypeError, ValueError):
-        least = 1 if name in ("max_message_bytes", "workers") else 0
+        least = 1 if name in _AT_LEAST_ONE else 0
         wanted = {"int": f"a whole number >= {least}", "float": "a number >= 0", "bool": "true or false"}.get(
             str(kind), "a string"
         )
@@ -108,4 +129,16 @@ def load_settings(
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = _coerce(name, value, "--" + name.replace("_", "-"))
-    return Settings(**values)
+    settings = Settings(**values)
+    _check_security(settings)
+    return settings
+
+
+def _check_security(s: Settings) -> None:
+    """Settings that only make sense together."""
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise ConfigError("tls_cert and tls_key: give both (the server certificate chain and its private key)")
+    if s.tls_client_ca and not s.tls_cert:
+        raise ConfigError("tls_client_ca: mutual TLS needs TLS: give tls_cert and tls_key too")
+    if s.client_roles and not s.tls_client_ca:
+        raise ConfigError("client_roles: certificate identities need mutual TLS: give tls_client_ca too")

@@ -138,6 +138,38 @@ def evaluate_columns(ctx: Context, cols: columns.BatchColumns, n_threads: int) -
     return KernelOutput(bits, reasons, until, errors)
 
 
+class Prepared:
+    """One population batch checked and viewed once, for evaluating selected rows of it many times
+    (:func:`evaluate_selected`); holds the batch alive."""
+
+    def __init__(self, batch: pa.RecordBatch) -> None:
+        columns.check_schema(batch.schema)
+        columns.validate(batch)
+        self.batch = batch
+        self.population = None if _kernel is None else _kernel.Population(columns.batch_columns(batch))
+
+
+def evaluate_selected(
+    ctx: Context, prepared: Prepared, rows: np.ndarray, n_threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(commuter_badge, entry_permitted, reasons) of the given rows of a prepared batch, in the order of ``rows``,
+    without copying the rows out (the kernel reads them in place)."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    if prepared.population is None or use_reference():
+        taken = prepared.batch.take(pa.array(rows, pa.int64()))
+        result = next(iter(evaluate_batches([taken], ctx, 1)))
+        return (
+            np.asarray(result.column("commuter_badge").to_numpy(zero_copy_only=False), dtype=bool),
+            np.asarray(result.column("entry_permitted").to_numpy(zero_copy_only=False), dtype=bool),
+            np.asarray(result.column("reasons").to_numpy(), dtype=np.uint16),
+        )
+    threads = default_threads() if n_threads is None else n_threads
+    flags = np.empty(len(rows), dtype=np.uint8)
+    reasons = np.empty(len(rows), dtype=np.uint16)
+    _kernel.evaluate_selected(prepared.population, _rules(ctx), rows, flags, reasons, threads)
+    return (flags & 1).astype(bool), (flags & 2).astype(bool), reasons
+
+
 def _kernel_batch(ctx: Context, batch: pa.RecordBatch, n_threads: int) -> pa.RecordBatch:
     out = evaluate_columns(ctx, columns.batch_columns(batch), n_threads)
     person_id = batch.column(batch.schema.get_field_index("person_id"))

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from ._proto.v1 import healthcode_pb2 as pb
@@ -188,7 +189,8 @@ class IngestQueue:
     after each committed group with its successful submissions (:class:`Committed`, in queue order) and before
     their callers are answered; its errors are logged, never passed to the callers.  :meth:`close` commits what is
     queued and stops; the store stays open (its owner closes it).  ``commits`` counts transactions run,
-    ``groups`` groups taken.
+    ``groups`` groups taken.  ``known(person_ids) -> bool mask`` (optional) tells the store which persons are
+    stored without a database join (see :meth:`Store.ingest_group`).
     """
 
     def __init__(
@@ -199,6 +201,7 @@ class IngestQueue:
         max_group_rows: int = 100_000,
         max_group_bytes: int = 64 << 20,
         on_commit: Callable[[list[Committed]], None] | None = None,
+        known: Callable[[np.ndarray], np.ndarray | None] | None = None,
     ) -> None:
         if max_pending < 1 or max_group_rows < 1 or max_group_bytes < 1:
             raise ValueError("max_pending, max_group_rows and max_group_bytes must be >= 1")
@@ -207,6 +210,7 @@ class IngestQueue:
         self.max_group_rows = max_group_rows
         self.max_group_bytes = max_group_bytes
         self.on_commit = on_commit
+        self.known = known
         self.commits = 0
         self.groups = 0
         self.submitted = 0
@@ -322,7 +326,7 @@ class IngestQueue:
             log.exception("ingest on_commit callback failed")
 
     def _ingest(self, items: list[tuple[str, pa.Table]]) -> list[IngestCounts | StoreError]:
-        return self.store.ingest_group(items, prepared=True)  # type: ignore[arg-type]
+        return self.store.ingest_group(items, prepared=True, known=self.known)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         """Refuse new submissions, commit everything queued, stop the writer and its thread."""

@@ -18,6 +18,7 @@ import grpc
 
 from . import metrics
 from .errors import HealthcodeError
+from .limits import LimitExceeded
 
 log = logging.getLogger("healthcode.rpc")
 
@@ -35,7 +36,7 @@ class Refused(Exception):
 
 def _status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status a servicer exception maps to; None for exceptions gRPC handles itself."""
-    if isinstance(exc, Refused):
+    if isinstance(exc, (Refused, LimitExceeded)):
         return exc.code, str(exc)
     if isinstance(exc, HealthcodeError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)

@@ -176,7 +176,7 @@ class _Reader:
                     pattern["window_days"], f"{key}.commuter_pattern.window_days", 1, MAX_WINDOW_DAYS
                 ),
                 min_entry_days=self.integer(
-                    pattern["min_entry_days"], f"{key}.commuter_pattern.min_entry_days", 1
+                    pattern["min_entry_days"], f"{key}.commuter_pattern.min_entry_days", 1, MAX_DAYS
                 ),
             ),
         )
@@ -194,6 +194,8 @@ def parse_policy(text: str, source: str = "<policy>") -> PolicyTimeline:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"{source}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise PolicyError(f"{source}: not valid TOML: arrays or inline tables nested too deeply") from None
     reader = _Reader(source)
     unknown = sorted(set(doc) - _TOP_KEYS)
     if unknown:

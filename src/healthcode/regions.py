@@ -163,8 +163,9 @@ def _day_text(d: int, unbounded: int) -> str:
     return "" if d == unbounded else day_to_date(d).isoformat()
 
 
-_CODE_RE = re.compile(r"^\s*\d{6}\s*$")
-_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# re.ASCII: ``\d`` alone would also take other Unicode digits (fullwidth, Arabic-Indic, ...).
+_CODE_RE = re.compile(r"^\s*\d{6}\s*$", re.ASCII)
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$", re.ASCII)
 
 
 def _parse_fields(fields: Sequence[Any], where: str) -> tuple[int, int, int, str]:

@@ -15,9 +15,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from . import engine, metrics
+from . import engine, limits, metrics
 from ._proto.v1 import healthcode_pb2 as pb
-from .config import Settings
+from .auth import Authenticator, Guard, load_authenticator
+from .config import ConfigError, Settings
 from .ingest import IngestQueue
 from .interceptors import ObservedService, configure_logging
 from .policy import load_policy, parse_policy
@@ -103,16 +104,92 @@ def service_handlers(service: HealthCodeService) -> grpc.GenericRpcHandler:
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
-    return [
+    options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not silently share the traffic
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.max_connection_age_ms", 30 * 60_000),  # long-lived gateway channels rebalance
-        ("grpc.max_connection_age_grace_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+        ("grpc.http2.min_ping_interval_without_data_ms", settings.min_ping_interval_ms),
+        # Idle gateway channels may keep their connection alive with pings (at most every min_ping_interval_ms)
+        # without being sent GOAWAY "too_many_pings".
+        ("grpc.keepalive_permit_without_calls", 1),
     ]
+    if settings.keepalive_time_ms:
+        options.append(("grpc.keepalive_time_ms", settings.keepalive_time_ms))
+    if settings.max_connection_age_ms:
+        options.append(("grpc.max_connection_age_ms", settings.max_connection_age_ms))  # channels rebalance
+        options.append(("grpc.max_connection_age_grace_ms", settings.max_connection_age_grace_ms))
+    return options
+
+
+def _read_pem(path: str, key: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{key}: {path}: cannot read: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{key}: {path}: not a PEM file")
+    return data
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials of the gRPC port (None: plaintext); with tls_client_ca, client certificates are required
+    and checked against it (mutual TLS)."""
+    if not settings.tls_cert or not settings.tls_key:
+        return None
+    pair = (_read_pem(settings.tls_key, "tls_key"), _read_pem(settings.tls_cert, "tls_cert"))
+    ca = _read_pem(settings.tls_client_ca, "tls_client_ca") if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def _serve_metrics(settings: Settings) -> tuple[int, str]:
+    """Start the Prometheus endpoint: HTTPS with the server's certificate when TLS is configured (and client
+    certificates required under mutual TLS) unless metrics_tls is false.  Returns the port and the scheme."""
+    listen = settings.metrics_listen
+    if not (settings.tls_cert and settings.metrics_tls):
+        return metrics.serve_metrics(listen), "http"
+    from prometheus_client import start_http_server
+
+    host, _, port = listen.rpartition(":")
+    http, _thread = start_http_server(
+        int(port),
+        addr=host.strip("[]") or "127.0.0.1",
+        registry=metrics.REGISTRY,
+        certfile=settings.tls_cert,
+        keyfile=settings.tls_key,
+        client_cafile=settings.tls_client_ca,
+        client_auth_required=bool(settings.tls_client_ca),
+    )
+    return int(http.server_port), "https"
+
+
+def _security_warnings(settings: Settings, auth: Authenticator) -> None:
+    tls = bool(settings.tls_cert)
+    log.info(
+        f'{{"event": "security", "tls": {str(tls).lower()}, "mutual_tls": {str(bool(settings.tls_client_ca)).lower()}, '
+        f'"token_principals": {len(auth.tokens)}, "certificate_identities": {len(auth.identities)}, '
+        f'"max_concurrent_calls": {settings.max_concurrent_calls}, '
+        f'"max_concurrent_calls_per_caller": {settings.max_concurrent_calls_per_caller}, '
+        f'"max_request_rows": {settings.max_request_rows}}}'
+    )
+    if _is_loopback(settings.listen):
+        return
+    if not tls:
+        log.warning(
+            "LISTENING WITHOUT TLS ON A NON-LOOPBACK ADDRESS %s: plaintext is for loopback development only; "
+            "set tls_cert and tls_key",
+            settings.listen,
+        )
+        if auth.tokens:
+            log.warning("BEARER TOKENS TRAVEL IN CLEAR TEXT on %s: anyone on the path can read them", settings.listen)
+    if not auth.enabled and not settings.tls_client_ca:
+        log.warning(
+            "CALLERS ARE NOT AUTHENTICATED on the non-loopback address %s: anyone who reaches it may evaluate, "
+            "ingest and replace the risk list and the policy; configure tokens_file (or HEALTHCODE_TOKENS) or "
+            "client_roles",
+            settings.listen,
+        )
 
 
 def _is_loopback(listen: str) -> bool:
@@ -146,12 +223,22 @@ async def _demo(state: State, settings: Settings, executor: ThreadPoolExecutor) 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit code."""
     configure_logging(settings.log_level)
+    auth = load_authenticator(settings)  # bad security settings fail before the (slow) store is opened
+    credentials = server_credentials(settings)
     state = _initial_state(settings)
     opened = _open_store(settings, state)
     book = None if opened is None else opened[1]
-    ingest = None if opened is None else IngestQueue(opened[0], on_commit=lambda _committed: opened[1].mark_stale())
+    ingest = None if opened is None else IngestQueue(
+        opened[0],
+        on_commit=lambda done: opened[1].ingested([(c.kind, c.table) for c in done], settings.now()),
+        known=opened[1].knows,
+    )
+    limits.configure(settings.max_request_rows)
+    concurrency = limits.Concurrency(settings.max_concurrent_calls, settings.max_concurrent_calls_per_caller)
+    guard = Guard(auth, concurrency, client_certificates=bool(settings.tls_client_ca))
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="evaluate")
-    server = grpc.aio.server(interceptors=[ObservedService()], options=grpc_options(settings))
+    # ObservedService outermost: calls the guard refuses are logged and counted with their code.
+    server = grpc.aio.server(interceptors=[ObservedService(), guard], options=grpc_options(settings))
     server.add_generic_rpc_handlers((service_handlers(HealthCodeService(state, settings, executor, book, ingest)),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -160,23 +247,22 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         names.append(reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
     try:
-        port = server.add_insecure_port(settings.listen)
+        if credentials is None:
+            port = server.add_insecure_port(settings.listen)
+        else:
+            port = server.add_secure_port(settings.listen, credentials)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {settings.listen}: {exc}") from None
-    if not _is_loopback(settings.listen):
-        log.warning(
-            "LISTENING WITHOUT TLS ON A NON-LOOPBACK ADDRESS %s: plaintext is for loopback development only",
-            settings.listen,
-        )
+    _security_warnings(settings, auth)
     await server.start()
     for name in (SERVICE_NAME, ""):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    metrics_port = metrics.serve_metrics(settings.metrics_listen) if settings.metrics_listen else None
+    metrics_port, scheme = _serve_metrics(settings) if settings.metrics_listen else (None, "")
     host = settings.listen.rpartition(":")[0]
     address = f"{host}:{port}"
     print(f"healthcode serving on {address}", flush=True)
     if metrics_port is not None:
-        print(f"metrics on http://{settings.metrics_listen.rpartition(':')[0]}:{metrics_port}/metrics", flush=True)
+        print(f"metrics on {scheme}://{settings.metrics_listen.rpartition(':')[0]}:{metrics_port}/metrics", flush=True)
     if settings.demo_population:
         print(await _demo(state, settings, executor), flush=True)
         as_of = f" --as-of {settings.demo_as_of}" if settings.demo_as_of else ""

@@ -23,7 +23,7 @@ import pyarrow as pa
 from . import engine
 from .policy import PolicyTimeline
 from .regions import CODE_MIN, RiskList, RiskTable
-from .store import Store
+from .store import Store, pack_state
 from .view import PopulationView, ViewState
 
 
@@ -149,6 +149,12 @@ class StatusBook:
             self.stale = True
             raise
 
+    def knows(self, person_ids: np.ndarray) -> np.ndarray | None:
+        """Which of ``person_ids`` are stored, from the view (None while it is stale: ask the store)."""
+        if self.stale:
+            return None
+        return self.view.state.slots_of(person_ids) >= 0
+
     def mark_stale(self) -> None:
         self.stale = True
 
@@ -213,12 +219,10 @@ class StatusBook:
             changes = pa.table(
                 {
                     "person_id": pa.array(state.ids[idx[pick]], pa.uint64()),
-                    "old_badge": pa.array(old_badge[pick], mask=~was_known),
-                    "new_badge": pa.array(badge[pick]),
-                    "old_entry": pa.array(old_entry[pick], mask=~was_known),
-                    "new_entry": pa.array(entry[pick]),
-                    "old_reasons": pa.array(old_reasons[pick], mask=~was_known),
-                    "new_reasons": pa.array(reasons[pick]),
+                    "old_state": pa.array(
+                        pack_state(old_badge[pick], old_entry[pick], old_reasons[pick]), mask=~was_known
+                    ),
+                    "new_state": pa.array(pack_state(badge[pick], entry[pick], reasons[pick])),
                     "risk_list_version": pa.array(np.full(n_changed, version, dtype=np.int64)),
                     "as_of": pa.array(np.full(n_changed, as_of, dtype=np.int64)),
                 }

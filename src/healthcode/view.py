@@ -19,7 +19,10 @@ new state and swap the reference.
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +36,7 @@ from .regions import CODE_MIN, N_CODES
 from .timebase import day, midnight
 
 _TS = pa.timestamp("s", tz="UTC")
+log = logging.getLogger("healthcode.view")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,6 +197,7 @@ class ViewState:
     overlay_visit_regions: np.ndarray  # int32 codes of the overlay's visits, sorted
     overlay_visit_rows: np.ndarray  # int64 overlay row of each of those visits
     generation: int = 0
+    prepared_base: engine.Prepared | None = None  # the base as one checked kernel batch (selected-row evaluation)
 
     @property
     def n_base(self) -> int:
@@ -257,6 +262,10 @@ class ViewState:
             return self.base
         return self.rows(np.arange(self.n_persons, dtype=np.int64))
 
+    @functools.cached_property
+    def _prepared_overlay(self) -> engine.Prepared | None:
+        return _prepare(self.overlay)
+
     def slots_visiting(self, regions: np.ndarray) -> np.ndarray:
         """Slots of persons with an in-window visit to any of ``regions`` (codes), ascending."""
         codes = np.asarray(regions, dtype=np.int64)
@@ -267,7 +276,12 @@ class ViewState:
             lo = np.searchsorted(self.overlay_visit_regions, codes, side="left")
             hi = np.searchsorted(self.overlay_visit_regions, codes, side="right")
             parts += [self.overlay_slots[self.overlay_visit_rows[a:b]] for a, b in zip(lo, hi, strict=True)]
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        seen = np.zeros(self.n_persons, dtype=bool)  # a bitmap, not a sort: O(persons) bytes, no O(k log k)
+        for part in parts:
+            seen[part] = True
+        return np.flatnonzero(seen)
 
     def evaluate(
         self,
@@ -279,8 +293,19 @@ class ViewState:
         """(slots, commuter_badge, entry_permitted, reasons) for ``slots`` (None: every person, in slot order)."""
         if slots is not None:
             slots = np.asarray(slots, dtype=np.int64)
-            results = _evaluate(self.rows(slots), ctx, n_threads, progress)
-            return (slots, *results)
+            ov = self._overlay_rows_of(slots)
+            in_ov = ov >= 0
+            badge = np.zeros(len(slots), dtype=bool)
+            entry = np.zeros(len(slots), dtype=bool)
+            reasons = np.zeros(len(slots), dtype=np.uint16)
+            for mask, prepared, rows in ((~in_ov, self.prepared_base, slots), (in_ov, self._prepared_overlay, ov)):
+                if mask.any():
+                    assert prepared is not None
+                    b, e, r = engine.evaluate_selected(ctx, prepared, rows[mask], n_threads)
+                    badge[mask], entry[mask], reasons[mask] = b, e, r
+            if progress is not None:
+                progress(len(slots))
+            return slots, badge, entry, reasons
         badge, entry, reasons = _evaluate(self.base, ctx, n_threads, progress)
         if len(self.overlay_slots):
             n = self.n_persons
@@ -305,6 +330,11 @@ def _evaluate(
     entry = np.concatenate([_np(r.column(2), bool) for r in results])
     reasons = np.concatenate([_np(r.column(4), np.uint16) for r in results])
     return badge, entry, reasons
+
+
+def _prepare(table: pa.Table) -> engine.Prepared | None:
+    batches = table.to_batches()
+    return engine.Prepared(batches[0]) if len(batches) == 1 else None
 
 
 def _overlay_visits(overlay: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -340,6 +370,7 @@ def make_state(
             overlay_visit_regions=np.zeros(0, dtype=np.int32),
             overlay_visit_rows=np.zeros(0, dtype=np.int64),
             generation=generation,
+            prepared_base=_prepare(base),
         ),
         empty if overlay is None else overlay,
         np.zeros(0, dtype=np.int64) if overlay_slots is None else overlay_slots,
@@ -425,6 +456,7 @@ class PopulationView:
         region index, and swap it in.  Rows ingest writes meanwhile stay in the new overlay.  ``on_compacted(old,
         new, new_slot_of_old_slot)`` runs under the write lock just before the swap (the status book renumbers
         its published arrays there)."""
+        started = time.perf_counter()
         snapshot = self.state
         gen = snapshot.generation
         merged = _merge_base(snapshot)
@@ -451,6 +483,10 @@ class PopulationView:
                 self.on_compacted(current, new, remap)
             self.state = new
             self.compactions += 1
+        log.info(
+            f'{{"event": "view_compacted", "overlay_rows": {len(snapshot.overlay_slots)}, "persons": {new.n_persons}, '
+            f'"seconds": {time.perf_counter() - started:.3f}}}'
+        )
         return new
 
 

@@ -25,6 +25,7 @@ from .columns import (
 )
 from .engine import KernelOutput
 from .errors import HealthcodeError, SchemaError
+from .limits import check_rows
 from .regions import RiskList, risk_list_from_rows
 
 
@@ -43,6 +44,7 @@ def decode_request(data: bytes) -> tuple[BatchColumns, int | None, str]:
         c, as_of, policy = _kernel.decode_evaluate_request(data)
     except _kernel.WireFormatError as exc:
         raise WireError(str(exc)) from None
+    check_rows(c["n"], "persons")  # the rows-per-request limit (limits.LimitExceeded: RESOURCE_EXHAUSTED)
     all_valid = Bits(None, 0)
     nat = {"sample": (c["sample"], Bits(c["sample_ok"], 0), 0), "report": (c["report"], Bits(c["report_ok"], 0), 0)}
     cols = BatchColumns(
@@ -193,20 +195,77 @@ def batch_to_persons(batch: pa.RecordBatch | pa.Table) -> list[pb.Person]:
     return out
 
 
-def read_stream(data: bytes, what: str) -> tuple[pa.Schema, list[pa.RecordBatch]]:
+def read_stream(
+    data: bytes, what: str, *, limit_rows: bool = True, validate: bool = True
+) -> tuple[pa.Schema, list[pa.RecordBatch]]:
     """All batches of a complete Arrow IPC stream, zero-copy; unreadable bytes raise :class:`WireError` naming
-    ``what``.  The one reader of IPC bytes from the wire (bulk requests, results, ingest)."""
+    ``what``.  The one reader of IPC bytes from the wire (bulk requests, results, ingest).  More rows than the
+    rows-per-request limit raise :class:`~healthcode.limits.LimitExceeded` (RESOURCE_EXHAUSTED) as soon as the
+    batches read so far pass it (``limit_rows=False``: results, which the server itself wrote).
+
+    The IPC reader checks the framing only: buffers too short for their array, or list offsets out of range, pass
+    it.  ``validate`` (the default) checks every column in full, so nothing downstream reads past a buffer; an
+    invalid column raises :class:`WireError` naming it.  ``validate=False`` is for callers that validate the columns
+    they read themselves (the evaluation path: :func:`healthcode.columns.validate`)."""
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(data))
-        return reader.schema, list(reader)
+        batches = []
+        rows = 0
+        for batch in reader:
+            batches.append(batch)
+            rows += batch.num_rows
+            if limit_rows:
+                check_rows(rows, what)
+        schema = reader.schema
     except (pa.ArrowException, OSError, ValueError) as exc:
         detail = str(exc).strip() or type(exc).__name__
         raise WireError(f"{what}: not a readable Arrow IPC stream: {detail}") from None
+    _check_names(schema, what)
+    if validate:
+        for batch in batches:
+            _validate_batch(batch, what)
+    return schema, batches
+
+
+def _check_names(schema: pa.Schema, what: str) -> None:
+    """Every column and nested field name, and every timestamp time zone, must be UTF-8: pyarrow decodes them on
+    use (``schema.names``, ``type.tz``), and an undecodable one would raise UnicodeDecodeError there."""
+    for i, column in enumerate(schema):
+        try:
+            name = column.name
+        except UnicodeDecodeError:
+            raise WireError(f"{what}: the name of column {i} (from 0) is not UTF-8 text") from None
+        fields = [column]
+        try:
+            while fields:
+                t = fields.pop().type
+                while isinstance(t, (pa.DictionaryType, pa.ExtensionType)):
+                    t = t.value_type if isinstance(t, pa.DictionaryType) else t.storage_type
+                if isinstance(t, pa.TimestampType):
+                    t.tz  # noqa: B018 - decodes it
+                for k in range(t.num_fields):
+                    fields.append(t.field(k))
+                    fields[-1].name  # noqa: B018 - decodes it
+        except UnicodeDecodeError:
+            raise WireError(f"{what}: column {name!r} has a field name or time zone that is not UTF-8 text") from None
+
+
+def _validate_batch(batch: pa.RecordBatch, what: str) -> None:
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        try:
+            column.validate(full=True)
+        except pa.ArrowException as exc:
+            raise WireError(f"{what}: column {name!r} is not valid Arrow data: {exc}") from None
+    try:
+        batch.validate(full=True)
+    except pa.ArrowException as exc:
+        raise WireError(f"{what}: not a valid Arrow record batch: {exc}") from None
 
 
 def read_ipc(data: bytes, what: str = "arrow_ipc") -> tuple[pa.Schema, list[pa.RecordBatch]]:
-    """A population IPC stream; a schema problem names the column."""
-    schema, batches = read_stream(data, what)
+    """A population IPC stream; a schema problem names the column.  The columns are validated by the evaluation
+    (:func:`healthcode.engine.evaluate_batches`), which reads them, so not here too."""
+    schema, batches = read_stream(data, what, validate=False)
     try:
         check_schema(schema)
     except SchemaError as exc:
@@ -216,7 +275,7 @@ def read_ipc(data: bytes, what: str = "arrow_ipc") -> tuple[pa.Schema, list[pa.R
 
 def read_ipc_results(data: bytes) -> list[pa.RecordBatch]:
     """Result batches from a response's Arrow IPC stream."""
-    return read_stream(data, "response arrow_ipc")[1]
+    return read_stream(data, "response arrow_ipc", limit_rows=False)[1]
 
 
 def write_ipc(batches: Sequence[pa.RecordBatch], schema: pa.Schema) -> bytes:
