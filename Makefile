@@ -29,10 +29,12 @@ $(KERNEL): $(STAMP) $(wildcard ext/*.pyx ext/*.pxi ext/*.pxd proto/healthcode/v1
 
 LISTEN ?= 127.0.0.1:50051
 
-# The server on the shipped policy and a demo risk list; the demo population is evaluated once at start-up.
+# The server on the shipped policy, the demo risk list and a store holding the demo population (loaded once),
+# its clock fixed at the demo instant; the demo population is also evaluated once at start-up.
 serve: build
 	@test -f $(DEMO)/population.parquet || $(BIN)/healthcode generate $(DEMO) --rows $(DEMO_ROWS) --seed 1
-	$(BIN)/healthcode serve --listen $(LISTEN) --risk $(DEMO)/risk.csv \
+	@test -f $(DEMO)/store.duckdb || $(BIN)/healthcode load $(DEMO)/population.parquet --store $(DEMO)/store.duckdb
+	$(BIN)/healthcode serve --listen $(LISTEN) --risk $(DEMO)/risk.csv --store $(DEMO)/store.duckdb --clock $(AS_OF) \
 		--demo-population $(DEMO)/population.parquet --demo-as-of $(AS_OF)
 
 lint: build

@@ -238,3 +238,37 @@ def test_gateway_calls_continue_during_reevaluation_and_never_see_a_half_applied
         # Version 1 and every odd version carry the base list; even versions the one with Beijing districts.
         assert reasons == expected[0 if version % 2 == 1 else 1], f"version {version} mixes lists"
     assert slowest[0] < 5.0  # generous: a re-evaluation must not stall the gateway path
+
+
+def test_bulk_change_stream_equals_the_row_stream_and_resumes_by_sequence(served):
+    _server, stub = served
+    total = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).high_water_mark
+    rows = list(itertools.islice(stub.WatchChanges(pb.WatchChangesRequest(from_sequence=0), timeout=30), total))
+    call = stub.WatchChangesArrow(pb.WatchChangesRequest(from_sequence=17), timeout=30)
+    first = next(call)
+    call.cancel()
+    table = pa.ipc.open_stream(first.arrow_ipc).read_all()
+    assert first.first_sequence == 18 and first.last_sequence == total == table.column("seq")[-1].as_py()
+    assert table.column("seq").to_pylist() == [c.sequence for c in rows[17:]]
+    assert table.column("person_id").to_pylist() == [c.person_id for c in rows[17:]]
+    assert table.column("new_reasons").to_pylist() == [c.new_reasons for c in rows[17:]]
+    assert table.column("old_badge").null_count == table.num_rows  # a first publish has no old status
+    assert str(table.schema.field("as_of").type) == "timestamp[s, tz=UTC]"
+
+
+def test_put_policy_reevaluates_everyone_and_admin_changes_are_kept_with_their_caller(served, tmp_path):
+    server, stub = served
+    stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    # A stricter commuter NAT window (2 days instead of 14): badges are lost, none gained.
+    toml = stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).toml
+    stricter = toml.replace("length = 14", "length = 2", 1)
+    assert stricter != toml
+    reply = stub.PutPolicy(pb.PutPolicyRequest(toml=stricter), timeout=60)
+    assert reply.version == 2 and reply.reevaluation.badges_lost > 0 and reply.reevaluation.badges_gained == 0
+    server.stop()
+    with Store(tmp_path / "store.duckdb") as store:
+        log = store.admin_log()
+        assert log.column("action").to_pylist() == ["reevaluate", "put_policy"]
+        assert set(log.column("caller").to_pylist()) == {"anonymous"}
+        assert log.column("version").to_pylist()[1] == 2
+        assert store.latest_policy() == (2, stricter)

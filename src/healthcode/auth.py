@@ -44,7 +44,7 @@ ROLES = ("gateway", "ingest", "admin")
 #: Methods each role may call (admin may call every method).
 READS = frozenset({"GetRiskList", "GetPolicy"})
 ROLE_METHODS: dict[str, frozenset[str]] = {
-    "gateway": frozenset({"Evaluate", "EvaluateArrow", "GetStatus", "WatchChanges"}) | READS,
+    "gateway": frozenset({"Evaluate", "EvaluateArrow", "GetStatus", "WatchChanges", "WatchChangesArrow"}) | READS,
     "ingest": frozenset({"UpsertPersons", "RecordNatResults", "RecordEntries", "RecordVisits"}) | READS,
     "admin": frozenset(),  # everything: see allowed()
 }

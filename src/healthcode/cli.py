@@ -18,6 +18,9 @@ from .errors import HealthcodeError
 from .results import RESULT_SCHEMA
 from .timebase import BEIJING
 
+#: ``serve --store`` without a path: the default store file (``store.resolve_path``).
+DEFAULT_STORE = "<default store>"
+
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
@@ -204,7 +207,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .config import load_settings
     from .server import serve
+    from .store import resolve_path
 
+    if args.store == DEFAULT_STORE:
+        args.store = resolve_path(None)
     overrides = {
         "listen": args.listen, "risk": args.risk, "policy": args.policy, "metrics_listen": args.metrics_listen,
         "demo_population": args.demo_population, "demo_as_of": args.demo_as_of, "store": args.store,
@@ -385,10 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--policy", help="policy timeline TOML (default: the shipped policy)")
     srv.add_argument("--metrics-listen", help="host:port of the Prometheus endpoint (default 127.0.0.1:9464)")
     srv.add_argument(
-        "--store",
-        help="DuckDB store (see 'healthcode load'): enables Reevaluate, WatchChanges, GetStatus and re-evaluation "
-        "on PutRiskList",
-    )
+        "--store", nargs="?", const=DEFAULT_STORE, metavar="PATH",
+        help="DuckDB store (see 'healthcode load'; created when missing; PATH defaults to $HEALTHCODE_STORE, else "
+        "./data/healthcode.duckdb): enables ingest, Reevaluate, WatchChanges, GetStatus and re-evaluation on "
+        "PutRiskList and PutPolicy",
+    )  # fmt: skip
     srv.add_argument(
         "--clock", help="use this fixed instant (ISO-8601 with an offset) instead of the wall clock: replaying history"
     )

@@ -34,7 +34,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HealthCode"].full_name
 
 
 def _open_store(settings: Settings, state: State) -> tuple[Store, StatusBook] | None:
-    """With --store: open it, keep the starting risk list as a version, and build the status book."""
+    """With --store: open it, continue its risk-list and policy versions (the latest kept ones unless --risk or
+    --policy give new ones, which are kept as the next versions), and build the status book."""
     if not settings.store:
         return None
     store = Store(settings.store)
@@ -46,6 +47,14 @@ def _open_store(settings: Settings, state: State) -> tuple[Store, StatusBook] | 
         version = 1 if latest is None else latest[0] + 1
         state.replace_risk_list(snap.risk, version)
         store.record_risk_list(version, snap.risk.to_csv())
+    policy = store.latest_policy()
+    if policy is not None and not settings.policy:
+        where = f"{settings.store}: policy v{policy[0]}"
+        state.replace_policy(parse_policy(policy[1], where), policy[1], policy[0])
+    else:
+        version = 1 if policy is None else policy[0] + 1
+        state.replace_policy(snap.policy, snap.policy_text, version)
+        store.record_policy(version, snap.policy_text)
     started = time.perf_counter()
     book = StatusBook(store, state.snapshot.policy, settings.now(), settings.kernel_threads or None)
     log.info(
@@ -94,6 +103,7 @@ def service_handlers(service: HealthCodeService) -> grpc.GenericRpcHandler:
             "GetPolicy": handler("unary_unary", "GetPolicy", pb.GetPolicyRequest),
             "Reevaluate": handler("unary_unary", "Reevaluate", pb.ReevaluateRequest),
             "WatchChanges": handler("unary_stream", "WatchChanges", pb.WatchChangesRequest),
+            "WatchChangesArrow": handler("unary_stream", "WatchChangesArrow", pb.WatchChangesRequest),
             "GetStatus": handler("unary_unary", "GetStatus", pb.GetStatusRequest),
             "UpsertPersons": handler("unary_unary", "UpsertPersons", pb.UpsertPersonsRequest),
             "RecordNatResults": handler("unary_unary", "RecordNatResults", pb.RecordNatResultsRequest),
@@ -271,6 +281,12 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
             f"{address} {settings.demo_population}{as_of} --out result.parquet",
             flush=True,
         )
+        if book is not None:
+            print(
+                f"store {settings.store}: {len(book.ids):,} persons; publish their statuses: "
+                f".venv/bin/healthcode reevaluate --target {address}",
+                flush=True,
+            )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -290,6 +306,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     if ingest is not None:
         await ingest.close()  # commits what is still queued before the store closes
     if opened is not None:
+        opened[1].close()  # a background checkpoint or view compaction finishes first
         opened[0].close()
     print("healthcode: stopped", file=sys.stderr, flush=True)
     return 0

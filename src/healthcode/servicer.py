@@ -14,8 +14,9 @@ from concurrent.futures import Executor
 
 import grpc
 import numpy as np
+import pyarrow as pa
 
-from . import engine, metrics
+from . import auth, engine, metrics
 from ._proto.v1 import healthcode_pb2 as pb
 from ._proto.v1 import healthcode_pb2_grpc as pb_grpc
 from .config import Settings
@@ -27,6 +28,7 @@ from .state import Snapshot, State
 from .statusbook import StatusBook, Summary
 from .wire import (
     WireError,
+    changes_ipc,
     columns_to_batch,
     decode_request,
     encode_output,
@@ -43,6 +45,8 @@ log = logging.getLogger("healthcode.admin")
 INLINE_REQUEST_BYTES = 128 * 1024
 #: Bulk requests evaluated ahead of the one whose results are being sent.
 PIPELINE = 2
+#: Changes per WatchChangesArrow message (~3 MB of Arrow IPC).
+CHANGE_BATCH_ROWS = 100_000
 
 
 def _timeline(snap: Snapshot, name: str) -> PolicyTimeline:
@@ -219,6 +223,7 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
                 await self._run(book.refresh, old.policy, now)
                 summary = await self._run(book.reevaluate_risk_change, old.risk, new, old.policy, now)
                 await self._run(book.store.record_risk_list, new.version, new.to_csv())
+                await self._audit(context, "put_risk_list", new.version, f"{len(risk)} entries", summary)
             snap = self.state.put_risk_list(risk)
         if summary is not None:
             await self._notify()
@@ -238,6 +243,18 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
                 "this server has no store: start it with --store PATH (or HEALTHCODE_STORE) to use this RPC",
             )
         return self.book
+
+    async def _audit(
+        self, context: grpc.aio.ServicerContext, action: str, version: int | None, detail: str, summary: Summary | None
+    ) -> None:
+        """Keep who made an admin change, and what it did, in the store (SPEC-free: issue 5's audit trail)."""
+        assert self.book is not None
+        if summary is not None:
+            detail = (
+                f"{detail}; evaluated {summary.evaluated}, changed {summary.changed}, high-water mark "
+                f"{summary.high_water_mark}"
+            )
+        await self._run(self.book.store.record_admin, auth.caller(context), action, version, detail)
 
     async def _notify(self) -> None:
         async with self._published:
@@ -288,6 +305,7 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
             snap = self.state.snapshot
             await self._run(book.refresh, snap.policy, as_of)
             summary = await self._run(book.reevaluate, snap.risk, snap.policy, as_of)
+            await self._audit(context, "reevaluate", snap.risk_version, f"as_of {as_of}", summary)
         await self._notify()
         ROWS.set(summary.evaluated)
         log.info(f'{{"event": "reevaluated", "evaluated": {summary.evaluated}, "changed": {summary.changed}}}')
@@ -306,23 +324,43 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
                     if book.high_water_mark <= after:
                         await self._published.wait()
                 continue
-            for row in page.to_pylist():
-                change = pb.StatusChange(
-                    sequence=row["seq"],
-                    person_id=row["person_id"],
-                    old_badge=bool(row["old_badge"]),
-                    new_badge=row["new_badge"],
-                    old_entry=bool(row["old_entry"]),
-                    new_entry=row["new_entry"],
-                    old_reasons=row["old_reasons"] or 0,
-                    new_reasons=row["new_reasons"],
-                    risk_list_version=row["risk_list_version"] or 0,
+            cols = [
+                page.column(name).fill_null(False if page.schema.field(name).type == pa.bool_() else 0).to_pylist()
+                for name in (
+                    "seq", "person_id", "old_badge", "new_badge", "old_entry", "new_entry", "old_reasons",
+                    "new_reasons", "risk_list_version", "as_of",
                 )
-                change.as_of.seconds = row["as_of"]
+            ]  # fmt: skip
+            for seq, pid, ob, nb, oe, ne, orr, nr, version, as_of in zip(*cols, strict=True):
+                change = pb.StatusChange(
+                    sequence=seq, person_id=pid, old_badge=ob, new_badge=nb, old_entry=oe, new_entry=ne,
+                    old_reasons=orr, new_reasons=nr, risk_list_version=version,
+                )  # fmt: skip
+                change.as_of.seconds = as_of
                 yield change
-                after = row["seq"]
-                sent += 1
-                ROWS.set(sent)
+                after = seq
+            sent += page.num_rows
+            ROWS.set(sent)
+
+    async def WatchChangesArrow(
+        self, request: pb.WatchChangesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ChangeBatch]:
+        book = self._need_book()
+        after = request.from_sequence
+        sent = 0
+        while True:
+            page = await self._run(book.store.changes, after, CHANGE_BATCH_ROWS)
+            if page.num_rows == 0:
+                async with self._published:
+                    if book.high_water_mark <= after:
+                        await self._published.wait()
+                continue
+            first, last = page.column("seq")[0].as_py(), page.column("seq")[-1].as_py()
+            data = await self._run(changes_ipc, page)
+            yield pb.ChangeBatch(first_sequence=first, last_sequence=last, arrow_ipc=data)
+            after = last
+            sent += page.num_rows
+            ROWS.set(sent)
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
         book = self._need_book()
@@ -354,13 +392,31 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
         return pb.RiskList(version=snap.risk_version, entries=risk_entries(snap.risk))
 
     async def PutPolicy(self, request: pb.PutPolicyRequest, context: grpc.aio.ServicerContext) -> pb.PolicyTimeline:
-        timeline = parse_policy(request.toml, "toml")
-        snap = self.state.put_policy(timeline, request.toml)
+        timeline = await self._run(parse_policy, request.toml, "toml")
+        summary = None
+        async with self._admin:
+            if self.book is not None:
+                # Everyone under the new policy (windows and rules change for all), committed, then published.
+                book = self.book
+                current = self.state.snapshot
+                now = self.settings.now()
+                await self._run(book.refresh, timeline, now)
+                summary = await self._run(book.reevaluate, current.risk, timeline, now)
+                await self._run(book.store.record_policy, current.policy_version + 1, request.toml)
+                await self._audit(
+                    context, "put_policy", current.policy_version + 1, f"{len(timeline.policies)} policies", summary
+                )
+            snap = self.state.put_policy(timeline, request.toml)
+        if summary is not None:
+            await self._notify()
         metrics.POLICY_VERSION.set(snap.policy_version)
         log.info(
             f'{{"event": "policy_replaced", "version": {snap.policy_version}, "policies": {len(timeline.policies)}}}'
         )
-        return self._policy(snap)
+        response = self._policy(snap)
+        if summary is not None:
+            response.reevaluation.CopyFrom(_summary(summary))
+        return response
 
     async def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext) -> pb.PolicyTimeline:
         return self._policy(self.state.snapshot)

@@ -56,3 +56,9 @@ class State:
                 current, policy=policy, policy_text=text, policy_version=current.policy_version + 1
             )
             return self._snapshot
+
+    def replace_policy(self, policy: PolicyTimeline, text: str, version: int) -> Snapshot:
+        """Install a policy under an explicit version (start-up, continuing the versions kept in a store)."""
+        with self._lock:
+            self._snapshot = replace(self._snapshot, policy=policy, policy_text=text, policy_version=version)
+            return self._snapshot

@@ -1058,6 +1058,22 @@ class Store:
                 params=[after, limit],
             ).to_arrow_table()
 
+    def record_policy(self, version: int, toml: str) -> None:
+        """Keep a policy version (every version is kept)."""
+        self._transaction(
+            lambda: self._con.execute("INSERT OR REPLACE INTO policies VALUES (?, now(), ?)", [version, toml])
+        )
+
+    def latest_policy(self) -> tuple[int, str] | None:
+        with self._lock:
+            rows = self._con.execute("SELECT version, toml FROM policies ORDER BY version DESC LIMIT 1").fetchall()
+        return None if not rows else (int(rows[0][0]), str(rows[0][1]))
+
+    def admin_log(self) -> pa.Table:
+        """Who changed what and when (``changed_at``, ``caller``, ``action``, ``version``, ``detail``), in order."""
+        with self._lock:
+            return self._con.sql("SELECT * FROM admin_log ORDER BY changed_at").to_arrow_table()
+
     def record_risk_list(self, version: int, csv: str) -> None:
         """Keep a risk-list version (every version is kept)."""
         self._transaction(

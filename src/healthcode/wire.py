@@ -222,6 +222,7 @@ def read_stream(
         raise WireError(f"{what}: not a readable Arrow IPC stream: {detail}") from None
     _check_names(schema, what)
     if validate:
+        _check_types(schema, what)
         for batch in batches:
             _validate_batch(batch, what)
     return schema, batches
@@ -250,8 +251,21 @@ def _check_names(schema: pa.Schema, what: str) -> None:
             raise WireError(f"{what}: column {name!r} has a field name or time zone that is not UTF-8 text") from None
 
 
+def _check_types(schema: pa.Schema, what: str) -> None:
+    """pyarrow cannot build arrays of a few types (month_interval, unions): touching such a column raises KeyError
+    or ArrowNotImplementedError (``combine_chunks`` of a stream without batches builds an empty one).  Refuse them
+    up front, naming the column.  (Not ``pa.nulls``: it crashes the process on a union without members.)"""
+    for field in schema:
+        try:
+            pa.array([], field.type)
+        except (KeyError, NotImplementedError, TypeError, pa.ArrowException):
+            t = field.type
+            raise WireError(f"{what}: column {field.name!r} has type {t}, which this server cannot read") from None
+
+
 def _validate_batch(batch: pa.RecordBatch, what: str) -> None:
-    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+    for i, name in enumerate(batch.schema.names):
+        column = batch.column(i)
         try:
             column.validate(full=True)
         except pa.ArrowException as exc:
@@ -313,3 +327,14 @@ def risk_entries(risk: RiskList) -> list[pb.RiskEntry]:
 
 def risk_from_entries(entries: Sequence[pb.RiskEntry]) -> RiskList:
     return risk_list_from_rows((e.region, e.start_date, e.end_date, e.kind) for e in entries)
+
+
+def changes_ipc(page: pa.Table) -> bytes:
+    """Change-log rows (:meth:`healthcode.store.Store.changes`) as one Arrow IPC stream (WatchChangesArrow),
+    ``as_of`` as a UTC timestamp."""
+    i = page.schema.get_field_index("as_of")
+    page = page.set_column(i, "as_of", page.column(i).cast(pa.timestamp("s", tz="UTC")))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, page.schema) as writer:
+        writer.write_table(page)
+    return sink.getvalue().to_pybytes()
