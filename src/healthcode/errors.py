@@ -32,6 +32,11 @@ class StoreError(HealthcodeError):
     """
 
 
+class StoreUnavailable(StoreError):
+    """The store could not carry out a write or read that was otherwise fine (disk full, a read-only or damaged
+    file, an I/O error): not the caller's fault; retry later or elsewhere (UNAVAILABLE)."""
+
+
 def read_text(path: str | os.PathLike[str], error: type[HealthcodeError], what: str) -> str:
     """A UTF-8 text file's contents; ``error`` names the file if it cannot be read."""
     try:

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from . import metrics
-from .errors import HealthcodeError
+from .errors import HealthcodeError, StoreUnavailable
 from .limits import LimitExceeded
 
 log = logging.getLogger("healthcode.rpc")
@@ -38,6 +38,8 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status a servicer exception maps to; None for exceptions gRPC handles itself."""
     if isinstance(exc, (Refused, LimitExceeded)):
         return exc.code, str(exc)
+    if isinstance(exc, StoreUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, HealthcodeError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, MemoryError):

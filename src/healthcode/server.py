@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -34,33 +35,53 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HealthCode"].full_name
 
 
 def _open_store(settings: Settings, state: State) -> tuple[Store, StatusBook] | None:
-    """With --store: open it, continue its risk-list and policy versions (the latest kept ones unless --risk or
-    --policy give new ones, which are kept as the next versions), and build the status book."""
+    """With --store: open it, continue its risk-list and policy versions, and build the status book.
+
+    Without --risk / --policy the latest kept list and policy are in force.  A --risk or --policy that differs from
+    the latest kept one becomes the next version; when statuses were published under the old one, the persons it
+    affects are re-evaluated and the new version is kept in the same transaction as their changes, so the published
+    statuses always belong to the list and policy in force (a restart never leaves them half-applied)."""
     if not settings.store:
         return None
     store = Store(settings.store)
-    snap = state.snapshot
-    latest = store.latest_risk_list()
-    if latest is not None and not settings.risk:
-        state.replace_risk_list(parse_risk_csv(latest[1], f"{settings.store}: risk list v{latest[0]}"), latest[0])
-    else:
-        version = 1 if latest is None else latest[0] + 1
-        state.replace_risk_list(snap.risk, version)
-        store.record_risk_list(version, snap.risk.to_csv())
-    policy = store.latest_policy()
-    if policy is not None and not settings.policy:
-        where = f"{settings.store}: policy v{policy[0]}"
-        state.replace_policy(parse_policy(policy[1], where), policy[1], policy[0])
-    else:
-        version = 1 if policy is None else policy[0] + 1
-        state.replace_policy(snap.policy, snap.policy_text, version)
-        store.record_policy(version, snap.policy_text)
+    given = state.snapshot
+    kept_list = store.latest_risk_list()
+    kept_policy = store.latest_policy()
+    if kept_list is not None:
+        where = f"{settings.store}: risk list v{kept_list[0]}"
+        state.replace_risk_list(parse_risk_csv(kept_list[1], where), kept_list[0])
+    if kept_policy is not None:
+        where = f"{settings.store}: policy v{kept_policy[0]}"
+        state.replace_policy(parse_policy(kept_policy[1], where), kept_policy[1], kept_policy[0])
     started = time.perf_counter()
     book = StatusBook(store, state.snapshot.policy, settings.now(), settings.kernel_threads or None)
     log.info(
         f'{{"event": "store_opened", "persons": {len(book.ids)}, "published": {int(book.known.sum())}, '
         f'"high_water_mark": {book.high_water_mark}, "seconds": {time.perf_counter() - started:.2f}}}'
     )
+    published = book.high_water_mark > 0
+    now = settings.now()
+    if kept_policy is None or (settings.policy and given.policy_text != kept_policy[1]):
+        version = 1 if kept_policy is None else kept_policy[0] + 1
+        current = state.snapshot
+        if published:
+            book.reevaluate(current.risk, given.policy, now, keep_policy=(version, given.policy_text))
+        else:
+            store.record_policy(version, given.policy_text)
+        state.replace_policy(given.policy, given.policy_text, version)
+    if kept_list is None or (settings.risk and given.risk.to_csv() != kept_list[1]):
+        version = 1 if kept_list is None else kept_list[0] + 1
+        new = given.risk.with_version(version)
+        current = state.snapshot
+        if published:
+            summary = book.reevaluate_risk_change(current.risk, new, current.policy, now, keep=True)
+            log.info(
+                f'{{"event": "risk_list_replaced_at_start", "version": {version}, "evaluated": {summary.evaluated}, '
+                f'"changed": {summary.changed}}}'
+            )
+        else:
+            store.record_risk_list(version, new.to_csv())
+        state.replace_risk_list(new, version)
     return store, book
 
 
@@ -233,6 +254,9 @@ async def _demo(state: State, settings: Settings, executor: ThreadPoolExecutor) 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit code."""
     configure_logging(settings.log_level)
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        # Past a file-size limit a write should fail (the store answers UNAVAILABLE), not kill the server.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     auth = load_authenticator(settings)  # bad security settings fail before the (slow) store is opened
     credentials = server_credentials(settings)
     state = _initial_state(settings)

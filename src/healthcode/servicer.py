@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
@@ -221,8 +222,7 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
                 book = self.book
                 now = self.settings.now()
                 await self._run(book.refresh, old.policy, now)
-                summary = await self._run(book.reevaluate_risk_change, old.risk, new, old.policy, now)
-                await self._run(book.store.record_risk_list, new.version, new.to_csv())
+                summary = await self._run(book.reevaluate_risk_change, old.risk, new, old.policy, now, True)
                 await self._audit(context, "put_risk_list", new.version, f"{len(risk)} entries", summary)
             snap = self.state.put_risk_list(risk)
         if summary is not None:
@@ -401,8 +401,10 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
                 current = self.state.snapshot
                 now = self.settings.now()
                 await self._run(book.refresh, timeline, now)
-                summary = await self._run(book.reevaluate, current.risk, timeline, now)
-                await self._run(book.store.record_policy, current.policy_version + 1, request.toml)
+                kept = (current.policy_version + 1, request.toml)
+                summary = await self._run(
+                    functools.partial(book.reevaluate, current.risk, timeline, now, keep_policy=kept)
+                )
                 await self._audit(
                     context, "put_policy", current.policy_version + 1, f"{len(timeline.policies)} policies", summary
                 )

@@ -198,10 +198,13 @@ class StatusBook:
         regions_changed: int = 0,
         progress: Callable[[int], None] | None = None,
         regions: np.ndarray | None = None,
+        keep_risk_list: bool = False,
+        keep_policy: tuple[int, str] | None = None,
     ) -> Summary:
         """Evaluate view slots ``rows`` (None: everyone; or the persons visiting ``regions``) with ``risk`` (whose
         ``version`` is recorded), diff against the published statuses, append the changes to the store's change
-        log (one transaction), then publish them in memory."""
+        log (one transaction), then publish them in memory.  ``keep_risk_list`` stores ``risk`` as its version, and
+        ``keep_policy`` ``(version, toml)`` a policy, in that same transaction."""
         version = risk.version or 0
         ctx = engine.make_context(risk, timeline, as_of)
         with self._lock:
@@ -227,7 +230,8 @@ class StatusBook:
                     "as_of": pa.array(np.full(n_changed, as_of, dtype=np.int64)),
                 }
             )
-            high_water_mark = self.store.publish(changes)
+            kept_list = (version, risk.to_csv()) if keep_risk_list else None
+            high_water_mark = self.store.publish(changes, risk_list=kept_list, policy=keep_policy)
             # Committed: publish in memory.
             slots_changed = idx[pick]
             self.known[slots_changed] = True
@@ -249,13 +253,18 @@ class StatusBook:
             regions_changed=regions_changed,
         )
 
-    def reevaluate_risk_change(self, old: RiskList, new: RiskList, timeline: PolicyTimeline, as_of: int) -> Summary:
+    def reevaluate_risk_change(
+        self, old: RiskList, new: RiskList, timeline: PolicyTimeline, as_of: int, keep: bool = False
+    ) -> Summary:
         """A risk-list replacement: re-evaluate only the persons with in-window visits to regions whose folded
-        risk for ``day(as_of)`` changed (SPEC §4.3 hierarchy included), with the new list."""
+        risk for ``day(as_of)`` changed (SPEC §4.3 hierarchy included), with the new list (``keep``: and store the
+        new list as its version in the same transaction as the changes)."""
         ctx_old = engine.make_context(old, timeline, as_of)
         ctx_new = engine.make_context(new, timeline, as_of)
         regions = changed_regions(ctx_old.risk_table, ctx_new.risk_table)
-        return self.reevaluate(new, timeline, as_of, regions=regions, regions_changed=len(regions))
+        return self.reevaluate(
+            new, timeline, as_of, regions=regions, regions_changed=len(regions), keep_risk_list=keep
+        )
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import columns
-from .errors import StoreError
+from .errors import StoreError, StoreUnavailable
 from .regions import CODE_MAX, CODE_MIN, PROVINCE_OK
 from .timebase import day, day_to_date, midnight, to_instant
 
@@ -636,10 +636,10 @@ class Store:
                 result = work()
                 self._con.execute("COMMIT")
             except duckdb.Error as exc:
-                self._con.execute("ROLLBACK")
-                raise StoreError(f"{self.path}: the store rejected the write: {_first_line(exc)}") from None
+                _rollback(self._con)
+                raise StoreUnavailable(f"{self.path}: the store cannot write now: {_first_line(exc)}") from None
             except BaseException:
-                self._con.execute("ROLLBACK")
+                _rollback(self._con)
                 raise
             return result
 
@@ -1006,9 +1006,13 @@ class Store:
         with self._lock:
             return self._count("SELECT coalesce(max(seq), 0) FROM change_log")
 
-    def publish(self, changes: pa.Table) -> int:
+    def publish(
+        self, changes: pa.Table, risk_list: tuple[int, str] | None = None, policy: tuple[int, str] | None = None
+    ) -> int:
         """Append status changes to the change log in one transaction, numbered on from the high-water mark in
-        the order given; returns the new high-water mark.
+        the order given; returns the new high-water mark.  ``risk_list`` / ``policy`` ``(version, text)`` are kept
+        in the same transaction: the statuses a new list or policy produced are never stored without it, nor it
+        without them.
 
         ``changes`` has the columns ``person_id``, ``old_state`` (null for a first publish), ``new_state`` (see
         :func:`pack_state`), ``risk_list_version`` and ``as_of``.  This process is the store's only writer, so the
@@ -1028,6 +1032,10 @@ class Store:
                     )
                 finally:
                     self._con.unregister(view)
+            if risk_list is not None:
+                self._con.execute("INSERT OR REPLACE INTO risk_lists VALUES (?, now(), ?)", list(risk_list))
+            if policy is not None:
+                self._con.execute("INSERT OR REPLACE INTO policies VALUES (?, now(), ?)", list(policy))
             return base + changes.num_rows
 
         try:
@@ -1107,6 +1115,14 @@ def _check_magic(path: str) -> None:
         raise StoreError(f"{path}: cannot read the store: {exc.strerror or exc}") from None
     if head and head[8:12] != b"DUCK":
         raise StoreError(f"{path}: not a DuckDB database file; give a new path or an existing store")
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back the open transaction; after a fatal I/O error DuckDB may refuse even that (it is then gone)."""
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass
 
 
 def _one(result: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:

@@ -240,7 +240,7 @@ def _check_names(schema: pa.Schema, what: str) -> None:
         try:
             while fields:
                 t = fields.pop().type
-                while isinstance(t, (pa.DictionaryType, pa.ExtensionType)):
+                while isinstance(t, (pa.DictionaryType, pa.BaseExtensionType)):
                     t = t.value_type if isinstance(t, pa.DictionaryType) else t.storage_type
                 if isinstance(t, pa.TimestampType):
                     t.tz  # noqa: B018 - decodes it
@@ -258,7 +258,7 @@ def _check_types(schema: pa.Schema, what: str) -> None:
     for field in schema:
         try:
             pa.array([], field.type)
-        except (KeyError, NotImplementedError, TypeError, pa.ArrowException):
+        except (KeyError, NotImplementedError, TypeError, ValueError, pa.ArrowException):
             t = field.type
             raise WireError(f"{what}: column {field.name!r} has type {t}, which this server cannot read") from None
 
