@@ -515,6 +515,52 @@ def _population_rows(batch: pa.RecordBatch) -> tuple[dict[str, pa.Table], list[i
     return {"persons": persons, "nat": nat, "entries": entries, "visits": visits}, skipped
 
 
+def _list_offsets(ids: np.ndarray, owners: np.ndarray) -> pa.Array:
+    """Offsets of the list column whose elements belong to ``owners`` (sorted person ids; all in ``ids``)."""
+    offsets = np.searchsorted(owners, ids, side="left").astype(np.int64)
+    return pa.array(np.append(offsets, len(owners)).astype(np.int32), pa.int32())
+
+
+def _assemble_population(parts: dict[str, pa.Table]) -> pa.Table:
+    """The SPEC §3 table from sorted flat reads: persons by id, the chosen NAT per person, entries by (person,
+    instant) and visits by (person, day, region)."""
+    persons = parts["persons"]
+    ids = np.asarray(persons.column("person_id").to_numpy(), dtype=np.uint64)
+    ts = pa.timestamp("s", tz="UTC")
+    nat = parts["nat"]
+    pos = np.searchsorted(ids, np.asarray(nat.column("person_id").to_numpy(), dtype=np.uint64))
+    report = np.zeros(len(ids), dtype=np.int64)
+    sample = np.zeros(len(ids), dtype=np.int64)
+    has_nat = np.zeros(len(ids), dtype=bool)
+    has_sample = np.zeros(len(ids), dtype=bool)
+    report[pos] = nat.column("report_time").to_numpy()
+    has_nat[pos] = True
+    sample_col = nat.column("sample_time")
+    sample[pos] = np.asarray(sample_col.fill_null(0).to_numpy(), dtype=np.int64)
+    has_sample[pos] = np.asarray(sample_col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    entries, visits = parts["entries"], parts["visits"]
+    e_owner = np.asarray(entries.column("person_id").to_numpy(), dtype=np.uint64)
+    v_owner = np.asarray(visits.column("person_id").to_numpy(), dtype=np.uint64)
+    entry_values = entries.column("t").combine_chunks().cast(ts)
+    visit_values = pa.StructArray.from_arrays(
+        [visits.column("region").combine_chunks().cast(pa.int32()), visits.column("day").combine_chunks()],
+        fields=list(columns.VISIT_TYPE),
+    )
+    return pa.table(
+        {
+            "person_id": persons.column("person_id").cast(pa.uint64()),
+            "home_region": persons.column("home_region").cast(pa.int32()),
+            "registered_commuter": persons.column("registered_commuter"),
+            "base_color": persons.column("base_color").cast(pa.int8()),
+            "nat_sample_time": pa.array(sample, pa.int64(), mask=~has_sample).cast(ts),
+            "nat_report_time": pa.array(report, pa.int64(), mask=~has_nat).cast(ts),
+            "entry_times": pa.ListArray.from_arrays(_list_offsets(ids, e_owner), entry_values),
+            "visits": pa.ListArray.from_arrays(_list_offsets(ids, v_owner), visit_values),
+        },
+        schema=columns.POPULATION_SCHEMA,
+    )
+
+
 def _population_batches(data: Any) -> Iterator[pa.RecordBatch]:
     if isinstance(data, pa.RecordBatch):
         yield data
@@ -927,37 +973,27 @@ class Store:
             raise StoreError(f"as_of: {exc}") from None
         today = day(t)
         first = today - lookback_days + 1
-        sql = """
-        WITH nat AS (
-            SELECT person_id, sample_time, report_time FROM nat_results WHERE report_time <= $as_of
-            QUALIFY row_number() OVER (
-                PARTITION BY person_id ORDER BY report_time DESC, sample_time DESC NULLS LAST) = 1
-        ), e AS (
-            SELECT person_id, list(t ORDER BY t) AS entry_times FROM entries
-            WHERE t >= $t_first AND t <= $as_of GROUP BY person_id
-        ), v AS (
-            SELECT person_id, list({'region': region, 'day': day} ORDER BY day, region) AS visits FROM visits
-            WHERE day >= $d_first AND day <= $d_today GROUP BY person_id
-        )
-        SELECT p.person_id, p.home_region, p.registered_commuter, p.base_color,
-               nat.sample_time AS nat_sample_time, nat.report_time AS nat_report_time, e.entry_times, v.visits
-        FROM persons p LEFT JOIN nat USING (person_id) LEFT JOIN e USING (person_id) LEFT JOIN v USING (person_id)
-        ORDER BY p.person_id
-        """
+        # Flat, sorted scans (DuckDB sorts in parallel) put together into list columns here: about twice as fast
+        # as aggregating lists in SQL, and no per-person objects anywhere.
+        queries = {
+            "persons": "SELECT person_id, home_region, registered_commuter, base_color FROM persons ORDER BY person_id",
+            "nat": "SELECT person_id, sample_time, report_time FROM nat_results WHERE report_time <= $as_of "
+            "QUALIFY row_number() OVER (PARTITION BY person_id ORDER BY report_time DESC, sample_time DESC NULLS LAST) "
+            "= 1 ORDER BY person_id",
+            "entries": "SELECT person_id, t FROM entries WHERE t >= $t_first AND t <= $as_of ORDER BY person_id, t",
+            "visits": "SELECT person_id, region, day FROM visits WHERE day >= $d_first AND day <= $d_today "
+            "ORDER BY person_id, day, region",
+        }
         params = {"as_of": t, "t_first": midnight(first), "d_first": day_to_date(first), "d_today": day_to_date(today)}
+        parts = {}
         with self._lock:
             try:
-                raw = self._con.sql(sql, params=params).to_arrow_table()
+                for name, sql in queries.items():
+                    used = {k: v for k, v in params.items() if f"${k}" in sql}
+                    parts[name] = self._con.sql(sql, params=used).to_arrow_table()
             except duckdb.Error as exc:
                 raise StoreError(f"{self.path}: cannot read the population: {_first_line(exc)}") from None
-        table = raw.cast(columns.POPULATION_SCHEMA)
-        for name in ("entry_times", "visits"):
-            i = table.schema.get_field_index(name)
-            col = table.column(i)
-            empty = pa.scalar([], type=col.type)
-            table = table.set_column(i, table.schema.field(i), pc.fill_null(col, empty))
-        return table
-
+        return _assemble_population(parts)
 
     # -- published statuses and the change log (mass re-evaluation) ---------------------------------------------
 
