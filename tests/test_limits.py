@@ -241,3 +241,28 @@ def test_concurrency_counter():
     for _ in range(1000):
         unlimited.acquire("x")
     assert unlimited.total == 1000
+
+
+def test_work_for_a_call_past_its_deadline_is_not_started():
+    """Queued evaluation work checks the caller's deadline before it starts (and a bulk request between batches):
+    a caller that has gone costs no kernel time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from healthcode import policy
+    from healthcode.interceptors import Refused
+    from healthcode.regions import parse_risk_csv
+    from healthcode.servicer import HealthCodeService
+    from healthcode.state import State
+
+    state = State(parse_risk_csv("region,start_date,end_date,kind\n"), policy.default_policy(), "")
+    with ThreadPoolExecutor(1) as executor:
+        service = HealthCodeService(state, Settings(), executor)
+        request = pb.EvaluateRequest(persons=[pb.Person(person_id=1, home_region=110105)]).SerializeToString()
+        assert service._evaluate_rows(request, time.monotonic() + 60)[1] == 1  # in time: evaluated
+        for call in (
+            lambda: service._evaluate_rows(request, time.monotonic() - 0.001),
+            lambda: service._evaluate_ipc(b"", None, 0, time.monotonic() - 0.001),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(Refused, match="deadline passed") as refused:
+                call()
+            assert refused.value.code == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 
@@ -83,6 +84,18 @@ def _summary(summary: Summary) -> pb.ReevaluationSummary:
     return out
 
 
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the monotonic clock (None: no deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _check_deadline(deadline: float | None) -> None:
+    """Work queued for a call whose deadline has passed is not started (the caller has gone)."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the evaluation finished")
+
+
 class HealthCodeService(pb_grpc.HealthCodeServicer):
     def __init__(
         self,
@@ -111,8 +124,9 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
 
     # -- gateway path ---------------------------------------------------------------------------------------------
 
-    def _evaluate_rows(self, request: bytes) -> tuple[bytes, int]:
+    def _evaluate_rows(self, request: bytes, deadline: float | None = None) -> tuple[bytes, int]:
         """Decode, evaluate and encode one row-form request (bytes in, bytes out: see wire.py)."""
+        _check_deadline(deadline)
         try:
             cols, as_of, policy = decode_request(request)
         except WireError as exc:
@@ -132,7 +146,7 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
         if len(request) <= INLINE_REQUEST_BYTES:
             response, rows = self._evaluate_rows(request)
         else:
-            response, rows = await self._run(self._evaluate_rows, request)
+            response, rows = await self._run(self._evaluate_rows, request, _deadline(context))
         ROWS.set(rows)
         if len(response) > self.settings.max_message_bytes:
             raise Refused(
@@ -145,7 +159,10 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
 
     # -- bulk path ------------------------------------------------------------------------------------------------
 
-    def _evaluate_ipc(self, data: bytes, ctx: engine.Context, index: int) -> list[tuple[bytes, int]]:
+    def _evaluate_ipc(
+        self, data: bytes, ctx: engine.Context, index: int, deadline: float | None = None
+    ) -> list[tuple[bytes, int]]:
+        _check_deadline(deadline)
         try:
             _schema, batches = read_ipc(data, f"request {index}: arrow_ipc")
         except WireError as exc:
@@ -153,6 +170,7 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
         out: list[tuple[bytes, int]] = []
         for result in engine.evaluate_batches(batches, ctx, self.kernel_threads):
             out.extend(ipc_chunks(result, self.settings.max_message_bytes - 1024))
+            _check_deadline(deadline)  # a long request stops between batches once nobody waits for it
         return out
 
     async def EvaluateArrow(
@@ -179,7 +197,9 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
                 if request.arrow_ipc:
                     loop = asyncio.get_running_loop()
                     pending.append(
-                        loop.run_in_executor(self.executor, self._evaluate_ipc, request.arrow_ipc, ctx, index)
+                        loop.run_in_executor(
+                            self.executor, self._evaluate_ipc, request.arrow_ipc, ctx, index, _deadline(context)
+                        )
                     )
                 while pending and (len(pending) >= PIPELINE or pending[0].done()):
                     for data, n in await pending.popleft():
