@@ -282,6 +282,9 @@ def _days(arr: pa.Array, name: str) -> pa.Array:
     if not pa.types.is_date(arr.type):
         raise StoreError(f"column {name!r} has type {arr.type}; expected date32 (the local calendar date)")
     _no_nulls(arr, name)
+    if pa.types.is_date64(arr.type):  # milliseconds: must be whole days to be a date
+        ms = np.asarray(arr.cast(pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
+        _first(ms % 86_400_000 != 0, name, "is not a whole day (a date64 value with a time of day)")
     return arr.cast(pa.date32())
 
 
