@@ -42,7 +42,7 @@ lint: build
 	$(BIN)/mypy src/healthcode
 
 test: build lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not slow" tests
 	$(BIN)/python -m pytest -q benchmarks --benchmark-enable --benchmark-only --quick
 	$(BIN)/python benchmarks/bench_service.py --quick
 	$(BIN)/python benchmarks/bench_store.py --quick

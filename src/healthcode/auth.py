@@ -36,7 +36,7 @@ import grpc
 
 from .config import ConfigError, Settings
 from .interceptors import Refused
-from .limits import Concurrency, LimitExceeded, check_rows
+from .limits import Concurrency, LimitExceeded, Overload, check_rows
 
 log = logging.getLogger("healthcode.auth")
 
@@ -247,9 +247,11 @@ class Guard(grpc.aio.ServerInterceptor):
         service_prefix: str = "/healthcode.v1.",
         *,
         client_certificates: bool = True,
+        overload: Overload | None = None,
     ) -> None:
         self.auth = authenticator
         self.concurrency = concurrency
+        self.overload = overload
         self.prefix = service_prefix
         self.certificates = client_certificates  # False: no mutual TLS, no certificate to look at
 
@@ -285,6 +287,8 @@ class Guard(grpc.aio.ServerInterceptor):
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call started")
+        if self.overload is not None:
+            self.overload.check(method)
         rows = getattr(request, _ROW_FIELDS.get(method, ""), None)
         if rows is not None:
             check_rows(len(rows), f"{method}: {_ROW_FIELDS[method]}")

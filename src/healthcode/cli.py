@@ -219,6 +219,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_message_bytes": args.max_message_bytes, "max_request_rows": args.max_request_rows,
         "max_concurrent_calls": args.max_concurrent_calls,
         "max_concurrent_calls_per_caller": args.max_concurrent_calls_per_caller,
+        "shed_loop_lag_ms": args.shed_loop_lag_ms,
     }  # fmt: skip
     settings = load_settings(args.config, overrides=overrides)
     return asyncio.run(serve(settings))
@@ -416,6 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--max-concurrent-calls", type=int, help="calls in flight, 0: no limit (default 256)")
     sec.add_argument(
         "--max-concurrent-calls-per-caller", type=int, help="calls in flight per caller, 0: no limit (default 0)"
+    )  # fmt: skip
+    sec.add_argument(
+        "--shed-loop-lag-ms", type=int,
+        help="overload: refuse data-plane calls (RESOURCE_EXHAUSTED) while the event loop is this many ms late "
+        "(bulk calls at half of it); 0: never (default 100)",
     )  # fmt: skip
     srv.add_argument("--demo-population", help=argparse.SUPPRESS)
     srv.add_argument("--demo-as-of", help=argparse.SUPPRESS)

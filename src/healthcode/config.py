@@ -46,6 +46,8 @@ class Settings:
     max_request_rows: int = 1_000_000  # rows per request (row-form persons, one Arrow IPC message); 0: no limit
     max_concurrent_calls: int = 256  # healthcode calls in flight (streams included); 0: no limit
     max_concurrent_calls_per_caller: int = 0  # per principal (or per peer host when unauthenticated); 0: no limit
+    shed_loop_lag_ms: int = 100  # shed data-plane calls while the event loop is this late (bulk: half); 0: never
+    max_pending_calls: int = 64  # calls gRPC core may queue before the event loop takes them (then: CANCELLED)
     keepalive_time_ms: int = 60_000  # server pings an idle connection this often (0: never)
     keepalive_timeout_ms: int = 20_000  # and drops it when the ping is not answered in this time
     min_ping_interval_ms: int = 10_000  # clients may ping at most this often (grpc.http2.min_ping_interval...)

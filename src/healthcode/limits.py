@@ -8,6 +8,8 @@ defaults here (no row limit) are what in-process users of :mod:`healthcode.wire`
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import threading
 
 import grpc
@@ -78,3 +80,57 @@ class Concurrency:
                 self.by_caller[caller] = left
             else:
                 self.by_caller.pop(caller, None)
+
+
+#: Methods the overload guard never sheds: the control plane (a risk-list update is what causes the peaks).
+CONTROL_METHODS = frozenset({"PutRiskList", "PutPolicy", "Reevaluate", "GetRiskList", "GetPolicy"})
+#: Bulk methods, shed first (at half the lag threshold): the gateway path keeps the capacity they free.
+BULK_METHODS = frozenset({"EvaluateArrow", "WatchChangesArrow"})
+
+
+class Overload:
+    """Sheds data-plane calls while the server's event loop is late (it is saturated and calls queue in gRPC's own
+    queue, which the application cannot see).  A sampler sleeps ``interval`` seconds again and again and measures
+    how late it wakes; the lag is the least lateness over the last ``window`` samples (at least ~100 ms).  While it
+    is over ``threshold`` seconds (half of it for bulk calls) :meth:`check` raises :class:`LimitExceeded`; a
+    refusal costs a fraction of serving the call, so the loop catches up and admitted calls stay fast.
+    ``threshold`` 0: never sheds."""
+
+    def __init__(self, threshold: float, interval: float = 0.005, window: int = 20) -> None:
+        self.threshold = threshold
+        self.interval = interval
+        self.lag = 0.0
+        self.shed = 0
+        self._recent: collections.deque[float] = collections.deque(maxlen=window)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.threshold > 0 and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._sample(), name="healthcode-overload")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _sample(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(self.interval)
+            self._recent.append(max(0.0, loop.time() - started - self.interval))
+            # The least lateness of the recent samples (CoDel's "standing queue"): one slow callback is not an
+            # overload; a loop that is late at every wake-up for ~100 ms or more is.
+            self.lag = min(self._recent) if len(self._recent) == self._recent.maxlen else 0.0
+
+    def check(self, method: str) -> None:
+        if self.threshold <= 0 or method in CONTROL_METHODS:
+            return
+        limit = self.threshold / 2 if method in BULK_METHODS else self.threshold
+        if self.lag > limit:
+            self.shed += 1
+            raise LimitExceeded(
+                f"the server is overloaded (its event loop is {self.lag * 1000:.0f} ms late, over the "
+                f"{limit * 1000:.0f} ms of shed_loop_lag_ms{' / 2 for bulk calls' if method in BULK_METHODS else ''}); "
+                "retry with back-off"
+            )

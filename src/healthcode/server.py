@@ -144,6 +144,10 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         # Idle gateway channels may keep their connection alive with pings (at most every min_ping_interval_ms)
         # without being sent GOAWAY "too_many_pings".
         ("grpc.keepalive_permit_without_calls", 1),
+        # A bounded queue in front of the event loop: past it gRPC core refuses new calls at once (CANCELLED), so an
+        # admitted call never waits behind an unbounded backlog and memory stays bounded.
+        ("grpc.server.max_pending_requests", settings.max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * settings.max_pending_calls),
     ]
     if settings.keepalive_time_ms:
         options.append(("grpc.keepalive_time_ms", settings.keepalive_time_ms))
@@ -202,7 +206,7 @@ def _security_warnings(settings: Settings, auth: Authenticator) -> None:
         f'"token_principals": {len(auth.tokens)}, "certificate_identities": {len(auth.identities)}, '
         f'"max_concurrent_calls": {settings.max_concurrent_calls}, '
         f'"max_concurrent_calls_per_caller": {settings.max_concurrent_calls_per_caller}, '
-        f'"max_request_rows": {settings.max_request_rows}}}'
+        f'"max_request_rows": {settings.max_request_rows}, "shed_loop_lag_ms": {settings.shed_loop_lag_ms}}}'
     )
     if _is_loopback(settings.listen):
         return
@@ -269,7 +273,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     )
     limits.configure(settings.max_request_rows)
     concurrency = limits.Concurrency(settings.max_concurrent_calls, settings.max_concurrent_calls_per_caller)
-    guard = Guard(auth, concurrency, client_certificates=bool(settings.tls_client_ca))
+    overload = limits.Overload(settings.shed_loop_lag_ms / 1000)
+    guard = Guard(auth, concurrency, client_certificates=bool(settings.tls_client_ca), overload=overload)
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="evaluate")
     # ObservedService outermost: calls the guard refuses are logged and counted with their code.
     server = grpc.aio.server(interceptors=[ObservedService(), guard], options=grpc_options(settings))
@@ -289,6 +294,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         raise OSError(f"cannot listen on {settings.listen}: {exc}") from None
     _security_warnings(settings, auth)
     await server.start()
+    overload.start()
     for name in (SERVICE_NAME, ""):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_port, scheme = _serve_metrics(settings) if settings.metrics_listen else (None, "")
@@ -326,6 +332,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     for name in (SERVICE_NAME, ""):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(settings.grace_seconds)
+    overload.stop()
     executor.shutdown(wait=True, cancel_futures=True)
     if ingest is not None:
         await ingest.close()  # commits what is still queued before the store closes
