@@ -266,3 +266,43 @@ def test_work_for_a_call_past_its_deadline_is_not_started():
             with pytest.raises(Refused, match="deadline passed") as refused:
                 call()
             assert refused.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_overload_guard_sheds_data_plane_calls_while_the_event_loop_stays_late():
+    """A loop that is late at every wake-up for a while sheds Evaluate (and bulk calls first), never the control
+    plane, and admits again once the loop catches up; one slow callback alone sheds nothing."""
+    import asyncio
+
+    from healthcode.limits import Overload
+
+    async def scenario() -> list[str]:
+        guard = Overload(threshold=0.02, interval=0.002, window=0.1)
+        guard.start()
+        seen = []
+        try:
+            await asyncio.sleep(0.05)
+            guard.check("Evaluate")  # idle loop: admitted
+            time.sleep(0.1)  # one long callback
+            await asyncio.sleep(0.005)
+            guard.check("Evaluate")  # a single late wake-up is not an overload
+            seen.append("single spike admitted")
+            for _ in range(12):  # the loop is busy for a while: every wake-up is late
+                time.sleep(0.03)
+                await asyncio.sleep(0)
+            for method in ("Evaluate", "EvaluateArrow", "PutRiskList"):
+                try:
+                    guard.check(method)
+                    seen.append(f"{method} admitted")
+                except LimitExceeded as exc:
+                    assert exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "shed_loop_lag_ms" in str(exc)
+                    seen.append(f"{method} shed")
+            await asyncio.sleep(0.1)  # the loop catches up
+            guard.check("Evaluate")
+            seen.append("recovered")
+        finally:
+            guard.stop()
+        return seen
+
+    assert asyncio.run(scenario()) == [
+        "single spike admitted", "Evaluate shed", "EvaluateArrow shed", "PutRiskList admitted", "recovered",
+    ]

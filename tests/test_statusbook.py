@@ -141,3 +141,21 @@ def test_group_by_code_is_a_stable_counting_sort():
     np.testing.assert_array_equal(np.diff(offsets), np.bincount(codes, minlength=300))
     with pytest.raises(ValueError, match="outside"):
         engine.group_by_code(np.array([0, 300], dtype=np.int32), 300)
+
+
+def test_the_status_checkpoint_is_written_in_the_background_once_publishes_pause(book):
+    import time
+
+    book.checkpoint_changes, book.checkpoint_quiet_seconds = 1, 0.2
+    risk = parse_risk_csv(generate_risk_csv(4, AS_OF)).with_version(1)
+    summary = book.reevaluate(risk, TIMELINE, AS_OF)
+    assert summary.changed > 0 and book.checkpoint_seq == 0
+    deadline = time.monotonic() + 30
+    while book.checkpoint_seq == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert book.checkpoint_seq == book.high_water_mark == book.store.checkpoint_seq()
+    # A checkpoint still waiting for a quiet moment is given up at close; the change log holds everything.
+    book.checkpoint_quiet_seconds = 3600
+    book.reevaluate(risk.with_version(2), TIMELINE, AS_OF + 86400)
+    book.close()
+    assert book.store.checkpoint_seq() < book.high_water_mark

@@ -91,17 +91,18 @@ BULK_METHODS = frozenset({"EvaluateArrow", "WatchChangesArrow"})
 class Overload:
     """Sheds data-plane calls while the server's event loop is late (it is saturated and calls queue in gRPC's own
     queue, which the application cannot see).  A sampler sleeps ``interval`` seconds again and again and measures
-    how late it wakes; the lag is the least lateness over the last ``window`` samples (at least ~100 ms).  While it
-    is over ``threshold`` seconds (half of it for bulk calls) :meth:`check` raises :class:`LimitExceeded`; a
-    refusal costs a fraction of serving the call, so the loop catches up and admitted calls stay fast.
-    ``threshold`` 0: never sheds."""
+    how late it wakes; the lag is the least lateness over the last ``window`` seconds.  While it is over
+    ``threshold`` seconds (half of it for bulk calls) :meth:`check` raises :class:`LimitExceeded`; a refusal
+    costs a fraction of serving the call, so the loop catches up and admitted calls stay fast.  ``threshold`` 0:
+    never sheds."""
 
-    def __init__(self, threshold: float, interval: float = 0.005, window: int = 20) -> None:
+    def __init__(self, threshold: float, interval: float = 0.005, window: float = 0.25) -> None:
         self.threshold = threshold
         self.interval = interval
+        self.window = window
         self.lag = 0.0
         self.shed = 0
-        self._recent: collections.deque[float] = collections.deque(maxlen=window)
+        self._recent: collections.deque[tuple[float, float]] = collections.deque()  # (woke at, how late)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -118,10 +119,14 @@ class Overload:
         while True:
             started = loop.time()
             await asyncio.sleep(self.interval)
-            self._recent.append(max(0.0, loop.time() - started - self.interval))
-            # The least lateness of the recent samples (CoDel's "standing queue"): one slow callback is not an
-            # overload; a loop that is late at every wake-up for ~100 ms or more is.
-            self.lag = min(self._recent) if len(self._recent) == self._recent.maxlen else 0.0
+            now = loop.time()
+            recent = self._recent
+            recent.append((now, max(0.0, now - started - self.interval)))
+            while len(recent) > 1 and recent[1][0] <= now - self.window:
+                recent.popleft()  # keep one sample from before the window: the window is always covered
+            # The least lateness over the window (CoDel's "standing queue"): one slow callback is not an overload
+            # (the wake-ups around it were on time); a loop late at every wake-up for the whole window is.
+            self.lag = min(late for _, late in recent) if recent[0][0] <= now - self.window else 0.0
 
     def check(self, method: str) -> None:
         if self.threshold <= 0 or method in CONTROL_METHODS:

@@ -13,7 +13,9 @@ published); a valid-until instant moving alone is not a change.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +27,8 @@ from .policy import PolicyTimeline
 from .regions import CODE_MIN, RiskList, RiskTable
 from .store import Store, pack_state
 from .view import PopulationView, ViewState
+
+log = logging.getLogger("healthcode.statusbook")
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,9 @@ class StatusBook:
             max(100_000, self.view.state.n_persons // 2) if checkpoint_changes is None else checkpoint_changes
         )
         self._checkpointing: threading.Thread | None = None
+        self.checkpoint_quiet_seconds = 30.0
+        self._last_publish = time.monotonic()
+        self._closing = threading.Event()
 
     def _build(self, timeline: PolicyTimeline, as_of: int) -> None:
         lookback = timeline.longest_lookback_days
@@ -269,12 +276,24 @@ class StatusBook:
     # -- checkpoints --------------------------------------------------------------------------------------------
 
     def _maybe_checkpoint(self) -> None:
+        self._last_publish = time.monotonic()
         if self.high_water_mark - self.checkpoint_seq < max(1, self.checkpoint_changes):
             return
         if self._checkpointing is not None and self._checkpointing.is_alive():
             return
-        self._checkpointing = threading.Thread(target=self.checkpoint, name="healthcode-checkpoint", daemon=True)
+        self._checkpointing = threading.Thread(target=self._checkpoint_when_quiet, name="healthcode-checkpoint")
         self._checkpointing.start()
+
+    def _checkpoint_when_quiet(self) -> None:
+        """Checkpoint once no publish happened for ``checkpoint_quiet_seconds`` (a checkpoint rewrites every
+        status: it should not compete with a risk-list update); given up when the book closes first."""
+        while not self._closing.wait(1.0 if self.checkpoint_quiet_seconds > 1 else self.checkpoint_quiet_seconds):
+            if time.monotonic() - self._last_publish >= self.checkpoint_quiet_seconds:
+                try:
+                    self.checkpoint()
+                except Exception:
+                    log.exception("status checkpoint failed (the change log is intact; it is retried later)")
+                return
 
     def checkpoint(self) -> int:
         """Write the store's status checkpoint now (normally in the background); the sequence number it covers."""
@@ -283,7 +302,9 @@ class StatusBook:
         return seq
 
     def close(self) -> None:
-        """Wait for background work (a checkpoint, a compaction)."""
+        """Stop background work: a checkpoint waiting for a quiet moment is given up (the change log holds
+        everything; the next start reads its tail), one being written and a compaction are waited for."""
+        self._closing.set()
         if self._checkpointing is not None:
             self._checkpointing.join()
         self.view.wait_compaction()
