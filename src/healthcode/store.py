@@ -409,6 +409,30 @@ _EVENT_KEYS = {
 }
 
 
+class _Replay(Exception):
+    """A plain INSERT of events met a stored one (a replay): run the transaction again the safe way."""
+
+
+def _event_inserts(kind: str, view: str, fast: bool, returning: bool = False) -> list[str]:
+    """The statements appending the distinct events of ``view`` (columns ``_EVENT_KEYS[kind]``) to ``kind``.
+
+    ``fast``: plain INSERTs, which raise a key conflict on a replayed event (see :meth:`Store._fast_then_safe`);
+    otherwise INSERT OR IGNORE.  NAT results whose sample time is null never conflict in the unique index (NULLs
+    are distinct), so those are always matched with ``IS NOT DISTINCT FROM``."""
+    cols = ", ".join(_EVENT_KEYS[kind])
+    back = f" RETURNING {cols}" if returning else ""
+    verb = "INSERT INTO" if fast else "INSERT OR IGNORE INTO"
+    if kind != "nat_results":
+        return [f"{verb} {kind} SELECT DISTINCT {cols} FROM {view}{back}"]
+    return [
+        f"{verb} nat_results SELECT DISTINCT person_id, sample_time, report_time FROM {view} "
+        f"WHERE sample_time IS NOT NULL{back}",
+        f"INSERT INTO nat_results SELECT DISTINCT i.person_id, i.sample_time, i.report_time FROM {view} i "
+        "WHERE i.sample_time IS NULL AND NOT EXISTS (SELECT 1 FROM nat_results n WHERE n.person_id = i.person_id "
+        f"AND n.report_time = i.report_time AND n.sample_time IS NULL){back}",
+    ]
+
+
 def _first_unknown(tagged: pa.Table, stored: np.ndarray) -> list[tuple[int, int, int]]:
     """(item, first row, its person id) of each item (``_sub``) with a row whose person is not ``stored``."""
     pids = tagged.column("person_id").to_numpy()
@@ -604,6 +628,7 @@ class Store:
         self._checkpoint_lock = threading.Lock()
         self._seq = 0
         self._hwm: int | None = None  # the change log's high-water mark, once read
+        self._unregister_later: list[str] = []
         if self.path != ":memory:":
             folder = os.path.dirname(os.path.abspath(self.path))
             try:
@@ -685,12 +710,29 @@ class Store:
                 result = work()
                 self._con.execute("COMMIT")
             except duckdb.Error as exc:
-                _rollback(self._con)
+                self._rollback()
                 raise StoreUnavailable(f"{self.path}: the store cannot write now: {_first_line(exc)}") from None
             except BaseException:
-                _rollback(self._con)
+                self._rollback()
                 raise
             return result
+
+    def _rollback(self) -> None:
+        _rollback(self._con)
+        while self._unregister_later:
+            name = self._unregister_later.pop()
+            try:
+                self._con.unregister(name)
+            except duckdb.Error:
+                pass
+
+    def _unregister(self, name: str) -> None:
+        """Drop a registered input; inside a transaction a failed statement aborted, DuckDB refuses, so it is
+        dropped after the rollback (:meth:`_transaction`)."""
+        try:
+            self._con.unregister(name)
+        except duckdb.Error:
+            self._unregister_later.append(name)
 
     def _register(self, table: pa.Table) -> str:
         self._seq += 1
@@ -725,7 +767,7 @@ class Store:
             try:
                 return IngestCounts(*self._upsert(view, len(clean)))
             finally:
-                self._con.unregister(view)
+                self._unregister(view)
 
         return self._transaction(work)  # type: ignore[no-any-return]
 
@@ -757,31 +799,42 @@ class Store:
         ``day`` (date32, the local date)."""
         return self._append(_clean_visits(data), self._insert_visits)
 
-    def _append(self, clean: pa.Table, insert: Callable[[str], int]) -> IngestCounts:
-        def work() -> IngestCounts:
+    def _append(self, clean: pa.Table, insert: Callable[[str, bool], int]) -> IngestCounts:
+        def work(fast: bool) -> IngestCounts:
             view = self._register(clean)
             try:
                 self._check_known(view)
-                inserted = insert(view)
+                inserted = insert(view, fast)
             finally:
-                self._con.unregister(view)
+                self._unregister(view)
             return IngestCounts(inserted, len(clean) - inserted)
 
-        return self._transaction(work)  # type: ignore[no-any-return]
+        return self._fast_then_safe(work)  # type: ignore[no-any-return]
 
-    def _insert_nat(self, view: str) -> int:
-        # sample_time may be null, and NULLs never conflict in a unique index: match with IS NOT DISTINCT FROM.
-        return self._count(
-            f"INSERT INTO nat_results SELECT DISTINCT i.person_id, i.sample_time, i.report_time FROM {view} i "
-            "WHERE NOT EXISTS (SELECT 1 FROM nat_results n WHERE n.person_id = i.person_id "
-            "AND n.report_time = i.report_time AND n.sample_time IS NOT DISTINCT FROM i.sample_time)"
-        )
+    def _insert_events(self, kind: str, view: str, fast: bool) -> int:
+        """Append the distinct events of ``view`` not stored yet; how many were new."""
+        try:
+            return sum(self._count(sql) for sql in _event_inserts(kind, view, fast))
+        except duckdb.ConstraintException:
+            raise _Replay() from None
 
-    def _insert_entries(self, view: str) -> int:
-        return self._count(f"INSERT OR IGNORE INTO entries SELECT DISTINCT person_id, t FROM {view}")
+    def _insert_nat(self, view: str, fast: bool = False) -> int:
+        return self._insert_events("nat_results", view, fast)
 
-    def _insert_visits(self, view: str) -> int:
-        return self._count(f"INSERT OR IGNORE INTO visits SELECT DISTINCT person_id, region, day FROM {view}")
+    def _insert_entries(self, view: str, fast: bool = False) -> int:
+        return self._insert_events("entries", view, fast)
+
+    def _insert_visits(self, view: str, fast: bool = False) -> int:
+        return self._insert_events("visits", view, fast)
+
+    def _fast_then_safe(self, work: Callable[[bool], Any]) -> Any:
+        """Run ``work(fast=True)`` in a transaction: plain INSERTs of events, which the unique indexes check in
+        a few milliseconds.  A replayed event makes one fail (a key conflict): the transaction is rolled back and
+        run again with ``fast=False`` (INSERT OR IGNORE, which DuckDB checks far more slowly on large tables)."""
+        try:
+            return self._transaction(lambda: work(True))
+        except _Replay:
+            return self._transaction(lambda: work(False))
 
     # -- group commit ------------------------------------------------------------------------------------------
 
@@ -828,7 +881,7 @@ class Store:
                 results[i] = exc
         if cleaned:
 
-            def work() -> dict[int, IngestCounts | StoreError]:
+            def work(fast: bool) -> dict[int, IngestCounts | StoreError]:
                 out: dict[int, IngestCounts | StoreError] = {}
                 for i, clean in cleaned.items():
                     if items[i][0] == "persons":
@@ -836,7 +889,7 @@ class Store:
                         try:
                             out[i] = IngestCounts(*self._upsert(view, len(clean)))
                         finally:
-                            self._con.unregister(view)
+                            self._unregister(view)
                 upserted = [
                     cleaned[i].column("person_id").to_numpy() for i, res in out.items()
                     if items[i][0] == "persons" and isinstance(res, IngestCounts)
@@ -850,10 +903,10 @@ class Store:
                 for kind in _EVENT_KEYS:
                     subs = [i for i in cleaned if items[i][0] == kind]
                     if subs:
-                        out.update(self._group_events(kind, [(i, cleaned[i]) for i in subs], stored))
+                        out.update(self._group_events(kind, [(i, cleaned[i]) for i in subs], stored, fast))
                 return out
 
-            for i, res in self._transaction(work).items():
+            for i, res in self._fast_then_safe(work).items():
                 results[i] = res
         return [r if r is not None else StoreError("internal: item not processed") for r in results]
 
@@ -862,6 +915,7 @@ class Store:
         kind: str,
         subs: list[tuple[int, pa.Table]],
         stored: Callable[[np.ndarray], np.ndarray | None] | None = None,
+        fast: bool = False,
     ) -> dict[int, IngestCounts | StoreError]:
         """Append the event items of one kind together (inside the open transaction); counts per item."""
         out: dict[int, IngestCounts | StoreError] = {}
@@ -883,25 +937,18 @@ class Store:
                     out[int(sub)] = _row_error(
                         int(row), "person_id", f"person {pid} is not in the store (upsert_persons first)"
                     )
-                self._con.unregister(view)
+                self._unregister(view)
                 bad = pa.array(np.array([int(u[0]) for u in unknown], dtype=np.int64))
                 tagged = tagged.filter(pc.invert(pc.is_in(tagged.column("_sub"), value_set=bad)))
                 view = self._register(tagged)
             keys = _EVENT_KEYS[kind]
-            cols = ", ".join(keys)
-            if kind == "nat_results":
-                # NULL sample times never conflict in the unique index: compare with IS NOT DISTINCT FROM.
-                sql = (
-                    f"INSERT INTO nat_results SELECT DISTINCT i.person_id, i.sample_time, i.report_time FROM {view} i "
-                    "WHERE NOT EXISTS (SELECT 1 FROM nat_results n WHERE n.person_id = i.person_id "
-                    "AND n.report_time = i.report_time AND n.sample_time IS NOT DISTINCT FROM i.sample_time) "
-                    f"RETURNING {cols}"
-                )
-            else:
-                sql = f"INSERT OR IGNORE INTO {kind} SELECT DISTINCT {cols} FROM {view} RETURNING {cols}"
-            new = self._con.sql(sql).to_arrow_table()  # INSERT ... RETURNING runs once, here
+            try:  # INSERT ... RETURNING runs once, here
+                parts = [self._con.sql(sql).to_arrow_table() for sql in _event_inserts(kind, view, fast, True)]
+            except duckdb.ConstraintException:
+                raise _Replay() from None
+            new = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
         finally:
-            self._con.unregister(view)
+            self._unregister(view)
         credited = _credit(tagged, new, keys) if new.num_rows else {}
         for i, t in subs:
             if i not in out:
@@ -928,7 +975,7 @@ class Store:
             for reason, k in zip(SKIP_REASONS, skipped, strict=True):
                 summary.skipped[reason] += k
 
-            def work(parts: dict[str, pa.Table] = parts) -> tuple[int, ...]:
+            def work(fast: bool, parts: dict[str, pa.Table] = parts) -> tuple[int, ...]:
                 views = {k: self._register(v) for k, v in parts.items()}
                 try:
                     # A person id twice in one batch: the last row wins (as two upserts in a row would).
@@ -941,14 +988,14 @@ class Store:
                     views["_persons"] = persons
                     inserted, _, updated = self._upsert(persons, len(parts["persons"]))
                     return (
-                        inserted, updated, self._insert_nat(views["nat"]),
-                        self._insert_entries(views["entries"]), self._insert_visits(views["visits"]),
+                        inserted, updated, self._insert_nat(views["nat"], fast),
+                        self._insert_entries(views["entries"], fast), self._insert_visits(views["visits"], fast),
                     )  # fmt: skip
                 finally:
                     for view in views.values():
-                        self._con.unregister(view)
+                        self._unregister(view)
 
-            persons, updated, nat, entries, visits = self._transaction(work)
+            persons, updated, nat, entries, visits = self._fast_then_safe(work)
             summary.persons += persons
             summary.persons_updated += updated
             summary.nat_results += nat
@@ -1070,7 +1117,7 @@ class Store:
                         f"as_of FROM {view}"
                     )
                 finally:
-                    self._con.unregister(view)
+                    self._unregister(view)
             if risk_list is not None:
                 self._con.execute("INSERT OR REPLACE INTO risk_lists VALUES (?, now(), ?)", list(risk_list))
             if policy is not None:
