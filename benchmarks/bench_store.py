@@ -6,7 +6,8 @@
    serving on"; the server's own ``store_opened`` seconds from its log), resident memory (VmRSS, VmHWM) against the
    size of the columnar view (``Table.nbytes`` of ``Store.population``, computed here after the server stopped).
 3. Full ``Reevaluate`` twice: the first publishes everyone (every status is new, so every person is a change and
-   is appended to ``change_log``), the second is the steady state (nothing changed).
+   is appended to ``change_log``), the second is the steady state (nothing changed).  A subscriber then reads
+   that first publish from the change stream: all of it with ``WatchChangesArrow``, 200,000 with ``WatchChanges``.
 4. ``PutRiskList`` adding 10 counties the population visits (start date inside the lookback window), then lifting
    them again: end-to-end client times, evaluated/changed counts, ratio to the steady-state full re-evaluation.
 5. Ingest: bulk ``RecordEntries`` with ``arrow_ipc`` (entry events of stored persons, messages under 4 MiB) as
@@ -235,6 +236,35 @@ def reevaluate(stub: pb_grpc.HealthCodeStub) -> dict:
     return {"seconds": round(time.perf_counter() - started, 3), **_summary(reply)}
 
 
+def bench_change_stream(stub: pb_grpc.HealthCodeStub, total: int) -> dict:
+    """A subscriber reading the whole change log of the first publish: WatchChangesArrow (bulk) for all of it,
+    and WatchChanges (one message per change) for the first 200,000."""
+    started = time.perf_counter()
+    got = 0
+    call = stub.WatchChangesArrow(pb.WatchChangesRequest(from_sequence=0), timeout=LONG)
+    for batch in call:
+        got = batch.last_sequence
+        if got >= total:
+            break
+    call.cancel()
+    bulk_s = time.perf_counter() - started
+    rows = min(total, 200_000)
+    started = time.perf_counter()
+    call = stub.WatchChanges(pb.WatchChangesRequest(from_sequence=0), timeout=LONG)
+    for change in call:
+        if change.sequence >= rows:
+            break
+    call.cancel()
+    row_s = time.perf_counter() - started
+    return {
+        "changes": total,
+        "arrow_seconds": round(bulk_s, 2),
+        "arrow_changes_per_s": round(total / bulk_s) if bulk_s else None,
+        "row_form_changes": rows,
+        "row_form_changes_per_s": round(rows / row_s) if row_s else None,
+    }
+
+
 # -- 4. risk-list changes -------------------------------------------------------------------------------------------
 
 
@@ -440,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "steady_state": steady,
                 "memory_after": _proc_memory(server.pid),
             }
+            report["change_stream"] = bench_change_stream(stub, first["high_water_mark"])
             counties = [int(c) for c in args.counties.split(",")] if args.counties else pick_counties(risk_csv)
             report["risk_list"] = bench_risk(stub, risk_csv, counties, repeats, steady["seconds"])
             report["ingest_bulk_arrow"] = bench_bulk_ingest(stub, ids, bulk_events, in_flight=2)
