@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 
 from .config import ConfigError, Settings
-from .interceptors import Refused
+from .interceptors import Refused, rewrap
 from .limits import Concurrency, LimitExceeded, Overload, check_rows
 
 log = logging.getLogger("healthcode.auth")
@@ -353,23 +353,11 @@ class Guard(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(self.prefix):
             return handler
         method = details.method.rsplit("/", 1)[-1]
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(method, handler.unary_stream, False),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                self._stream(method, handler.stream_stream, True),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return handler
+        return rewrap(
+            handler,
+            lambda behavior: self._unary(method, behavior),
+            lambda behavior, streaming_request: self._stream(method, behavior, streaming_request),
+        )
 
 
 async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:

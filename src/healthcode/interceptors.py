@@ -175,19 +175,29 @@ class ObservedService(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(self.prefix):
             return handler
         method = details.method.rsplit("/", 1)[-1]
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(method, handler.stream_stream), handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+        return rewrap(
+            handler,
+            lambda behavior: _wrap_unary(method, behavior),
+            lambda behavior, _streaming_request: _wrap_stream(method, behavior),
+        )
+
+
+def rewrap(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[[Any], Any],
+    stream: Callable[[Any, bool], Any],
+) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour wrapped: ``unary(behavior)`` for unary-unary methods, ``stream(behavior,
+    streaming_request)`` for server- and bidirectional-streaming ones (the healthcode service has no
+    client-streaming-only method); the (de)serializers are kept."""
+    de, ser = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), de, ser)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream, False), de, ser)
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream, True), de, ser)
+    return handler
 
 
 def configure_logging(level: str) -> None:

@@ -334,16 +334,8 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
     async def WatchChanges(
         self, request: pb.WatchChangesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StatusChange]:
-        book = self._need_book()
-        after = request.from_sequence
         sent = 0
-        while True:
-            page = await self._run(book.store.changes, after, 10_000)
-            if page.num_rows == 0:
-                async with self._published:
-                    if book.high_water_mark <= after:
-                        await self._published.wait()
-                continue
+        async for page in self._change_pages(request.from_sequence, 10_000):
             cols = [
                 page.column(name).fill_null(False if page.schema.field(name).type == pa.bool_() else 0).to_pylist()
                 for name in (
@@ -358,29 +350,32 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
                 )  # fmt: skip
                 change.as_of.seconds = as_of
                 yield change
-                after = seq
             sent += page.num_rows
             ROWS.set(sent)
 
     async def WatchChangesArrow(
         self, request: pb.WatchChangesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ChangeBatch]:
-        book = self._need_book()
-        after = request.from_sequence
         sent = 0
+        async for page in self._change_pages(request.from_sequence, CHANGE_BATCH_ROWS):
+            first, last = page.column("seq")[0].as_py(), page.column("seq")[-1].as_py()
+            data = await self._run(changes_ipc, page)
+            yield pb.ChangeBatch(first_sequence=first, last_sequence=last, arrow_ipc=data)
+            sent += page.num_rows
+            ROWS.set(sent)
+
+    async def _change_pages(self, after: int, limit: int) -> AsyncIterator[pa.Table]:
+        """Change-log pages after sequence number ``after``, then live ones as commits publish them (forever)."""
+        book = self._need_book()
         while True:
-            page = await self._run(book.store.changes, after, CHANGE_BATCH_ROWS)
+            page = await self._run(book.store.changes, after, limit)
             if page.num_rows == 0:
                 async with self._published:
                     if book.high_water_mark <= after:
                         await self._published.wait()
                 continue
-            first, last = page.column("seq")[0].as_py(), page.column("seq")[-1].as_py()
-            data = await self._run(changes_ipc, page)
-            yield pb.ChangeBatch(first_sequence=first, last_sequence=last, arrow_ipc=data)
-            after = last
-            sent += page.num_rows
-            ROWS.set(sent)
+            after = page.column("seq")[-1].as_py()
+            yield page
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
         book = self._need_book()
