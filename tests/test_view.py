@@ -185,3 +185,40 @@ def test_evaluating_selected_rows_in_place_equals_evaluating_a_copy_of_them(popu
         np.testing.assert_array_equal(reasons, want.column("reasons").to_numpy())
     with pytest.raises(IndexError, match="outside the batch"):
         engine.evaluate_selected(ctx, prepared, np.array([batch.num_rows]))
+
+
+def test_the_view_knows_which_in_window_events_are_stored(tmp_path, population):
+    """Replays inside the window are recognised from memory (so ingest's fast path does not meet them in the
+    database); outside the window the answer is always 'not known', never a false 'stored'."""
+    store = Store(tmp_path / "s.duckdb")
+    store.load_population(population)
+    book = StatusBook(store, TIMELINE, AS_OF, kernel_threads=1, compact_rows=0)
+    rng = np.random.default_rng(7)
+    known = store.table("persons").column("person_id").to_pylist()
+    first = _random_items(rng, known, 0)
+    _commit(store, book, first)
+    t_first = AS_OF - (AS_OF + 8 * 3600) % 86400 - (LOOKBACK - 1) * 86400  # local midnight, LOOKBACK days back
+    stored_entries = {(r["person_id"], r["t"]) for r in store.table("entries").to_pylist()}
+    stored_visits = {(r["person_id"], r["region"], r["day"]) for r in store.table("visits").to_pylist()}
+    outcomes = set()
+    for kind, table in _random_items(rng, known, 100) + [(k, t) for k, t in first if k in ("entries", "visits")]:
+        if kind not in ("entries", "visits"):
+            continue
+        prepared = Store.prepare_ingest(kind, table)
+        got = book.stored_events(kind, prepared, AS_OF)
+        for row, flag in zip(prepared.to_pylist(), got.tolist(), strict=True):
+            if kind == "entries":
+                inside = t_first <= row["t"] <= AS_OF
+                truth = (row["person_id"], row["t"]) in stored_entries
+            else:
+                inside = day(t_first) <= (row["day"] - dt.date(1970, 1, 1)).days <= day(AS_OF)
+                truth = (row["person_id"], row["region"], row["day"]) in stored_visits
+            assert flag == (truth and inside), (kind, row, flag, truth, inside)
+            outcomes.add((kind, flag, truth, inside))
+    assert {(k, True, True, True) for k in ("entries", "visits")} <= outcomes  # replays recognised
+    assert ("entries", False, False, True) in outcomes and ("entries", False, True, False) in outcomes
+    # Replays counted as already present through the fast path, as without the view.
+    prepared = [(k, Store.prepare_ingest(k, t)) for k, t in first if k in ("entries", "visits")]
+    seen = lambda kind, events: book.stored_events(kind, events, AS_OF)  # noqa: E731
+    counts = store.ingest_group(prepared, prepared=True, seen=seen)
+    assert all(c.inserted == 0 and c.already_present == len(t) for c, (_, t) in zip(counts, prepared, strict=True))

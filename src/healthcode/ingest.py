@@ -190,7 +190,8 @@ class IngestQueue:
     their callers are answered; its errors are logged, never passed to the callers.  :meth:`close` commits what is
     queued and stops; the store stays open (its owner closes it).  ``commits`` counts transactions run,
     ``groups`` groups taken.  ``known(person_ids) -> bool mask`` (optional) tells the store which persons are
-    stored without a database join (see :meth:`Store.ingest_group`).
+    stored without a database join, ``seen(kind, events) -> bool mask`` which events are stored already (see
+    :meth:`Store.ingest_group`).
     """
 
     def __init__(
@@ -202,6 +203,7 @@ class IngestQueue:
         max_group_bytes: int = 64 << 20,
         on_commit: Callable[[list[Committed]], None] | None = None,
         known: Callable[[np.ndarray], np.ndarray | None] | None = None,
+        seen: Callable[[str, pa.Table], np.ndarray | None] | None = None,
     ) -> None:
         if max_pending < 1 or max_group_rows < 1 or max_group_bytes < 1:
             raise ValueError("max_pending, max_group_rows and max_group_bytes must be >= 1")
@@ -211,6 +213,7 @@ class IngestQueue:
         self.max_group_bytes = max_group_bytes
         self.on_commit = on_commit
         self.known = known
+        self.seen = seen
         self.commits = 0
         self.groups = 0
         self.submitted = 0
@@ -326,7 +329,9 @@ class IngestQueue:
             log.exception("ingest on_commit callback failed")
 
     def _ingest(self, items: list[tuple[str, pa.Table]]) -> list[IngestCounts | StoreError]:
-        return self.store.ingest_group(items, prepared=True, known=self.known)  # type: ignore[arg-type]
+        return self.store.ingest_group(  # type: ignore[arg-type]
+            items, prepared=True, known=self.known, seen=self.seen
+        )
 
     async def close(self) -> None:
         """Refuse new submissions, commit everything queued, stop the writer and its thread."""

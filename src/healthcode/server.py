@@ -270,6 +270,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         opened[0],
         on_commit=lambda done: opened[1].ingested([(c.kind, c.table) for c in done], settings.now()),
         known=opened[1].knows,
+        seen=lambda kind, events: opened[1].stored_events(kind, events, settings.now()),
     )
     limits.configure(settings.max_request_rows)
     concurrency = limits.Concurrency(settings.max_concurrent_calls, settings.max_concurrent_calls_per_caller)

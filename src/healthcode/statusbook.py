@@ -26,7 +26,7 @@ from . import engine
 from .policy import PolicyTimeline
 from .regions import CODE_MIN, RiskList, RiskTable
 from .store import Store, pack_state
-from .view import PopulationView, ViewState
+from .view import PopulationView, ViewState, stored_events
 
 log = logging.getLogger("healthcode.statusbook")
 
@@ -161,6 +161,13 @@ class StatusBook:
         if self.stale:
             return None
         return self.view.state.slots_of(person_ids) >= 0
+
+    def stored_events(self, kind: str, events: pa.Table, now: int) -> np.ndarray | None:
+        """Which ingest events are stored already, from the view (exact inside its window up to ``now``; None
+        while the view is stale)."""
+        if self.stale:
+            return None
+        return stored_events(self.view.state, kind, events, now, self.view.lookback_days)
 
     def mark_stale(self) -> None:
         self.stale = True

@@ -853,6 +853,7 @@ class Store:
         *,
         prepared: bool = False,
         known: Callable[[np.ndarray], np.ndarray | None] | None = None,
+        seen: Callable[[str, pa.Table], np.ndarray | None] | None = None,
     ) -> list[IngestCounts | StoreError]:
         """Several ingest calls (``(kind, table)``, kind one of :data:`INGEST_KINDS`) in ONE transaction.
 
@@ -867,7 +868,9 @@ class Store:
         and raises.  ``prepared=True`` says the tables come from :meth:`prepare_ingest` (validation is skipped).
         ``known(person_ids) -> bool mask`` answers "is this person stored?" from the caller's own complete copy of
         the person ids (the server's in-memory view), instead of a join against all persons in the database; it
-        may answer None (not sure) to fall back to the join.
+        may answer None (not sure) to fall back to the join.  ``seen(kind, events) -> bool mask`` (or None) marks
+        events the caller knows are stored already (replays): they are left out of the insert, so the fast plain
+        INSERT path does not meet them (see :meth:`_fast_then_safe`).
         """
         results: list[IngestCounts | StoreError | None] = [None] * len(items)
         cleaned: dict[int, pa.Table] = {}
@@ -903,7 +906,9 @@ class Store:
                 for kind in _EVENT_KEYS:
                     subs = [i for i in cleaned if items[i][0] == kind]
                     if subs:
-                        out.update(self._group_events(kind, [(i, cleaned[i]) for i in subs], stored, fast))
+                        out.update(
+                            self._group_events(kind, [(i, cleaned[i]) for i in subs], stored, fast, seen)
+                        )
                 return out
 
             for i, res in self._fast_then_safe(work).items():
@@ -916,6 +921,7 @@ class Store:
         subs: list[tuple[int, pa.Table]],
         stored: Callable[[np.ndarray], np.ndarray | None] | None = None,
         fast: bool = False,
+        seen: Callable[[str, pa.Table], np.ndarray | None] | None = None,
     ) -> dict[int, IngestCounts | StoreError]:
         """Append the event items of one kind together (inside the open transaction); counts per item."""
         out: dict[int, IngestCounts | StoreError] = {}
@@ -942,6 +948,11 @@ class Store:
                 tagged = tagged.filter(pc.invert(pc.is_in(tagged.column("_sub"), value_set=bad)))
                 view = self._register(tagged)
             keys = _EVENT_KEYS[kind]
+            seen_mask = None if seen is None else seen(kind, tagged)
+            if seen_mask is not None and seen_mask.any():
+                # Replays the caller knows are stored: left out, so the plain INSERT does not conflict on them.
+                self._unregister(view)
+                view = self._register(tagged.filter(pa.array(~seen_mask)))
             try:  # INSERT ... RETURNING runs once, here
                 parts = [self._con.sql(sql).to_arrow_table() for sql in _event_inserts(kind, view, fast, True)]
             except duckdb.ConstraintException:

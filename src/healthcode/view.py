@@ -319,6 +319,46 @@ class ViewState:
         return np.arange(self.n_persons, dtype=np.int64), badge, entry, reasons
 
 
+def stored_events(state: ViewState, kind: str, events: pa.Table, now: int, lookback_days: int) -> np.ndarray:
+    """Which of ``events`` (validated store form of ``entries`` or ``visits``) the view holds already: exact for
+    events inside the window up to ``now`` (the view holds every stored one of those); False for the others and
+    for other kinds, which the store checks itself."""
+    n = events.num_rows
+    out = np.zeros(n, dtype=bool)
+    if kind not in ("entries", "visits") or n == 0:
+        return out
+    t_first, d_first, today = _window(now, lookback_days)
+    slots = state.slots_of(_np(events.column("person_id"), np.uint64))
+    if kind == "entries":
+        value = _np(events.column("t"), np.int64)
+        inside = (slots >= 0) & (value >= t_first) & (value <= now)
+    else:
+        value = _np(events.column("day").cast(pa.int32()), np.int32).astype(np.int64)
+        inside = (slots >= 0) & (value >= d_first) & (value <= today)
+    if not inside.any():
+        return out
+    people = np.unique(slots[inside])
+    flat = _explode(state.rows(people))
+    # One uint64 key per (person, event): the person's slot in the high 32 bits, the event's offset in the window
+    # (seconds, or day and region) in the low 32 bits.
+    if kind == "entries":
+        keep = flat.e_t >= t_first
+        have = (people[flat.e_row[keep]].astype(np.uint64) << np.uint64(32)) | (flat.e_t[keep] - t_first).astype(
+            np.uint64
+        )
+        ask = (slots[inside].astype(np.uint64) << np.uint64(32)) | (value[inside] - t_first).astype(np.uint64)
+    else:
+        keep = flat.v_day >= d_first
+        low = ((flat.v_day[keep].astype(np.int64) - d_first) << 20) | (flat.v_region[keep].astype(np.int64) - CODE_MIN)
+        have = (people[flat.v_row[keep]].astype(np.uint64) << np.uint64(32)) | low.astype(np.uint64)
+        region = _np(events.column("region"), np.int64)[inside]
+        ask = (slots[inside].astype(np.uint64) << np.uint64(32)) | (
+            ((value[inside] - d_first) << 20) | (region - CODE_MIN)
+        ).astype(np.uint64)
+    out[inside] = np.isin(ask, have)
+    return out
+
+
 def _evaluate(
     table: pa.Table, ctx: engine.Context, n_threads: int | None, progress: Callable[[int], None] | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
