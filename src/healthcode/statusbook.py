@@ -68,7 +68,9 @@ class StatusBook:
     Writers (re-evaluations, and the renumbering after a view compaction) are serialized by a lock; readers take a
     whole view state.  Published statuses are arrays by view slot (``known``, ``badge``, ``entry``, ``reasons``);
     the store keeps them as the change log (one append per publish) plus a checkpoint written in the background
-    once ``checkpoint_changes`` changes have accumulated past the last one."""
+    once ``checkpoint_changes`` changes (default: as many as there are persons, at least a million) have
+    accumulated past the last one and no publish happened for ``checkpoint_quiet_seconds`` (60).  A checkpoint
+    rewrites every status: at 22M persons it stalls ingest commits for a few seconds while it runs."""
 
     def __init__(
         self,
@@ -88,10 +90,10 @@ class StatusBook:
         self.high_water_mark = store.high_water_mark()
         self.checkpoint_seq = store.checkpoint_seq()
         self.checkpoint_changes = (
-            max(100_000, self.view.state.n_persons // 2) if checkpoint_changes is None else checkpoint_changes
+            max(1_000_000, self.view.state.n_persons) if checkpoint_changes is None else checkpoint_changes
         )
         self._checkpointing: threading.Thread | None = None
-        self.checkpoint_quiet_seconds = 30.0
+        self.checkpoint_quiet_seconds = 60.0
         self._last_publish = time.monotonic()
         self._closing = threading.Event()
 
