@@ -46,6 +46,7 @@ test: build lint
 	$(BIN)/python -m pytest -q benchmarks --benchmark-enable --benchmark-only --quick
 	$(BIN)/python benchmarks/bench_service.py --quick
 	$(BIN)/python benchmarks/bench_store.py --quick
+	$(BIN)/python benchmarks/bench_load.py --quick
 
 # The full benchmark figures (docs/benchmarks.md).  The store part defaults to 2M persons (a few minutes);
 # the Beijing scale is `make bench STORE_ROWS=22000000` (45+ minutes, ~22 GB of disk).
@@ -54,6 +55,7 @@ bench: build
 	$(BIN)/python -m pytest -q benchmarks --benchmark-enable --benchmark-only -s
 	$(BIN)/python benchmarks/bench_service.py
 	$(BIN)/python benchmarks/bench_store.py --rows $(STORE_ROWS)
+	$(BIN)/python benchmarks/bench_load.py
 
 clean:
 	rm -rf build $(VENV) src/healthcode/*.so ext/*.c ext/*.html .pytest_cache .benchmarks
