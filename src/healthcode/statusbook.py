@@ -138,6 +138,8 @@ class StatusBook:
     def _renumber(self, old: ViewState, new: ViewState, remap: np.ndarray) -> None:
         """The view compacted: slot ``s`` of ``old`` is slot ``remap[s]`` of ``new`` (called before the swap)."""
         with self._lock:
+            if self.view.state is not old:  # a compaction of a view a refresh has replaced since
+                return
             n = len(self.known)
             target = remap[:n]
             arrays = []
