@@ -8,23 +8,15 @@ under it (a policy that loads but breaks every evaluation is a bug too).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _instrumented() -> contextlib.AbstractContextManager[object]:
-    if __name__ != "__main__" or os.environ.get("FUZZ_NO_INSTRUMENT"):
-        return contextlib.nullcontext()
-    import atheris  # type: ignore[import-not-found]
+from _instrument import instrumented
 
-    return atheris.instrument_imports(include=["healthcode", "tomllib"])  # type: ignore[no-any-return]
-
-
-with _instrumented():
+with instrumented(__name__):
     import _common
 
     from healthcode import engine

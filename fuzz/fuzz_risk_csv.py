@@ -8,8 +8,6 @@ be usable: its lookup table is built and a small population is evaluated against
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import sys
 from pathlib import Path
@@ -17,15 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _instrumented() -> contextlib.AbstractContextManager[object]:
-    if __name__ != "__main__" or os.environ.get("FUZZ_NO_INSTRUMENT"):
-        return contextlib.nullcontext()
-    import atheris  # type: ignore[import-not-found]
+from _instrument import instrumented
 
-    return atheris.instrument_imports(include=["healthcode"])  # type: ignore[no-any-return]
-
-
-with _instrumented():
+with instrumented(__name__):
     import _common
     import numpy as np
 

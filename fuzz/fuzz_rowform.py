@@ -10,7 +10,6 @@ the reference path (``HEALTHCODE_REFERENCE``), whose response must be the same.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
 import sys
@@ -19,15 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _instrumented() -> contextlib.AbstractContextManager[object]:
-    if __name__ != "__main__" or os.environ.get("FUZZ_NO_INSTRUMENT"):
-        return contextlib.nullcontext()
-    import atheris  # type: ignore[import-not-found]
+from _instrument import instrumented
 
-    return atheris.instrument_imports(include=["healthcode"])  # type: ignore[no-any-return]
-
-
-with _instrumented():
+with instrumented(__name__):
     import _common
     from google.protobuf.message import DecodeError
 
