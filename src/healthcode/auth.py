@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 
 from .config import ConfigError, Settings
-from .interceptors import Refused, rewrap
+from .interceptors import Refused, ServiceInterceptor
 from .limits import Concurrency, LimitExceeded, Overload, check_rows
 
 log = logging.getLogger("healthcode.auth")
@@ -234,7 +234,7 @@ _ROW_FIELDS = {
 }
 
 
-class Guard(grpc.aio.ServerInterceptor):
+class Guard(ServiceInterceptor):
     """Runs before every healthcode RPC (health and reflection are left alone, so they are never refused):
     authenticates and authorizes the caller, refuses a call whose deadline already passed, checks the row count
     of row-form requests, and takes a concurrency slot for the length of the call.  Refusals abort the call with
@@ -249,10 +249,10 @@ class Guard(grpc.aio.ServerInterceptor):
         client_certificates: bool = True,
         overload: Overload | None = None,
     ) -> None:
+        super().__init__(service_prefix)
         self.auth = authenticator
         self.concurrency = concurrency
         self.overload = overload
-        self.prefix = service_prefix
         self.certificates = client_certificates  # False: no mutual TLS, no certificate to look at
 
     def identify(self, method: str, context: grpc.aio.ServicerContext) -> str:
@@ -309,7 +309,7 @@ class Guard(grpc.aio.ServerInterceptor):
         _BY_CONTEXT.pop(id(context), None)
         self.concurrency.release(key)
 
-    def _unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def wrap_unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
             key = await self._admit(method, request, context)
             reset = CALLER.set(_BY_CONTEXT[id(context)])
@@ -321,7 +321,7 @@ class Guard(grpc.aio.ServerInterceptor):
 
         return handler
 
-    def _stream(
+    def wrap_stream(
         self, method: str, behavior: Callable[..., AsyncIterator[Any]], streaming_request: bool
     ) -> Callable[..., AsyncIterator[Any]]:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -343,21 +343,6 @@ class Guard(grpc.aio.ServerInterceptor):
                 leave()
 
         return handler
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(self.prefix):
-            return handler
-        method = details.method.rsplit("/", 1)[-1]
-        return rewrap(
-            handler,
-            lambda behavior: self._unary(method, behavior),
-            lambda behavior, streaming_request: self._stream(method, behavior, streaming_request),
-        )
 
 
 async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:

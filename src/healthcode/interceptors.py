@@ -160,11 +160,19 @@ def _expired(context: grpc.aio.ServicerContext) -> bool:
     return context.cancelled() or (remaining is not None and remaining <= 0)
 
 
-class ObservedService(grpc.aio.ServerInterceptor):
-    """Wraps the handlers of the healthcode service (health and reflection are left as they are)."""
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps the behaviour of every method of the healthcode service (health and reflection are left as they are):
+    subclasses give :meth:`wrap_unary` and :meth:`wrap_stream`; the (de)serializers are kept."""
 
     def __init__(self, service_prefix: str = "/healthcode.v1.") -> None:
         self.prefix = service_prefix
+
+    def wrap_unary(self, method: str, behavior: Any) -> Any:
+        raise NotImplementedError
+
+    def wrap_stream(self, method: str, behavior: Any, streaming_request: bool) -> Any:
+        """Server- and bidirectional-streaming methods (the service has no client-streaming-only one)."""
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -175,29 +183,24 @@ class ObservedService(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(self.prefix):
             return handler
         method = details.method.rsplit("/", 1)[-1]
-        return rewrap(
-            handler,
-            lambda behavior: _wrap_unary(method, behavior),
-            lambda behavior, _streaming_request: _wrap_stream(method, behavior),
-        )
+        de, ser = handler.request_deserializer, handler.response_serializer
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(self.wrap_unary(method, handler.unary_unary), de, ser)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(self.wrap_stream(method, handler.unary_stream, False), de, ser)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(self.wrap_stream(method, handler.stream_stream, True), de, ser)
+        return handler
 
 
-def rewrap(
-    handler: grpc.RpcMethodHandler,
-    unary: Callable[[Any], Any],
-    stream: Callable[[Any, bool], Any],
-) -> grpc.RpcMethodHandler:
-    """``handler`` with its behaviour wrapped: ``unary(behavior)`` for unary-unary methods, ``stream(behavior,
-    streaming_request)`` for server- and bidirectional-streaming ones (the healthcode service has no
-    client-streaming-only method); the (de)serializers are kept."""
-    de, ser = handler.request_deserializer, handler.response_serializer
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), de, ser)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream, False), de, ser)
-    if handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream, True), de, ser)
-    return handler
+class ObservedService(ServiceInterceptor):
+    """Logs, counts and times every healthcode RPC, and maps its exceptions to status codes."""
+
+    def wrap_unary(self, method: str, behavior: Any) -> Any:
+        return _wrap_unary(method, behavior)
+
+    def wrap_stream(self, method: str, behavior: Any, streaming_request: bool) -> Any:
+        return _wrap_stream(method, behavior)
 
 
 def configure_logging(level: str) -> None:
