@@ -788,23 +788,23 @@ class Store:
     def record_nat_results(self, data: pa.Table | pa.RecordBatch) -> IngestCounts:
         """Append NAT results.  Columns: ``person_id`` (a stored person), ``report_time`` (tz-aware timestamp,
         any unit), ``sample_time`` (tz-aware timestamp, nullable).  Instants are floored to seconds."""
-        return self._append(_clean_nat_results(data), self._insert_nat)
+        return self._append(_clean_nat_results(data), "nat_results")
 
     def record_entries(self, data: pa.Table | pa.RecordBatch) -> IngestCounts:
         """Append Beijing entries.  Columns: ``person_id`` (a stored person), ``t`` (tz-aware timestamp, any unit)."""
-        return self._append(_clean_entries(data), self._insert_entries)
+        return self._append(_clean_entries(data), "entries")
 
     def record_visits(self, data: pa.Table | pa.RecordBatch) -> IngestCounts:
         """Append visits.  Columns: ``person_id`` (a stored person), ``region`` (integer, a valid code),
         ``day`` (date32, the local date)."""
-        return self._append(_clean_visits(data), self._insert_visits)
+        return self._append(_clean_visits(data), "visits")
 
-    def _append(self, clean: pa.Table, insert: Callable[[str, bool], int]) -> IngestCounts:
+    def _append(self, clean: pa.Table, kind: str) -> IngestCounts:
         def work(fast: bool) -> IngestCounts:
             view = self._register(clean)
             try:
                 self._check_known(view)
-                inserted = insert(view, fast)
+                inserted = self._insert_events(kind, view, fast)
             finally:
                 self._unregister(view)
             return IngestCounts(inserted, len(clean) - inserted)
@@ -818,14 +818,6 @@ class Store:
         except duckdb.ConstraintException:
             raise _Replay() from None
 
-    def _insert_nat(self, view: str, fast: bool = False) -> int:
-        return self._insert_events("nat_results", view, fast)
-
-    def _insert_entries(self, view: str, fast: bool = False) -> int:
-        return self._insert_events("entries", view, fast)
-
-    def _insert_visits(self, view: str, fast: bool = False) -> int:
-        return self._insert_events("visits", view, fast)
 
     def _fast_then_safe(self, work: Callable[[bool], Any]) -> Any:
         """Run ``work(fast=True)`` in a transaction: plain INSERTs of events, which the unique indexes check in
@@ -999,8 +991,9 @@ class Store:
                     views["_persons"] = persons
                     inserted, _, updated = self._upsert(persons, len(parts["persons"]))
                     return (
-                        inserted, updated, self._insert_nat(views["nat"], fast),
-                        self._insert_entries(views["entries"], fast), self._insert_visits(views["visits"], fast),
+                        inserted, updated, self._insert_events("nat_results", views["nat"], fast),
+                        self._insert_events("entries", views["entries"], fast),
+                        self._insert_events("visits", views["visits"], fast),
                     )  # fmt: skip
                 finally:
                     for view in views.values():
@@ -1101,7 +1094,9 @@ class Store:
     def high_water_mark(self) -> int:
         """The change log's last sequence number (0 when empty)."""
         with self._lock:
-            return self._count("SELECT coalesce(max(seq), 0) FROM change_log")
+            if self._hwm is None:
+                self._hwm = self._count("SELECT coalesce(max(seq), 0) FROM change_log")
+            return self._hwm
 
     def publish(
         self, changes: pa.Table, risk_list: tuple[int, str] | None = None, policy: tuple[int, str] | None = None
