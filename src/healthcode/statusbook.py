@@ -173,9 +173,6 @@ class StatusBook:
             return None
         return stored_events(self.view.state, kind, events, now, self.view.lookback_days)
 
-    def mark_stale(self) -> None:
-        self.stale = True
-
     def refresh(self, timeline: PolicyTimeline, as_of: int) -> bool:
         """Rebuild the view from the store if it is stale (only after a failed merge); True when it did."""
         with self._lock:
