@@ -410,7 +410,7 @@ class Server:
         except OSError:
             return {}
         out: dict[str, dict[str, float]] = collections.defaultdict(dict)
-        for m in re.finditer(r'^healthcode_requests_total\{([^}]*)\} (\S+)$', text, re.M):
+        for m in re.finditer(r"^healthcode_requests_total\{([^}]*)\} (\S+)$", text, re.M):
             labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
             out[labels.get("method", "?")][labels.get("code", "?")] = float(m.group(2))
         return dict(out)
@@ -453,9 +453,37 @@ def _cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def _rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc/*/stat)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [p for p, pp in parents.items() if pp == parent]
+        found += kids
+        todo += kids
+    return found
+
+
 class RssSampler(threading.Thread):
-    """VmRSS of ``pid`` every ``interval`` seconds, tagged with the current phase; also the CPU time of the server
-    and of the load processes (``load_pids``), to tell how the two shared cores were split."""
+    """VmRSS of ``pid`` and its children (the front) every ``interval`` seconds, tagged with the current phase;
+    also the CPU time of the server and of the load processes (``load_pids``), to tell how the two shared cores
+    were split."""
 
     def __init__(self, pid: int, interval: float = 0.5) -> None:
         super().__init__(daemon=True)
@@ -468,10 +496,10 @@ class RssSampler(threading.Thread):
     def run(self) -> None:
         while not self.done.is_set():
             try:
-                with open(f"/proc/{self.pid}/status") as f:
-                    kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+                pids = [self.pid, *_children(self.pid)]  # the server and its shedding front
+                kb = sum(_rss_kb(p) for p in pids)
                 load = sum(_cpu_seconds(p) for p in self.load_pids)
-                self.samples.append((time.time(), self.phase, kb / 1024.0, _cpu_seconds(self.pid), load))
+                self.samples.append((time.time(), self.phase, kb / 1024.0, sum(_cpu_seconds(p) for p in pids), load))
             except (OSError, StopIteration, ValueError):
                 pass
             self.done.wait(self.interval)
@@ -676,7 +704,8 @@ def _table(report: dict[str, Any]) -> str:
 
     lines = []
     s, o, r = report["sustained"], report["overload"], report["recovery"]
-    lines.append(f"server: max_concurrent_calls={report['config']['max_concurrent_calls']}, "
+    lines.append(f"server: front {report['config']['front']}, "
+                 f"max_concurrent_calls={report['config']['max_concurrent_calls']}, "
                  f"{report['config']['gateway_procs']} gateway procs x {report['config']['gateway_concurrency']} "
                  f"in flight, {report['config']['bulk_procs']} bulk proc(s) x {report['config']['bulk_rows']:,} "
                  f"rows/stream; {os.cpu_count()} cores")  # fmt: skip
@@ -719,7 +748,8 @@ def _table(report: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
-        server = Server(tmp, ["--max-concurrent-calls", str(args.max_concurrent_calls)], args.serve_command)
+        extra = ["--max-concurrent-calls", str(args.max_concurrent_calls), "--front", args.front]
+        server = Server(tmp, extra, args.serve_command)
         pool: Pool | None = None
         rss = RssSampler(server.pid)
         rss.start()
@@ -755,6 +785,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "quick": args.quick,
             "cores": os.cpu_count(),
             "max_concurrent_calls": args.max_concurrent_calls,
+            "front": args.front,
             "gateway_procs": args.gateway_procs,
             "gateway_concurrency": args.gateway_concurrency,
             "persons_per_call": BATCH,
@@ -790,6 +821,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI sizes: the whole run under 40 s")
     parser.add_argument("--json", help="also write the report to this file")
     parser.add_argument("--max-concurrent-calls", type=int, default=MAX_CONCURRENT_CALLS)
+    parser.add_argument(
+        "--front", choices=("on", "off"), default="on",
+        help="serve behind the shedding front (the setting for an exposed server; default on), or without it",
+    )  # fmt: skip
     parser.add_argument("--gateway-procs", type=int, default=3)
     parser.add_argument("--gateway-concurrency", type=int, default=8, help="calls in flight per gateway process")
     parser.add_argument("--bulk-procs", type=int, default=1)

@@ -13,7 +13,7 @@ import signal
 import grpc
 
 from healthcode.config import Settings
-from healthcode.server import grpc_options
+from healthcode.transport import grpc_options
 
 
 def _identity(b: bytes) -> bytes:

@@ -42,6 +42,10 @@ def healthcode_cmd() -> list[str]:
     return [sys.executable, "-m", "healthcode.cli"]
 
 
+#: "on": every ServerProcess serves behind the shedding front (healthcode.front), as an exposed server does.
+FRONT = os.environ.get("HEALTHCODE_TEST_FRONT", "")
+
+
 class ServerProcess:
     """A ``healthcode serve`` subprocess on free ports; stdout and stderr go to files under ``workdir``."""
 
@@ -67,6 +71,8 @@ class ServerProcess:
             policy_path.write_text(policy_toml, encoding="utf-8")
             args += ["--policy", str(policy_path)]
         args += list(extra_args)
+        if FRONT and "--front" not in args:  # HEALTHCODE_TEST_FRONT=on: run the service tests behind the front
+            args += ["--front", FRONT]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("HEALTHCODE_")}
         full_env.update(env or {})
         self.stdout_path = self.workdir / f"{name}.stdout"

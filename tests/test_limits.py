@@ -211,7 +211,7 @@ def test_limit_settings_from_file_env_and_flags(tmp_path):
     s = load_settings(str(config), env={"HEALTHCODE_MAX_CONCURRENT_CALLS": "8"}, overrides={"max_request_rows": 7})
     assert (s.max_request_rows, s.max_concurrent_calls, s.keepalive_time_ms) == (7, 8, 30000)
     assert s.client_roles == "gw-1.example=gateway,ops=admin+ingest"
-    from healthcode.server import grpc_options
+    from healthcode.transport import grpc_options
 
     options = dict(grpc_options(s))
     assert options["grpc.keepalive_time_ms"] == 30000 and "grpc.max_connection_age_ms" not in options

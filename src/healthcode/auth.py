@@ -35,8 +35,9 @@ from typing import Any
 import grpc
 
 from .config import ConfigError, Settings
+from .front import CLIENT_NAME, PEER
 from .interceptors import Refused, ServiceInterceptor
-from .limits import Concurrency, LimitExceeded, Overload, check_rows
+from .limits import CONTROL_METHODS, Concurrency, LimitExceeded, Overload, check_rows
 
 log = logging.getLogger("healthcode.auth")
 
@@ -209,15 +210,19 @@ def _bearer(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
     return None
 
 
-def _certificate_names(context: grpc.aio.ServicerContext) -> list[str]:
+def _certificate_names(context: grpc.aio.ServicerContext, forwarded: bool = False) -> list[str]:
+    if forwarded:  # behind the front, which verified the certificate and passes its names on
+        return [str(v) for k, v in context.invocation_metadata() or () if k == CLIENT_NAME]
     auth = context.auth_context() or {}
     names = [v.decode("utf-8", "replace") for v in auth.get("x509_common_name", ())]
     names += [v.decode("utf-8", "replace") for v in auth.get("x509_subject_alternative_name", ())]
     return names
 
 
-def _peer_host(context: grpc.aio.ServicerContext) -> str:
+def _peer_host(context: grpc.aio.ServicerContext, forwarded: bool = False) -> str:
     peer = context.peer() or ""
+    if forwarded:
+        peer = next((str(v) for k, v in context.invocation_metadata() or () if k == PEER), peer)
     kind, _, rest = peer.partition(":")
     if kind in ("ipv4", "ipv6"):
         return rest.rpartition(":")[0].strip("[]")
@@ -248,17 +253,21 @@ class Guard(ServiceInterceptor):
         *,
         client_certificates: bool = True,
         overload: Overload | None = None,
+        forwarded: bool = False,
     ) -> None:
         super().__init__(service_prefix)
         self.auth = authenticator
         self.concurrency = concurrency
         self.overload = overload
         self.certificates = client_certificates  # False: no mutual TLS, no certificate to look at
+        # True: every call comes through the front (healthcode.front) on a private socket, so the certificate names
+        # and the peer are read from the metadata the front sets (it drops what callers send under those keys)
+        self.forwarded = forwarded
 
     def identify(self, method: str, context: grpc.aio.ServicerContext) -> str:
         """The caller's principal name; raises Refused (UNAUTHENTICATED or PERMISSION_DENIED)."""
         if not self.auth.enabled:
-            names = _certificate_names(context) if self.certificates else []
+            names = _certificate_names(context, self.forwarded) if self.certificates else []
             return names[0] if names else ANONYMOUS
         token = _bearer(context.invocation_metadata())
         principal = None
@@ -269,7 +278,7 @@ class Guard(ServiceInterceptor):
         elif token == "":
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, "the authorization header must be 'Bearer <token>'")
         else:
-            names = _certificate_names(context) if self.certificates else []
+            names = _certificate_names(context, self.forwarded) if self.certificates else []
             principal = self.auth.by_certificate(names)
             if principal is None:
                 raise Refused(
@@ -292,8 +301,8 @@ class Guard(ServiceInterceptor):
         rows = getattr(request, _ROW_FIELDS.get(method, ""), None)
         if rows is not None:
             check_rows(len(rows), f"{method}: {_ROW_FIELDS[method]}")
-        key = name if self.auth.enabled else f"{name}@{_peer_host(context)}"
-        self.concurrency.acquire(key)
+        key = name if self.auth.enabled else f"{name}@{_peer_host(context, self.forwarded)}"
+        self.concurrency.acquire(key, method in CONTROL_METHODS)
         _BY_CONTEXT[id(context)] = name
         return key
 

@@ -219,7 +219,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_message_bytes": args.max_message_bytes, "max_request_rows": args.max_request_rows,
         "max_concurrent_calls": args.max_concurrent_calls,
         "max_concurrent_calls_per_caller": args.max_concurrent_calls_per_caller,
-        "shed_loop_lag_ms": args.shed_loop_lag_ms,
+        "shed_loop_lag_ms": args.shed_loop_lag_ms, "front": args.front,
     }  # fmt: skip
     settings = load_settings(args.config, overrides=overrides)
     return asyncio.run(serve(settings))
@@ -422,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--shed-loop-lag-ms", type=int,
         help="overload: refuse data-plane calls (RESOURCE_EXHAUSTED) while the event loop is this many ms late "
         "(bulk calls at half of it); 0: never (default 100)",
+    )  # fmt: skip
+    sec.add_argument(
+        "--front", choices=("auto", "on", "off"),
+        help="a shedding front process owns the port and refuses calls past --max-concurrent-calls with "
+        "RESOURCE_EXHAUSTED before they reach the server (default auto: on for a non-loopback address)",
     )  # fmt: skip
     srv.add_argument("--demo-population", help=argparse.SUPPRESS)
     srv.add_argument("--demo-as-of", help=argparse.SUPPRESS)

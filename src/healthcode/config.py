@@ -48,6 +48,9 @@ class Settings:
     max_concurrent_calls_per_caller: int = 0  # per principal (or per peer host when unauthenticated); 0: no limit
     shed_loop_lag_ms: int = 100  # shed data-plane calls while the event loop is this late (bulk: half); 0: never
     max_pending_calls: int = 64  # calls gRPC core may queue before the event loop takes them (then: CANCELLED)
+    # A shedding front process owns the port and refuses calls past max_concurrent_calls with RESOURCE_EXHAUSTED
+    # before they reach the event loop (docs/load.md): "on", "off", or "auto" (on for a non-loopback listen address)
+    front: str = "auto"
     keepalive_time_ms: int = 60_000  # server pings an idle connection this often (0: never)
     keepalive_timeout_ms: int = 20_000  # and drops it when the ping is not answered in this time
     min_ping_interval_ms: int = 10_000  # clients may ping at most this often (grpc.http2.min_ping_interval...)
@@ -138,6 +141,8 @@ def load_settings(
 
 def _check_security(s: Settings) -> None:
     """Settings that only make sense together."""
+    if s.front not in ("auto", "on", "off"):
+        raise ConfigError(f"front: expected auto, on or off, got {s.front!r}")
     if bool(s.tls_cert) != bool(s.tls_key):
         raise ConfigError("tls_cert and tls_key: give both (the server certificate chain and its private key)")
     if s.tls_client_ca and not s.tls_cert:

@@ -56,10 +56,12 @@ class Concurrency:
         self.by_caller: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, caller: str) -> None:
+    def acquire(self, caller: str, control: bool = False) -> None:
+        """Take a slot for ``caller``.  A ``control``-plane call (:data:`CONTROL_METHODS`) is counted but not held
+        to ``max_total``: an operator can replace the risk list while the data plane is at its limit."""
         with self._lock:
             mine = self.by_caller.get(caller, 0)
-            if self.max_total and self.total >= self.max_total:
+            if self.max_total and self.total >= self.max_total and not control:
                 raise LimitExceeded(
                     f"the server is at its limit of concurrent calls (max_concurrent_calls = {self.max_total}); "
                     "retry with back-off"

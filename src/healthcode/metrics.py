@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter(
@@ -18,6 +22,23 @@ LATENCY = Histogram(
 ROWS = Counter("healthcode_rows_evaluated", "Persons evaluated, by method", ["method"], registry=REGISTRY)
 RISK_VERSION = Gauge("healthcode_risk_list_version", "Version of the risk list in force", registry=REGISTRY)
 POLICY_VERSION = Gauge("healthcode_policy_version", "Version of the policy timeline in force", registry=REGISTRY)
+
+
+class FrontCollector:
+    """Calls the shedding front forwarded and refused (counters it keeps in memory shared with the server)."""
+
+    def __init__(self, front: Any) -> None:
+        self.front = front
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "healthcode_front_calls",
+            "Calls the shedding front forwarded, or refused with RESOURCE_EXHAUSTED",
+            labels=["outcome"],
+        )
+        family.add_metric(["forwarded"], self.front.forwarded)
+        family.add_metric(["refused"], self.front.refused)
+        yield family
 
 
 def serve_metrics(listen: str) -> int:

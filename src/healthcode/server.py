@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,10 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from . import engine, limits, metrics
+from . import engine, front, limits, metrics
 from ._proto.v1 import healthcode_pb2 as pb
 from .auth import Authenticator, Guard, load_authenticator
-from .config import ConfigError, Settings
+from .config import Settings
 from .ingest import IngestQueue
 from .interceptors import ObservedService, configure_logging
 from .policy import load_policy, parse_policy
@@ -29,6 +31,7 @@ from .state import State
 from .statusbook import StatusBook
 from .store import Store
 from .timebase import to_datetime, to_instant
+from .transport import grpc_options, is_loopback, server_credentials
 
 log = logging.getLogger("healthcode.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HealthCode"].full_name
@@ -134,50 +137,6 @@ def service_handlers(service: HealthCodeService) -> grpc.GenericRpcHandler:
     )
 
 
-def grpc_options(settings: Settings) -> list[tuple[str, int]]:
-    options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not silently share the traffic
-        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
-        ("grpc.http2.min_ping_interval_without_data_ms", settings.min_ping_interval_ms),
-        # Idle gateway channels may keep their connection alive with pings (at most every min_ping_interval_ms)
-        # without being sent GOAWAY "too_many_pings".
-        ("grpc.keepalive_permit_without_calls", 1),
-        # A bounded queue in front of the event loop: past it gRPC core refuses new calls at once (CANCELLED), so an
-        # admitted call never waits behind an unbounded backlog and memory stays bounded.
-        ("grpc.server.max_pending_requests", settings.max_pending_calls),
-        ("grpc.server.max_pending_requests_hard_limit", 2 * settings.max_pending_calls),
-    ]
-    if settings.keepalive_time_ms:
-        options.append(("grpc.keepalive_time_ms", settings.keepalive_time_ms))
-    if settings.max_connection_age_ms:
-        options.append(("grpc.max_connection_age_ms", settings.max_connection_age_ms))  # channels rebalance
-        options.append(("grpc.max_connection_age_grace_ms", settings.max_connection_age_grace_ms))
-    return options
-
-
-def _read_pem(path: str, key: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise ConfigError(f"{key}: {path}: cannot read: {exc.strerror or exc}") from None
-    if b"-----BEGIN " not in data:
-        raise ConfigError(f"{key}: {path}: not a PEM file")
-    return data
-
-
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS credentials of the gRPC port (None: plaintext); with tls_client_ca, client certificates are required
-    and checked against it (mutual TLS)."""
-    if not settings.tls_cert or not settings.tls_key:
-        return None
-    pair = (_read_pem(settings.tls_key, "tls_key"), _read_pem(settings.tls_cert, "tls_cert"))
-    ca = _read_pem(settings.tls_client_ca, "tls_client_ca") if settings.tls_client_ca else None
-    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
-
-
 def _serve_metrics(settings: Settings) -> tuple[int, str]:
     """Start the Prometheus endpoint: HTTPS with the server's certificate when TLS is configured (and client
     certificates required under mutual TLS) unless metrics_tls is false.  Returns the port and the scheme."""
@@ -206,9 +165,10 @@ def _security_warnings(settings: Settings, auth: Authenticator) -> None:
         f'"token_principals": {len(auth.tokens)}, "certificate_identities": {len(auth.identities)}, '
         f'"max_concurrent_calls": {settings.max_concurrent_calls}, '
         f'"max_concurrent_calls_per_caller": {settings.max_concurrent_calls_per_caller}, '
-        f'"max_request_rows": {settings.max_request_rows}, "shed_loop_lag_ms": {settings.shed_loop_lag_ms}}}'
+        f'"max_request_rows": {settings.max_request_rows}, "shed_loop_lag_ms": {settings.shed_loop_lag_ms}, '
+        f'"front": {str(front.enabled(settings)).lower()}}}'
     )
-    if _is_loopback(settings.listen):
+    if is_loopback(settings.listen):
         return
     if not tls:
         log.warning(
@@ -225,11 +185,6 @@ def _security_warnings(settings: Settings, auth: Authenticator) -> None:
             "client_roles",
             settings.listen,
         )
-
-
-def _is_loopback(listen: str) -> bool:
-    host = listen.rpartition(":")[0].strip("[]")
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
 
 
 async def _demo(state: State, settings: Settings, executor: ThreadPoolExecutor) -> str:
@@ -266,19 +221,28 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     state = _initial_state(settings)
     opened = _open_store(settings, state)
     book = None if opened is None else opened[1]
-    ingest = None if opened is None else IngestQueue(
-        opened[0],
-        on_commit=lambda done: opened[1].ingested([(c.kind, c.table) for c in done], settings.now()),
-        known=opened[1].knows,
-        seen=lambda kind, events: opened[1].stored_events(kind, events, settings.now()),
+    ingest = (
+        None
+        if opened is None
+        else IngestQueue(
+            opened[0],
+            on_commit=lambda done: opened[1].ingested([(c.kind, c.table) for c in done], settings.now()),
+            known=opened[1].knows,
+            seen=lambda kind, events: opened[1].stored_events(kind, events, settings.now()),
+        )
     )
     limits.configure(settings.max_request_rows)
     concurrency = limits.Concurrency(settings.max_concurrent_calls, settings.max_concurrent_calls_per_caller)
     overload = limits.Overload(settings.shed_loop_lag_ms / 1000)
-    guard = Guard(auth, concurrency, client_certificates=bool(settings.tls_client_ca), overload=overload)
+    behind_front = front.enabled(settings)
+    guard = Guard(
+        auth, concurrency, client_certificates=bool(settings.tls_client_ca), overload=overload, forwarded=behind_front
+    )
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="evaluate")
     # ObservedService outermost: calls the guard refuses are logged and counted with their code.
-    server = grpc.aio.server(interceptors=[ObservedService(), guard], options=grpc_options(settings))
+    server = grpc.aio.server(
+        interceptors=[ObservedService(), guard], options=grpc_options(settings, public=not behind_front)
+    )
     server.add_generic_rpc_handlers((service_handlers(HealthCodeService(state, settings, executor, book, ingest)),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -286,16 +250,36 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     if settings.reflection:
         names.append(reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-    try:
-        if credentials is None:
-            port = server.add_insecure_port(settings.listen)
-        else:
-            port = server.add_secure_port(settings.listen, credentials)
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {settings.listen}: {exc}") from None
+    sockets = None
+    if behind_front:
+        # The server listens only on a socket in a fresh 0700 folder: the front is its one caller, so the client
+        # names and peer the front passes on in metadata can be trusted.
+        sockets = tempfile.mkdtemp(prefix="healthcode-")
+        backend = f"unix:{sockets}/server.sock"
+        server.add_insecure_port(backend)
+    else:
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(settings.listen)
+            else:
+                port = server.add_secure_port(settings.listen, credentials)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {settings.listen}: {exc}") from None
     _security_warnings(settings, auth)
     await server.start()
     overload.start()
+    shedder = None
+    if sockets is not None:
+        shedder = front.Front(settings, backend)
+        try:
+            port = await asyncio.get_running_loop().run_in_executor(None, shedder.start)
+        except OSError:
+            await server.stop(0)
+            shutil.rmtree(sockets, ignore_errors=True)
+            raise
+        collector = metrics.FrontCollector(shedder)
+        metrics.REGISTRY.register(collector)
+        log.info(f'{{"event": "front", "pid": {shedder.process.pid}, "limit": {settings.max_concurrent_calls}}}')
     for name in (SERVICE_NAME, ""):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_port, scheme = _serve_metrics(settings) if settings.metrics_listen else (None, "")
@@ -322,6 +306,10 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    failed: list[str] = []
+    watcher = None
+    if shedder is not None:
+        watcher = asyncio.create_task(_watch_front(shedder, f"{host}:{port}", stop, failed))
     if ready is not None:
         ready.set()
     await stop.wait()
@@ -332,7 +320,14 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     )
     for name in (SERVICE_NAME, ""):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if watcher is not None:
+        watcher.cancel()
+    if shedder is not None:  # the front stops taking calls and waits for the ones it forwards
+        await loop.run_in_executor(None, shedder.stop, settings.grace_seconds)
+        metrics.REGISTRY.unregister(collector)
     await server.stop(settings.grace_seconds)
+    if sockets is not None:
+        shutil.rmtree(sockets, ignore_errors=True)
     overload.stop()
     executor.shutdown(wait=True, cancel_futures=True)
     if ingest is not None:
@@ -341,4 +336,25 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         opened[1].close()  # a background checkpoint or view compaction finishes first
         opened[0].close()
     print("healthcode: stopped", file=sys.stderr, flush=True)
+    if failed:
+        print(f"healthcode: error: {failed[0]}", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+async def _watch_front(shedder: front.Front, address: str, stop: asyncio.Event, failed: list[str]) -> None:
+    """If the front process dies, start a new one on the same address; if that fails, stop the server (exit 1)
+    so that its supervisor restarts it, rather than serve nobody."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        await loop.run_in_executor(None, shedder.process.join, 1.0)
+        if shedder.process.is_alive() or stop.is_set():
+            continue
+        log.error(f'{{"event": "front_exited", "code": {shedder.process.exitcode}, "detail": "starting a new front"}}')
+        try:
+            await loop.run_in_executor(None, shedder.restart, address)
+        except OSError as exc:
+            failed.append(f"the front process exited and a new one could not start: {exc}")
+            stop.set()
+        else:
+            log.info(f'{{"event": "front", "pid": {shedder.process.pid}, "restarted": true}}')
