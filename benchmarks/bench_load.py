@@ -490,7 +490,7 @@ class RssSampler(threading.Thread):
         self.pid, self.interval = pid, interval
         self.load_pids: list[int] = []
         self.phase = "start"
-        self.samples: list[tuple[float, str, float, float, float]] = []
+        self.samples: list[tuple[float, str, float, float, float, float]] = []
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -499,7 +499,9 @@ class RssSampler(threading.Thread):
                 pids = [self.pid, *_children(self.pid)]  # the server and its shedding front
                 kb = sum(_rss_kb(p) for p in pids)
                 load = sum(_cpu_seconds(p) for p in self.load_pids)
-                self.samples.append((time.time(), self.phase, kb / 1024.0, sum(_cpu_seconds(p) for p in pids), load))
+                cpu = sum(_cpu_seconds(p) for p in pids)
+                front = cpu - _cpu_seconds(self.pid)  # the children: the shedding front
+                self.samples.append((time.time(), self.phase, kb / 1024.0, cpu, load, front))
             except (OSError, StopIteration, ValueError):
                 pass
             self.done.wait(self.interval)
@@ -515,6 +517,7 @@ class RssSampler(threading.Thread):
         if span > 0:
             out["server_cores"] = round((rows[-1][3] - rows[0][3]) / span, 2)
             out["load_generator_cores"] = round((rows[-1][4] - rows[0][4]) / span, 2)
+            out["front_cores"] = round((rows[-1][5] - rows[0][5]) / span, 2)  # included in server_cores
         return out
 
 
@@ -741,7 +744,8 @@ def _table(report: dict[str, Any]) -> str:
                  f"{f(m.get('min_mb'), '.0f')}/{f(m.get('median_mb'), '.0f')}/{f(m.get('max_mb'), '.0f')}")  # fmt: skip
     cores = {p: report[p]["rss"].get("server_cores") for p in ("sustained", "overload", "recovery")}
     load = {p: report[p]["rss"].get("load_generator_cores") for p in ("sustained", "overload", "recovery")}
-    lines.append(f"CPU cores used by the server {cores}, by the load generators {load}")
+    front = {p: report[p]["rss"].get("front_cores") for p in ("sustained", "overload", "recovery")}
+    lines.append(f"CPU cores used by the server {cores} (of which its front {front}), by the load generators {load}")
     lines.append(f"checks: {report['checks']}")
     return "\n".join(lines)
 

@@ -372,6 +372,28 @@ def _run(settings: Settings, backend: str, report: Any, counters: Any, parent: i
     channel.close()
 
 
+#: How much lower the server's threads run than its front (``nice``): under a saturated CPU the front still gets to
+#: accept and refuse at once, and the server serves with what is left.
+SERVER_NICENESS = 5
+
+
+def yield_cpu_to_front(increment: int = SERVER_NICENESS) -> int:
+    """Lower the priority of every thread of this process (the server) by ``increment`` (Linux: each thread has its
+    own nice value; threads started later inherit it).  Lowering one's own priority needs no privilege.  Returns the
+    number of threads changed (0 where the platform has no per-thread priorities)."""
+    if not hasattr(os, "setpriority") or not os.path.isdir("/proc/self/task"):
+        return 0
+    changed = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            current = os.getpriority(os.PRIO_PROCESS, int(tid))
+            os.setpriority(os.PRIO_PROCESS, int(tid), min(19, current + increment))
+            changed += 1
+        except (OSError, ValueError):  # the thread ended meanwhile
+            pass
+    return changed
+
+
 class Front:
     """The server's handle on its front process."""
 

@@ -277,6 +277,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
             await server.stop(0)
             shutil.rmtree(sockets, ignore_errors=True)
             raise
+        front.yield_cpu_to_front()
         collector = metrics.FrontCollector(shedder)
         metrics.REGISTRY.register(collector)
         log.info(f'{{"event": "front", "pid": {shedder.process.pid}, "limit": {settings.max_concurrent_calls}}}')
