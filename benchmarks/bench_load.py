@@ -1,6 +1,7 @@
 """Load and overload proof: the gateway path and the bulk path together, then 5x overload, then recovery.
 
-A real ``healthcode serve`` subprocess on loopback (``--max-concurrent-calls 64``), and separate load-generator
+A real ``healthcode serve`` subprocess on loopback (``--max-concurrent-calls 64``, behind its shedding front unless
+``--front off``: the setup of an exposed server, ``front = auto``), and separate load-generator
 *processes* (multiprocessing, spawn), each with its own grpc.aio channel, kept for the whole run as a gateway keeps
 its channel:
 
@@ -24,9 +25,9 @@ Why 64 concurrent calls: the sustained load keeps ``gateway_procs * gateway_conc
 flight (3 * 8 + 1 = 25 by default), so 64 leaves 2.5x headroom and (a) and (c) must never be shed; past it, by
 Little's law, 64 admitted calls at the few hundred to ~1,500 Evaluate/s this machine serves are ~50-200 ms of work,
 so an admitted call's wait inside the handlers would stay bounded while the rest is refused at once.  (The
-default, 256, would allow 4x that.)  What the run measures is whether that happens: the limit counts calls whose
-handler has started, and grpc.aio takes new calls off gRPC core's queue one at a time per method on its event loop,
-so a backlog of cheap calls may form in front of it (see docs/load.md).
+default, 256, would allow 4x that.)  Behind the front the limit is counted as the front accepts each call; without
+it, grpc.aio takes new calls off gRPC core's queue on its event loop, so a backlog of cheap calls forms in core and
+is refused there with CANCELLED (see docs/load.md).
 
 Figures are reported, never asserted (the ``checks`` block states the behavioural facts: zero errors below the
 limits, shedding with RESOURCE_EXHAUSTED, health always SERVING).  ``python benchmarks/bench_load.py`` (a few
