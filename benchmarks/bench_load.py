@@ -515,6 +515,11 @@ class RssSampler(threading.Thread):
         out = {"samples": len(mb), "min_mb": round(min(mb), 1), "median_mb": round(float(np.median(mb)), 1),
                "max_mb": round(max(mb), 1), "first_mb": round(mb[0], 1), "last_mb": round(mb[-1], 1)}  # fmt: skip
         span = rows[-1][0] - rows[0][0]
+        if span >= 120:  # a soak: is memory growing?  The median RSS of each minute
+            minutes: dict[int, list[float]] = collections.defaultdict(list)
+            for row in rows:
+                minutes[int((row[0] - rows[0][0]) // 60)].append(row[2])
+            out["median_mb_by_minute"] = [round(float(np.median(v)), 1) for _, v in sorted(minutes.items())]
         if span > 0:
             out["server_cores"] = round((rows[-1][3] - rows[0][3]) / span, 2)
             out["load_generator_cores"] = round((rows[-1][4] - rows[0][4]) / span, 2)
