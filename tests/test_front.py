@@ -264,3 +264,22 @@ def test_front_auto_on_a_public_address_and_bad_values(tmp_path):
     assert "HEALTHCODE_FRONT: front: expected auto, on or off, got 'sometimes'" in proc.stderr or (
         "front: expected auto, on or off" in proc.stderr
     ), proc.stderr
+
+
+def test_a_front_that_cannot_listen_stops_the_server_with_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HEALTHCODE_")}
+        started = time.monotonic()
+        proc = subprocess.run(
+            [*healthcode_cmd(), "serve", "--listen", f"127.0.0.1:{port}", "--metrics-listen", "", "--front", "on"],
+            env=env, capture_output=True, text=True, timeout=90, cwd=tmp_path,
+        )  # fmt: skip
+    assert proc.returncode != 0, proc.stdout
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert "healthcode serving" not in proc.stdout
+    assert time.monotonic() - started < 60  # reported as soon as the front fails, not after a timeout

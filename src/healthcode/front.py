@@ -9,8 +9,9 @@ data-plane calls in flight it answers RESOURCE_EXHAUSTED at once, at a fraction 
 Everything else is forwarded unchanged to the server's private Unix socket: messages as raw bytes, metadata,
 deadline, cancellation, status codes and trailing metadata.  Authentication and every other limit stay in the
 server.  The front terminates TLS and passes the verified client-certificate names and the peer on in
-``x-healthcode-*`` metadata, which it strips from what callers send.  Health checks and the control plane
-(``PutRiskList``, ``PutPolicy``, ``Reevaluate``) are never refused by the front.
+``x-healthcode-*`` metadata, which it strips from what callers send.  Health checks, reflection and the control
+plane (``PutRiskList``, ``PutPolicy``, ``Reevaluate`` and the reads of the list and the policy) are never refused
+by the front.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ CLIENT_NAME = "x-healthcode-client-name"  # one entry per verified certificate n
 PEER = "x-healthcode-peer"  # the caller's address as the front saw it
 #: Metadata never forwarded: HTTP/2 and gRPC transport headers, and the front's own (a caller must not forge them).
 _DROPPED = ("user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout")
-#: Refusals queued to the front's threads past the limit before gRPC's own limit refuses the rest, cheaper still.
+#: Threads past the limit: for health checks, the control plane and the refusal of streams (which the handlers
+#: refuse).  Past limit + RESERVE calls in the front, gRPC's own limit refuses everything, health checks included.
 RESERVE = 64
 #: Methods the front never refuses: health and reflection, and the control plane (the server never sheds it).
 EXEMPT = frozenset(
@@ -405,9 +407,9 @@ class Front:
 
     def _prepare(self, settings: Settings) -> None:
         self.settings = settings
-        self._report, child = self._ctx.Pipe(duplex=False)
+        self._report, self._child = self._ctx.Pipe(duplex=False)
         self.process = self._ctx.Process(
-            target=_run, args=(settings, self.backend, child, self.counters, os.getpid()), name="healthcode-front"
+            target=_run, args=(settings, self.backend, self._child, self.counters, os.getpid()), name="healthcode-front"
         )
 
     def restart(self, address: str) -> int:
@@ -420,6 +422,7 @@ class Front:
     def start(self, timeout: float = 60.0) -> int:
         """Start the front and wait until it listens; returns the bound port.  Raises OSError when it cannot."""
         self.process.start()
+        self._child.close()  # the front's end only: a front that dies before it reports is seen at once (EOF)
         if not self._report.poll(timeout):
             self.stop(0)
             raise OSError(f"the front process did not start listening on {self.settings.listen} in {timeout:g} s")
