@@ -243,6 +243,18 @@ def test_concurrency_counter():
     assert unlimited.total == 1000
 
 
+def test_control_plane_is_counted_but_not_held_to_the_overall_limit():
+    c = Concurrency(max_total=1, max_per_caller=2)
+    c.acquire("gw")
+    c.acquire("ops", control=True)  # a risk-list update while the data plane is full
+    assert c.total == 2
+    with pytest.raises(LimitExceeded, match="max_concurrent_calls = 1"):
+        c.acquire("gw2")
+    c.acquire("ops", control=True)
+    with pytest.raises(LimitExceeded, match="max_concurrent_calls_per_caller = 2"):
+        c.acquire("ops", control=True)  # the per-caller limit still holds
+
+
 def test_work_for_a_call_past_its_deadline_is_not_started():
     """Queued evaluation work checks the caller's deadline before it starts (and a bulk request between batches):
     a caller that has gone costs no kernel time."""
