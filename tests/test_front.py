@@ -281,3 +281,28 @@ def test_a_front_that_cannot_listen_stops_the_server_with_a_clear_error(tmp_path
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "healthcode serving" not in proc.stdout
     assert time.monotonic() - started < 60  # reported as soon as the front fails, not after a timeout
+
+
+def test_a_stream_that_never_sends_is_cancelled_by_the_front(server):
+    """Until a request stream's first message arrives, the call is in the front only (nobody has authenticated it
+    yet): after FIRST_MESSAGE_SECONDS without one, the front cancels it and frees its thread."""
+    from healthcode.front import FIRST_MESSAGE_SECONDS
+
+    release = threading.Event()
+
+    def nothing() -> Iterator[pb.EvaluateArrowRequest]:
+        release.wait(60)
+        return
+        yield  # a generator that sends nothing
+
+    with grpc.insecure_channel(server.address) as channel:
+        started = time.monotonic()
+        call = pb_grpc.HealthCodeStub(channel).EvaluateArrow(nothing(), timeout=60)
+        try:
+            code, _ = _error(lambda: list(call))
+        finally:
+            release.set()
+        waited = time.monotonic() - started
+        assert code == grpc.StatusCode.CANCELLED, code
+        assert FIRST_MESSAGE_SECONDS - 1 < waited < FIRST_MESSAGE_SECONDS + 10, waited
+        assert _health(channel) == health_pb2.HealthCheckResponse.SERVING

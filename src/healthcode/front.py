@@ -77,9 +77,26 @@ def method_kinds() -> dict[str, tuple[bool, bool]]:
     return kinds
 
 
-def _after_first(requests: Iterator[Any]) -> Iterator[Any]:
+#: How long a request stream may take to send its first message before the front cancels it: until then it holds a
+#: front thread without having been authenticated by anyone (the server sees the call only once it is forwarded).
+FIRST_MESSAGE_SECONDS = 10.0
+
+
+def _first(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+    """The first message of ``requests`` (``_END`` for an empty stream); a caller that sends none within
+    :data:`FIRST_MESSAGE_SECONDS` has its call cancelled, which frees the thread."""
+    watchdog = threading.Timer(FIRST_MESSAGE_SECONDS, context.cancel)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        return next(requests, _END)
+    finally:
+        watchdog.cancel()
+
+
+def _after_first(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
     """``requests`` with its first message already read (an empty stream stays empty)."""
-    first = next(requests, _END)
+    first = _first(requests, context)
 
     def rest() -> Iterator[Any]:
         if first is not _END:
@@ -93,9 +110,9 @@ class _Gate:
     """A request stream whose first message is read at once and whose rest waits for :meth:`open` (the server
     answered) and stops at :meth:`close` (the call ended)."""
 
-    def __init__(self, requests: Iterator[Any]) -> None:
+    def __init__(self, requests: Iterator[Any], context: grpc.ServicerContext) -> None:
         self.source = requests
-        self.first = next(requests, _END)
+        self.first = _first(requests, context)
         self.event = threading.Event()
         self.closed = False
 
@@ -272,7 +289,7 @@ class Forwarder(grpc.GenericRpcHandler):
 
             def forward_one(request: Any, context: grpc.ServicerContext) -> Any:
                 if client_streaming:
-                    request = _after_first(request)  # as in forward_many
+                    request = _after_first(request, context)  # as in forward_many
                 with self._slot(path, context):
                     future = stub.future(request, timeout=_timeout(context), metadata=self._metadata(context))
                     context.add_callback(future.cancel)
@@ -291,7 +308,7 @@ class Forwarder(grpc.GenericRpcHandler):
                 # instead of the call's status (grpc/grpc#36066).  So the front reads the first message before it
                 # may refuse, and sends the server the rest only once the server answered the first (EvaluateArrow
                 # answers its options with the evaluation info): a refusal by the server finds nothing in flight.
-                gate = _Gate(request) if client_streaming else None
+                gate = _Gate(request, context) if client_streaming else None
                 with self._slot(path, context):
                     source = request if gate is None else gate.requests()
                     call = stub(source, timeout=_timeout(context), metadata=self._metadata(context))
