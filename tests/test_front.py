@@ -100,9 +100,9 @@ class Holder:
             pass
 
 
-def _all_admitted(stub: pb_grpc.HealthCodeStub, n: int) -> None:
-    """``n`` Evaluate calls at once all succeed, within 10 s (a slot comes back a moment after its call ended)."""
-    deadline = time.monotonic() + 10
+def _all_admitted(stub: pb_grpc.HealthCodeStub, n: int, within: float = 10) -> None:
+    """``n`` Evaluate calls at once all succeed, within ``within`` s (a slot comes back a moment after its call)."""
+    deadline = time.monotonic() + within
     while True:
         calls = [stub.Evaluate.future(_evaluate_request(), timeout=10) for _ in range(n)]
         try:
@@ -306,3 +306,60 @@ def test_a_stream_that_never_sends_is_cancelled_by_the_front(server):
         assert code == grpc.StatusCode.CANCELLED, code
         assert FIRST_MESSAGE_SECONDS - 1 < waited < FIRST_MESSAGE_SECONDS + 10, waited
         assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _headers_only(address: str, path: str, streams: int) -> Any:
+    """A raw HTTP/2 connection with ``streams`` gRPC calls that send their headers and never their message."""
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0))  # preface, empty SETTINGS
+    while True:  # acknowledge the server's SETTINGS
+        head = sock.recv(9, socket.MSG_WAITALL)
+        payload = sock.recv(int.from_bytes(head[:3], "big"), socket.MSG_WAITALL) if head[:3] != b"\0\0\0" else b""
+        del payload
+        if head[3] == 4 and not head[4] & 1:
+            sock.sendall(_frame(4, 1, 0))
+            break
+
+    def literal(name: bytes, value: bytes) -> bytes:  # HPACK: literal without indexing, new name, no Huffman
+        return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+    block = b"".join(literal(k, v) for k, v in (
+        (b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()), (b":authority", b"localhost"),
+        (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+    ))  # fmt: skip
+    for i in range(streams):
+        sock.sendall(_frame(1, 0x4, 2 * i + 1, block))  # HEADERS, END_HEADERS, no END_STREAM: no message follows
+    return sock
+
+
+def test_calls_that_never_send_their_request_lose_their_slot(server):
+    """A slot is taken as the front accepts a call; a caller that sends the headers and never the message is
+    cancelled after FIRST_MESSAGE_SECONDS, so such callers cannot keep the data plane refused."""
+    from healthcode.front import FIRST_MESSAGE_SECONDS
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.HealthCodeStub(channel)
+        _all_admitted(stub, LIMIT)  # warm, and every slot free
+        sock = _headers_only(server.address, "/healthcode.v1.HealthCode/Evaluate", LIMIT)
+        try:
+            deadline = time.monotonic() + 5
+            while True:  # the two silent calls hold both slots
+                try:
+                    stub.Evaluate(_evaluate_request(), timeout=10)
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                    break
+                assert time.monotonic() < deadline, "the silent calls took no slot"
+                time.sleep(0.05)
+            assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+            _all_admitted(stub, LIMIT, within=FIRST_MESSAGE_SECONDS + 10)
+        finally:
+            sock.close()
+    assert '"event": "front_no_request"' in server.stderr()

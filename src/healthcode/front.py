@@ -77,8 +77,8 @@ def method_kinds() -> dict[str, tuple[bool, bool]]:
     return kinds
 
 
-#: How long a request stream may take to send its first message before the front cancels it: until then it holds a
-#: front thread without having been authenticated by anyone (the server sees the call only once it is forwarded).
+#: How long a call may take to send its (first) request message before the front cancels it: until then it holds a
+#: front thread, or a slot, without having been authenticated by anyone (the server sees it only once forwarded).
 FIRST_MESSAGE_SECONDS = 10.0
 
 
@@ -155,6 +155,7 @@ class Slots:
             f"the server is at its limit of concurrent calls (max_concurrent_calls = {limit}); retry with back-off"
         )
         self.on_accept: frozenset[str] = frozenset()  # methods whose slot install_fast_refusal() takes on accept
+        self.started: Callable[[grpc.ServicerContext], None] = lambda context: None  # the request has arrived
 
     def acquire(self) -> Callable[[], None] | None:
         """A release function, or None when the limit is reached (the refusal is counted)."""
@@ -207,8 +208,14 @@ def install_fast_refusal(slots: Slots) -> bool:
     fast_bytes = {path.encode() for path in fast}
     message = slots.message.encode()
 
+    # A call admitted here holds its slot while its request arrives.  A caller that sends the headers and never the
+    # message would hold it (unauthenticated: the server has not seen the call yet) until its deadline, if any; so
+    # a call whose handler has not started FIRST_MESSAGE_SECONDS after it was admitted is cancelled.
+    waiting: dict[int, tuple[float, Any]] = {}  # id(rpc_event) -> (cancel at, call)
+
     def handle_call(rpc_event: Any, method_with_handler: Any, *rest: Any) -> tuple[Any, Any]:
         release = None
+        key = id(rpc_event)
         if rpc_event.success:
             method = rpc_event.call_details.method or (method_with_handler.name() or "").encode()
             if method in fast_bytes:
@@ -217,16 +224,41 @@ def install_fast_refusal(slots: Slots) -> bool:
                     state = _server._RPCState()
                     reject(rpc_event, state, cygrpc.StatusCode.resource_exhausted, message)
                     return state, None
+                waiting[key] = (time.monotonic() + FIRST_MESSAGE_SECONDS, rpc_event.call)  # before its handler runs
         state, future = handle(rpc_event, method_with_handler, *rest)
         if release is not None:
             if future is None:  # refused for another reason (unknown method, ...): never ran
+                waiting.pop(key, None)
                 release()
             else:  # the worker's task ends however the call ends (done, failed, cancelled before it started)
-                future.add_done_callback(lambda _: release())
+                done = release
+
+                def finished(_: Any) -> None:
+                    waiting.pop(key, None)
+                    done()
+
+                future.add_done_callback(finished)
         return state, future
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            now, late = time.monotonic(), 0
+            for key, (cancel_at, call) in list(waiting.items()):
+                if now >= cancel_at and waiting.pop(key, None) is not None:
+                    call.cancel()
+                    late += 1
+            if late:
+                event = {"event": "front_no_request", "cancelled": late, "seconds": FIRST_MESSAGE_SECONDS}
+                log.warning(json.dumps(event))
 
     _server._handle_call = handle_call
     slots.on_accept = fast
+    def started(context: grpc.ServicerContext) -> None:
+        waiting.pop(id(getattr(context, "_rpc_event", None)), None)
+
+    slots.started = started
+    threading.Thread(target=watch, name="front-watchdog", daemon=True).start()
     return True
 
 
@@ -288,6 +320,7 @@ class Forwarder(grpc.GenericRpcHandler):
         if not server_streaming:
 
             def forward_one(request: Any, context: grpc.ServicerContext) -> Any:
+                self.slots.started(context)
                 if client_streaming:
                     request = _after_first(request, context)  # as in forward_many
                 with self._slot(path, context):
@@ -304,6 +337,7 @@ class Forwarder(grpc.GenericRpcHandler):
         else:
 
             def forward_many(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                self.slots.started(context)
                 # A caller whose write is still pending when its call ends is told INTERNAL by its gRPC library
                 # instead of the call's status (grpc/grpc#36066).  So the front reads the first message before it
                 # may refuse, and sends the server the rest only once the server answered the first (EvaluateArrow
