@@ -363,3 +363,26 @@ def test_calls_that_never_send_their_request_lose_their_slot(server):
         finally:
             sock.close()
     assert '"event": "front_no_request"' in server.stderr()
+
+
+def test_a_front_that_cannot_listen_closes_the_store_cleanly(tmp_path):
+    """The same with a store: the server closes it before it exits, and the store opens again."""
+    import socket
+
+    from healthcode.store import Store
+
+    store = tmp_path / "store.duckdb"
+    Store(str(store)).close()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HEALTHCODE_")}
+        proc = subprocess.run(
+            [*healthcode_cmd(), "serve", "--listen", f"127.0.0.1:{port}", "--metrics-listen", "", "--front", "on",
+             "--store", str(store)],
+            env=env, capture_output=True, text=True, timeout=90, cwd=tmp_path,
+        )  # fmt: skip
+    assert proc.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    Store(str(store)).close()  # not left locked or damaged

@@ -275,7 +275,14 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
             port = await asyncio.get_running_loop().run_in_executor(None, shedder.start)
         except OSError:
             await server.stop(0)
+            overload.stop()
+            executor.shutdown(wait=False, cancel_futures=True)
             shutil.rmtree(sockets, ignore_errors=True)
+            if ingest is not None:
+                await ingest.close()
+            if opened is not None:
+                opened[1].close()
+                opened[0].close()
             raise
         front.yield_cpu_to_front()
         collector = metrics.FrontCollector(shedder)
