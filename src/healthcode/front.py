@@ -39,7 +39,8 @@ log = logging.getLogger("healthcode.front")
 
 CLIENT_NAME = "x-healthcode-client-name"  # one entry per verified certificate name (CN, then SANs)
 PEER = "x-healthcode-peer"  # the caller's address as the front saw it
-#: Metadata never forwarded: HTTP/2 and gRPC transport headers, and the front's own (a caller must not forge them).
+#: Metadata never forwarded: HTTP/2 and gRPC transport headers (and every ``x-healthcode-*`` key a caller sends:
+#: those are the front's own, see :meth:`Forwarder._metadata`).
 _DROPPED = ("user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout")
 #: Threads past the limit: for health checks, the control plane and the refusal of streams (which the handlers
 #: refuse).  Past limit + RESERVE calls in the front, gRPC's own limit refuses everything, health checks included.
@@ -92,18 +93,6 @@ def _first(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
         return next(requests, _END)
     finally:
         watchdog.cancel()
-
-
-def _after_first(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-    """``requests`` with its first message already read (an empty stream stays empty)."""
-    first = _first(requests, context)
-
-    def rest() -> Iterator[Any]:
-        if first is not _END:
-            yield first
-            yield from requests
-
-    return rest()
 
 
 class _Gate:
@@ -269,7 +258,6 @@ class Forwarder(grpc.GenericRpcHandler):
         self.channel = channel
         self.slots = slots
         self.certificates = client_certificates
-        self.counters = slots.counters
         self.handlers = {path: self._handler(path, *kind) for path, kind in method_kinds().items()}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -321,8 +309,10 @@ class Forwarder(grpc.GenericRpcHandler):
 
             def forward_one(request: Any, context: grpc.ServicerContext) -> Any:
                 self.slots.started(context)
-                if client_streaming:
-                    request = _after_first(request, context)  # as in forward_many
+                if client_streaming:  # as in forward_many; no answer comes before the end, so the gate stays open
+                    gate = _Gate(request, context)
+                    gate.open()
+                    request = gate.requests()
                 with self._slot(path, context):
                     future = stub.future(request, timeout=_timeout(context), metadata=self._metadata(context))
                     context.add_callback(future.cancel)
