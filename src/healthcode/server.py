@@ -217,19 +217,15 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         # Past a file-size limit a write should fail (the store answers UNAVAILABLE), not kill the server.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     auth = load_authenticator(settings)  # bad security settings fail before the (slow) store is opened
-    credentials = server_credentials(settings)
+    credentials = server_credentials(settings)  # behind a front, only checked here (before the slow store opens)
     state = _initial_state(settings)
     opened = _open_store(settings, state)
     book = None if opened is None else opened[1]
-    ingest = (
-        None
-        if opened is None
-        else IngestQueue(
-            opened[0],
-            on_commit=lambda done: opened[1].ingested([(c.kind, c.table) for c in done], settings.now()),
-            known=opened[1].knows,
-            seen=lambda kind, events: opened[1].stored_events(kind, events, settings.now()),
-        )
+    ingest = None if opened is None else IngestQueue(
+        opened[0],
+        on_commit=lambda done: opened[1].ingested([(c.kind, c.table) for c in done], settings.now()),
+        known=opened[1].knows,
+        seen=lambda kind, events: opened[1].stored_events(kind, events, settings.now()),
     )
     limits.configure(settings.max_request_rows)
     concurrency = limits.Concurrency(settings.max_concurrent_calls, settings.max_concurrent_calls_per_caller)
@@ -274,15 +270,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         try:
             port = await asyncio.get_running_loop().run_in_executor(None, shedder.start)
         except OSError:
-            await server.stop(0)
-            overload.stop()
-            executor.shutdown(wait=False, cancel_futures=True)
-            shutil.rmtree(sockets, ignore_errors=True)
-            if ingest is not None:
-                await ingest.close()
-            if opened is not None:
-                opened[1].close()
-                opened[0].close()
+            await _close(server, 0, sockets, overload, executor, ingest, opened)
             raise
         front.yield_cpu_to_front()
         collector = metrics.FrontCollector(shedder)
@@ -333,7 +321,25 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     if shedder is not None:  # the front stops taking calls and waits for the ones it forwards
         await loop.run_in_executor(None, shedder.stop, settings.grace_seconds)
         metrics.REGISTRY.unregister(collector)
-    await server.stop(settings.grace_seconds)
+    await _close(server, settings.grace_seconds, sockets, overload, executor, ingest, opened)
+    print("healthcode: stopped", file=sys.stderr, flush=True)
+    if failed:
+        print(f"healthcode: error: {failed[0]}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+async def _close(
+    server: grpc.aio.Server,
+    grace: float,
+    sockets: str | None,
+    overload: limits.Overload,
+    executor: ThreadPoolExecutor,
+    ingest: IngestQueue | None,
+    opened: tuple[Store, StatusBook] | None,
+) -> None:
+    """Stop serving (calls in flight get ``grace`` seconds), then release everything in the order it depends on."""
+    await server.stop(grace)
     if sockets is not None:
         shutil.rmtree(sockets, ignore_errors=True)
     overload.stop()
@@ -343,11 +349,6 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     if opened is not None:
         opened[1].close()  # a background checkpoint or view compaction finishes first
         opened[0].close()
-    print("healthcode: stopped", file=sys.stderr, flush=True)
-    if failed:
-        print(f"healthcode: error: {failed[0]}", file=sys.stderr, flush=True)
-        return 1
-    return 0
 
 
 async def _watch_front(shedder: front.Front, address: str, stop: asyncio.Event, failed: list[str]) -> None:
