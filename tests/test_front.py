@@ -27,7 +27,7 @@ import grpc
 import pytest
 from conftest import AS_OF, seconds
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from service_helpers import Pki, ServerProcess, healthcode_cmd
+from service_helpers import Pki, ServerProcess, healthcode_cmd, raw_grpc_calls
 
 from healthcode._proto.v1 import healthcode_pb2 as pb
 from healthcode._proto.v1 import healthcode_pb2_grpc as pb_grpc
@@ -308,37 +308,6 @@ def test_a_stream_that_never_sends_is_cancelled_by_the_front(server):
         assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
 
 
-def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
-
-
-def _headers_only(address: str, path: str, streams: int) -> Any:
-    """A raw HTTP/2 connection with ``streams`` gRPC calls that send their headers and never their message."""
-    import socket
-
-    host, port = address.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0))  # preface, empty SETTINGS
-    while True:  # acknowledge the server's SETTINGS
-        head = sock.recv(9, socket.MSG_WAITALL)
-        payload = sock.recv(int.from_bytes(head[:3], "big"), socket.MSG_WAITALL) if head[:3] != b"\0\0\0" else b""
-        del payload
-        if head[3] == 4 and not head[4] & 1:
-            sock.sendall(_frame(4, 1, 0))
-            break
-
-    def literal(name: bytes, value: bytes) -> bytes:  # HPACK: literal without indexing, new name, no Huffman
-        return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
-
-    block = b"".join(literal(k, v) for k, v in (
-        (b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()), (b":authority", b"localhost"),
-        (b"content-type", b"application/grpc"), (b"te", b"trailers"),
-    ))  # fmt: skip
-    for i in range(streams):
-        sock.sendall(_frame(1, 0x4, 2 * i + 1, block))  # HEADERS, END_HEADERS, no END_STREAM: no message follows
-    return sock
-
-
 def test_calls_that_never_send_their_request_lose_their_slot(server):
     """A slot is taken as the front accepts a call; a caller that sends the headers and never the message is
     cancelled after FIRST_MESSAGE_SECONDS, so such callers cannot keep the data plane refused."""
@@ -351,7 +320,7 @@ def test_calls_that_never_send_their_request_lose_their_slot(server):
         # call that found none was refused at once): try again with a new connection until they hold both.
         for _attempt in range(5):
             time.sleep(0.2)
-            sock = _headers_only(server.address, "/healthcode.v1.HealthCode/Evaluate", LIMIT)
+            sock = raw_grpc_calls(server.address, "/healthcode.v1.HealthCode/Evaluate", LIMIT)
             deadline = time.monotonic() + 2
             try:
                 stub.Evaluate(_evaluate_request(), timeout=10)

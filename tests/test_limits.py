@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pyarrow as pa
@@ -194,6 +195,68 @@ def test_a_cancelled_call_gives_its_slot_back(limited, stubs):
     code, _ = code_of(lambda: list(watch))  # a stream held until its deadline, then its slot is free again
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     _eventually_ok(lambda: stubs["gw-b"].Evaluate(_request(1), timeout=10))
+
+
+def test_refused_request_streams_read_the_refusal_not_internal(limited, stubs):
+    """A grpc.aio client still writing its first request when the server ends the call reads INTERNAL "Internal
+    error from Core" instead of the server's code (grpc/grpc#36066: 149 of 400 refused streams before the server
+    waited for the first request).  Past the limit, a stream that sends its options and waits for the answer, as
+    our clients do, reads RESOURCE_EXHAUSTED every time; one that sends nothing ends at its deadline."""
+    import asyncio
+
+    options = pb.EvaluateArrowRequest(options=pb.EvaluateOptions())
+    options.options.as_of.seconds = AS_OF_S
+    metadata = (("authorization", f"Bearer {TOKENS['gw-a']}"),)
+
+    async def refusals() -> tuple[dict[str, int], grpc.StatusCode]:
+        codes: dict[str, int] = {}
+        async with grpc.aio.insecure_channel(limited.address) as channel:
+            stub = pb_grpc.HealthCodeStub(channel)
+
+            async def one() -> None:
+                answered = asyncio.Event()
+
+                async def requests() -> Any:
+                    yield options
+                    await answered.wait()
+
+                try:
+                    async for _ in stub.EvaluateArrow(requests(), timeout=10, metadata=metadata):
+                        answered.set()
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+                finally:
+                    answered.set()
+                codes[code] = codes.get(code, 0) + 1
+
+            async def caller() -> None:
+                for _ in range(50):
+                    await one()
+
+            await asyncio.gather(*(caller() for _ in range(4)))
+
+            async def nothing() -> Any:
+                await asyncio.sleep(5)
+                return
+                yield
+
+            try:
+                async for _ in stub.EvaluateArrow(nothing(), timeout=0.5, metadata=metadata):
+                    pass
+                silent = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                silent = exc.code()
+        return codes, silent
+
+    held = Held(stubs["gw-a"])  # gw-a's one slot is taken: every stream below is refused
+    try:
+        codes, silent = asyncio.run(refusals())
+    finally:
+        held.release()
+    assert codes == {"RESOURCE_EXHAUSTED": 200}, codes
+    assert silent == grpc.StatusCode.DEADLINE_EXCEEDED
+    _eventually_ok(lambda: stubs["gw-a"].Evaluate(_request(1), timeout=10))
 
 
 # ----------------------------------------------------------------------------------------------------------------

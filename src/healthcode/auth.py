@@ -21,6 +21,8 @@ The servicer reads who is calling with :func:`caller` (a context variable set fo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import hashlib
 import hmac
@@ -35,7 +37,7 @@ from typing import Any
 import grpc
 
 from .config import ConfigError, Settings
-from .front import CLIENT_NAME, PEER
+from .front import CLIENT_NAME, FIRST_MESSAGE_SECONDS, PEER
 from .interceptors import Refused, ServiceInterceptor
 from .limits import CONTROL_METHODS, Concurrency, LimitExceeded, Overload, check_rows
 
@@ -314,6 +316,20 @@ class Guard(ServiceInterceptor):
             await context.abort(exc.code, str(exc))
             raise AssertionError("abort returned") from None
 
+    async def _admit_stream(self, method: str, requests: Any, context: grpc.aio.ServicerContext) -> str:
+        """:meth:`_admit` for a call that streams its requests: a refusal waits for the first request (at most
+        :data:`FIRST_MESSAGE_SECONDS`).  A grpc.aio client still writing its first request when the call ends reads
+        INTERNAL "Internal error from Core" instead of the refusal (grpc/grpc#36066); once that request has arrived,
+        a client that waits for the first answer before sending more (as ours do) reads the real code."""
+        try:
+            return self._enter(method, None, context)
+        except (Refused, LimitExceeded) as exc:
+            refusal = exc
+        with contextlib.suppress(Exception):  # the end of the stream, a cancellation, the wait running out
+            await asyncio.wait_for(anext(aiter(requests)), FIRST_MESSAGE_SECONDS)
+        await context.abort(refusal.code, str(refusal))
+        raise AssertionError("abort returned") from None
+
     def _leave(self, key: str, context: grpc.aio.ServicerContext) -> None:
         _BY_CONTEXT.pop(id(context), None)
         self.concurrency.release(key)
@@ -334,7 +350,10 @@ class Guard(ServiceInterceptor):
         self, method: str, behavior: Callable[..., AsyncIterator[Any]], streaming_request: bool
     ) -> Callable[..., AsyncIterator[Any]]:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            key = await self._admit(method, None if streaming_request else request, context)
+            if streaming_request:
+                key = await self._admit_stream(method, request, context)
+            else:
+                key = await self._admit(method, request, context)
             released: list[bool] = []
 
             def leave(_: Any = None) -> None:
@@ -364,3 +383,8 @@ async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerConte
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while requests were arriving")
         yield request
+    # The stream ended: a client's half-close, or its cancellation (grpc.aio ends the request stream the same way
+    # for both, and tells the call only when its close notice is handled).  Let the loop handle a notice that came
+    # with the end of the stream, so a cancelled call ends CANCELLED instead of finishing as if it were complete.
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
