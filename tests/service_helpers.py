@@ -384,34 +384,37 @@ def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
 
 
-def raw_grpc_calls(
-    address: str, path: str, streams: int, headers: Sequence[tuple[str, str]] = (), message: bytes | None = None
-) -> socket.socket:
-    """A raw HTTP/2 connection with ``streams`` gRPC calls to ``path`` that send their headers (plus ``headers``)
-    and, if given, one ``message``, and then nothing at all: neither more messages, nor the end of the stream, nor a
-    cancellation, whatever happens (a grpc client ends its call at its deadline; this one leaves it to the server).
-    The caller closes the socket."""
-    host, port = address.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0))  # preface, empty SETTINGS
-    while True:  # acknowledge the server's SETTINGS
-        head = sock.recv(9, socket.MSG_WAITALL)
-        length = int.from_bytes(head[:3], "big")
-        if length:
-            sock.recv(length, socket.MSG_WAITALL)
-        if head[3] == 4 and not head[4] & 1:
-            sock.sendall(_frame(4, 1, 0))
-            break
+class RawGrpc:
+    """A raw HTTP/2 connection whose gRPC calls send their headers and, if given, one message, and then nothing at
+    all: neither more messages, nor the end of the stream, nor a cancellation, whatever happens (a grpc client
+    ends its call at its deadline; these leave it to the server).  The server's frames are never read."""
 
-    def literal(name: bytes, value: bytes) -> bytes:  # HPACK: literal without indexing, new name, no Huffman
-        assert len(name) < 127 and len(value) < 127
-        return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+    def __init__(self, address: str) -> None:
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0))  # preface, empty SETTINGS
+        while True:  # acknowledge the server's SETTINGS
+            head = self.sock.recv(9, socket.MSG_WAITALL)
+            length = int.from_bytes(head[:3], "big")
+            if length:
+                self.sock.recv(length, socket.MSG_WAITALL)
+            if head[3] == 4 and not head[4] & 1:
+                self.sock.sendall(_frame(4, 1, 0))
+                break
+        self.next_stream = 1
 
-    fields = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "localhost"),
-              ("content-type", "application/grpc"), ("te", "trailers"), *headers]  # fmt: skip
-    block = b"".join(literal(k.encode(), v.encode()) for k, v in fields)
-    for i in range(streams):
-        sock.sendall(_frame(1, 0x4, 2 * i + 1, block))  # HEADERS, END_HEADERS, no END_STREAM
+    def call(self, path: str, headers: Sequence[tuple[str, str]] = (), message: bytes | None = None) -> None:
+        def literal(name: bytes, value: bytes) -> bytes:  # HPACK: literal without indexing, new name, no Huffman
+            assert len(name) < 127 and len(value) < 127
+            return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+        fields = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "localhost"),
+                  ("content-type", "application/grpc"), ("te", "trailers"), *headers]  # fmt: skip
+        stream, self.next_stream = self.next_stream, self.next_stream + 2
+        block = b"".join(literal(k.encode(), v.encode()) for k, v in fields)
+        self.sock.sendall(_frame(1, 0x4, stream, block))  # HEADERS, END_HEADERS, no END_STREAM
         if message is not None:  # DATA, no END_STREAM: a gRPC message (not compressed, length-prefixed)
-            sock.sendall(_frame(0, 0, 2 * i + 1, b"\0" + len(message).to_bytes(4, "big") + message))
-    return sock
+            self.sock.sendall(_frame(0, 0, stream, b"\0" + len(message).to_bytes(4, "big") + message))
+
+    def close(self) -> None:
+        self.sock.close()

@@ -27,7 +27,7 @@ import grpc
 import pytest
 from conftest import AS_OF, seconds
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from service_helpers import Pki, ServerProcess, healthcode_cmd, raw_grpc_calls
+from service_helpers import Pki, RawGrpc, ServerProcess, healthcode_cmd
 
 from healthcode._proto.v1 import healthcode_pb2 as pb
 from healthcode._proto.v1 import healthcode_pb2_grpc as pb_grpc
@@ -316,28 +316,28 @@ def test_calls_that_never_send_their_request_lose_their_slot(server):
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.HealthCodeStub(channel)
         _all_admitted(stub, LIMIT)  # warm
-        # The silent calls must find every slot free (a slot comes back a moment after its call ended; a silent
-        # call that found none was refused at once): try again with a new connection until they hold both.
-        for _attempt in range(5):
-            time.sleep(0.2)
-            sock = raw_grpc_calls(server.address, "/healthcode.v1.HealthCode/Evaluate", LIMIT)
-            deadline = time.monotonic() + 2
+        # The silent calls must hold every slot.  A slot comes back a moment after its call ended, and a silent call
+        # that found none was refused at once: add silent calls until the data plane is refused.
+        raw = RawGrpc(server.address)
+        for _attempt in range(20):
+            for _ in range(LIMIT):
+                raw.call("/healthcode.v1.HealthCode/Evaluate")
+            deadline = time.monotonic() + 0.5
             try:
-                stub.Evaluate(_evaluate_request(), timeout=10)
                 while time.monotonic() < deadline:
-                    time.sleep(0.05)
                     stub.Evaluate(_evaluate_request(), timeout=10)
+                    time.sleep(0.05)
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
-                break  # the silent calls hold both slots
-            sock.close()
+                break  # the silent calls hold every slot
         else:
+            raw.close()
             raise AssertionError("the silent calls never held the slots")
         try:
             assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
             _all_admitted(stub, LIMIT, within=FIRST_MESSAGE_SECONDS + 10)
         finally:
-            sock.close()
+            raw.close()
     deadline = time.monotonic() + 5  # the front logs the cancellation just after it frees the slots
     while '"event": "front_no_request"' not in server.stderr():
         assert time.monotonic() < deadline, "the front did not log the cancelled calls"

@@ -42,12 +42,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service_helpers import (
     FRONT,
+    RawGrpc,
     ServerProcess,
     arrow_requests,
     collect_arrow,
     ipc_bytes,
     persons,
-    raw_grpc_calls,
     result_rows,
     status_as_row,
 )
@@ -742,12 +742,12 @@ def test_stream_ended_by_the_server_deadline_is_logged_deadline_exceeded(server)
     first = pb.EvaluateArrowRequest(options=pb.EvaluateOptions())
     first.options.as_of.seconds = AS_OF_S
     before = len(server.rpc_log_lines())
-    sock = raw_grpc_calls(server.address, "/healthcode.v1.HealthCode/EvaluateArrow", 1,
-                          headers=[("grpc-timeout", "400m")], message=first.SerializeToString())  # fmt: skip
+    raw = RawGrpc(server.address)
     try:
+        raw.call("/healthcode.v1.HealthCode/EvaluateArrow", [("grpc-timeout", "400m")], first.SerializeToString())
         (record,) = _new_records(server, before)
     finally:
-        sock.close()
+        raw.close()
     assert record["method"] == "EvaluateArrow"
     assert record["code"] == "DEADLINE_EXCEEDED", record
     assert record["ms"] >= 390, record
