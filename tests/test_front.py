@@ -222,10 +222,18 @@ def test_certificate_names_are_forwarded_and_forged_ones_dropped(tmp_path, pki):
         srv.stop()
 
 
+def _nice(pid: int) -> int:
+    """The nice value of a process (of its main thread)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[16])
+
+
 def test_a_killed_front_is_replaced_and_a_killed_server_takes_its_front_along(tmp_path):
     srv = ServerProcess(tmp_path, risk_csv=RISK_CSV, extra_args=["--front", "on"], name="restart")
     try:
         (first,) = _front_pids(srv)
+        first_nice = _nice(first)
+        assert _nice(srv.proc.pid) == min(19, first_nice + 5)  # the server yields the CPU to its front
         os.kill(first, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while len(_front_pids(srv)) < 2:
@@ -236,6 +244,7 @@ def test_a_killed_front_is_replaced_and_a_killed_server_takes_its_front_along(tm
             assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
             assert len(pb_grpc.HealthCodeStub(channel).Evaluate(_evaluate_request(), timeout=10).statuses) == 1
         second = _front_pids(srv)[-1]
+        assert _nice(second) == first_nice, "the new front lost the priority the first one had"
         srv.proc.kill()
         srv.proc.wait(10)
         deadline = time.monotonic() + 15

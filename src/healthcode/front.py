@@ -420,14 +420,17 @@ def _run(settings: Settings, backend: str, report: Any, counters: Any, parent: i
 SERVER_NICENESS = 5
 
 
-def yield_cpu_to_front(increment: int = SERVER_NICENESS) -> int:
-    """Lower the priority of every thread of this process (the server) by ``increment`` (Linux: each thread has its
-    own nice value; threads started later inherit it).  Lowering one's own priority needs no privilege.  Returns the
-    number of threads changed (0 where the platform has no per-thread priorities)."""
+def yield_cpu_to_front(increment: int = SERVER_NICENESS, keep: frozenset[int] = frozenset()) -> int:
+    """Lower the priority of every thread of this process (the server) but those in ``keep`` (native thread ids) by
+    ``increment`` (Linux: each thread has its own nice value; threads and processes started later by a thread
+    inherit its value).  Lowering one's own priority needs no privilege, raising it back does.  Returns the number of
+    threads changed (0 where the platform has no per-thread priorities)."""
     if not hasattr(os, "setpriority") or not os.path.isdir("/proc/self/task"):
         return 0
     changed = 0
     for tid in os.listdir("/proc/self/task"):
+        if int(tid) in keep:
+            continue
         try:
             current = os.getpriority(os.PRIO_PROCESS, int(tid))
             os.setpriority(os.PRIO_PROCESS, int(tid), min(19, current + increment))
@@ -444,6 +447,11 @@ class Front:
         self._ctx = mp.get_context("spawn")  # a fresh interpreter: no gRPC state inherited across fork
         self.counters = self._ctx.Array("q", 2, lock=False)
         self.backend = backend
+        # Every front process is started from this one thread, which the server leaves at its first priority
+        # (yield_cpu_to_front(keep=...)): a process inherits the nice value of the thread that starts it, so a
+        # front started to replace a dead one keeps its head start over the server too.
+        self.spawner = ThreadPoolExecutor(1, thread_name_prefix="healthcode-front-spawner")
+        self.spawner_thread_id: int = self.spawner.submit(threading.get_native_id).result()
         self._prepare(settings)
 
     def _prepare(self, settings: Settings) -> None:
@@ -484,6 +492,7 @@ class Front:
             if self.process.is_alive():
                 self.process.kill()
                 self.process.join()
+        self.spawner.shutdown(wait=False)
 
     @property
     def forwarded(self) -> int:

@@ -268,11 +268,12 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     if sockets is not None:
         shedder = front.Front(settings, backend)
         try:
-            port = await asyncio.get_running_loop().run_in_executor(None, shedder.start)
+            port = await asyncio.get_running_loop().run_in_executor(shedder.spawner, shedder.start)
         except OSError:
+            shedder.spawner.shutdown(wait=False)
             await _close(server, 0, sockets, overload, executor, ingest, opened)
             raise
-        front.yield_cpu_to_front()
+        front.yield_cpu_to_front(keep=frozenset({shedder.spawner_thread_id}))
         collector = metrics.FrontCollector(shedder)
         metrics.REGISTRY.register(collector)
         log.info(f'{{"event": "front", "pid": {shedder.process.pid}, "limit": {settings.max_concurrent_calls}}}')
@@ -361,7 +362,7 @@ async def _watch_front(shedder: front.Front, address: str, stop: asyncio.Event, 
             continue
         log.error(f'{{"event": "front_exited", "code": {shedder.process.exitcode}, "detail": "starting a new front"}}')
         try:
-            await loop.run_in_executor(None, shedder.restart, address)
+            await loop.run_in_executor(shedder.spawner, shedder.restart, address)
         except OSError as exc:
             failed.append(f"the front process exited and a new one could not start: {exc}")
             stop.set()
