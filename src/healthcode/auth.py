@@ -308,25 +308,20 @@ class Guard(ServiceInterceptor):
         _BY_CONTEXT[id(context)] = name
         return key
 
-    async def _admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> str:
-        """:meth:`_enter`, ending the call with the refusal's code (abort: the observer logs it with that code)."""
+    async def _admit(self, method: str, request: Any, context: grpc.aio.ServicerContext, requests: Any = None) -> str:
+        """:meth:`_enter`, ending the call with the refusal's code (abort: the observer logs it with that code).
+
+        A call that streams its ``requests`` is refused once its first request has arrived (waiting at most
+        :data:`FIRST_MESSAGE_SECONDS`): a grpc.aio client still writing its first request when the call ends reads
+        INTERNAL "Internal error from Core" instead of the refusal (grpc/grpc#36066), while one that waits for the
+        first answer before sending more (as ours do) reads the real code."""
         try:
             return self._enter(method, request, context)
         except (Refused, LimitExceeded) as exc:
-            await context.abort(exc.code, str(exc))
-            raise AssertionError("abort returned") from None
-
-    async def _admit_stream(self, method: str, requests: Any, context: grpc.aio.ServicerContext) -> str:
-        """:meth:`_admit` for a call that streams its requests: a refusal waits for the first request (at most
-        :data:`FIRST_MESSAGE_SECONDS`).  A grpc.aio client still writing its first request when the call ends reads
-        INTERNAL "Internal error from Core" instead of the refusal (grpc/grpc#36066); once that request has arrived,
-        a client that waits for the first answer before sending more (as ours do) reads the real code."""
-        try:
-            return self._enter(method, None, context)
-        except (Refused, LimitExceeded) as exc:
             refusal = exc
-        with contextlib.suppress(Exception):  # the end of the stream, a cancellation, the wait running out
-            await asyncio.wait_for(anext(aiter(requests)), FIRST_MESSAGE_SECONDS)
+        if requests is not None:
+            with contextlib.suppress(Exception):  # the end of the stream, a cancellation, the wait running out
+                await asyncio.wait_for(anext(aiter(requests)), FIRST_MESSAGE_SECONDS)
         await context.abort(refusal.code, str(refusal))
         raise AssertionError("abort returned") from None
 
@@ -351,7 +346,7 @@ class Guard(ServiceInterceptor):
     ) -> Callable[..., AsyncIterator[Any]]:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if streaming_request:
-                key = await self._admit_stream(method, request, context)
+                key = await self._admit(method, None, context, requests=request)
             else:
                 key = await self._admit(method, request, context)
             released: list[bool] = []
