@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from .config import Settings
+from .config import ConfigError, Settings
 from .limits import CONTROL_METHODS
 from .transport import is_loopback
 
@@ -359,7 +359,7 @@ def _run(settings: Settings, backend: str, report: Any, counters: Any, parent: i
     until the server process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops the front in order
     from .interceptors import configure_logging
-    from .transport import grpc_options, server_credentials
+    from .transport import grpc_options, listen, server_credentials
 
     configure_logging(settings.log_level)
     # Hand the GIL over more often than every 5 ms, so the accept thread (which refuses) is not kept waiting by
@@ -392,13 +392,9 @@ def _run(settings: Settings, backend: str, report: Any, counters: Any, parent: i
         maximum_concurrent_rpcs=threads,
     )
     try:
-        credentials = server_credentials(settings)
-        if credentials is None:
-            port = server.add_insecure_port(settings.listen)
-        else:
-            port = server.add_secure_port(settings.listen, credentials)
-    except Exception as exc:
-        report.send(("error", f"cannot listen on {settings.listen}: {exc}"))
+        port = listen(server, settings.listen, server_credentials(settings))
+    except (OSError, ConfigError) as exc:
+        report.send(("error", str(exc)))
         return
     server.start()
     report.send(("port", port))
@@ -485,7 +481,8 @@ class Front:
         return int(value)
 
     def stop(self, grace: float) -> None:
-        """SIGTERM: the front stops accepting and waits up to ``grace`` for the calls it forwards."""
+        """SIGTERM: the front stops accepting and waits up to ``grace`` for the calls it forwards.  The last call:
+        it also ends the thread that fronts are started from."""
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(grace + 5)

@@ -31,7 +31,7 @@ from .state import State
 from .statusbook import StatusBook
 from .store import Store
 from .timebase import to_datetime, to_instant
-from .transport import grpc_options, is_loopback, server_credentials
+from .transport import grpc_options, is_loopback, listen, server_credentials
 
 log = logging.getLogger("healthcode.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HealthCode"].full_name
@@ -254,13 +254,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         backend = f"unix:{sockets}/server.sock"
         server.add_insecure_port(backend)
     else:
-        try:
-            if credentials is None:
-                port = server.add_insecure_port(settings.listen)
-            else:
-                port = server.add_secure_port(settings.listen, credentials)
-        except RuntimeError as exc:
-            raise OSError(f"cannot listen on {settings.listen}: {exc}") from None
+        port = listen(server, settings.listen, credentials)
     _security_warnings(settings, auth)
     await server.start()
     overload.start()
@@ -270,7 +264,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         try:
             port = await asyncio.get_running_loop().run_in_executor(shedder.spawner, shedder.start)
         except OSError:
-            shedder.spawner.shutdown(wait=False)
+            shedder.stop(0)
             await _close(server, 0, sockets, overload, executor, ingest, opened)
             raise
         front.yield_cpu_to_front(keep=frozenset({shedder.spawner_thread_id}))

@@ -57,3 +57,14 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     pair = (_read_pem(settings.tls_key, "tls_key"), _read_pem(settings.tls_cert, "tls_cert"))
     ca = _read_pem(settings.tls_client_ca, "tls_client_ca") if settings.tls_client_ca else None
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def listen(server: grpc.Server | grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Add the listening port to ``server`` (TLS with ``credentials``, plaintext without); returns the bound port.
+    Raises OSError saying which address could not be bound."""
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from None
