@@ -204,8 +204,8 @@ def test_refused_request_streams_read_the_refusal_not_internal(limited, stubs):
     our clients do, reads RESOURCE_EXHAUSTED every time; one that sends nothing ends at its deadline."""
     import asyncio
 
-    options = pb.EvaluateArrowRequest(options=pb.EvaluateOptions())
-    options.options.as_of.seconds = AS_OF_S
+    first = pb.EvaluateArrowRequest(options=pb.EvaluateOptions())
+    first.options.as_of.seconds = AS_OF_S
     metadata = (("authorization", f"Bearer {TOKENS['gw-a']}"),)
 
     async def refusals() -> tuple[dict[str, int], grpc.StatusCode]:
@@ -217,7 +217,7 @@ def test_refused_request_streams_read_the_refusal_not_internal(limited, stubs):
                 answered = asyncio.Event()
 
                 async def requests() -> Any:
-                    yield options
+                    yield first
                     await answered.wait()
 
                 try:

@@ -818,7 +818,6 @@ class Store:
         except duckdb.ConstraintException:
             raise _Replay() from None
 
-
     def _fast_then_safe(self, work: Callable[[bool], Any]) -> Any:
         """Run ``work(fast=True)`` in a transaction: plain INSERTs of events, which the unique indexes check in
         a few milliseconds.  A replayed event makes one fail (a key conflict): the transaction is rolled back and
