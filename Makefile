@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml setup.py | $(BIN)/python
 	touch $@
 
 # Rebuild the Cython kernel in place whenever its source changes.
-$(KERNEL): $(STAMP) $(wildcard ext/*.pyx ext/*.pxi ext/*.pxd proto/healthcode/v1/*.proto)
+$(KERNEL): $(STAMP) $(wildcard src/healthcode/rules/*.pyx src/healthcode/rules/*.pxi src/healthcode/rules/*.pxd proto/healthcode/v1/*.proto)
 	$(BIN)/python setup.py -q build_ext --inplace
 	touch $@
 
@@ -44,8 +44,8 @@ lint: build
 test: build lint
 	$(BIN)/python -m pytest -q -m "not slow" tests
 	# The service, security and limit tests again, the server behind its shedding front (an exposed server's setup)
-	HEALTHCODE_TEST_FRONT=on $(BIN)/python -m pytest -q -m "not slow" tests/test_service.py tests/test_security.py \
-		tests/test_limits.py tests/test_overload.py
+	HEALTHCODE_TEST_FRONT=on $(BIN)/python -m pytest -q -m "not slow" tests/service/test_service.py tests/service/test_security.py \
+		tests/service/test_limits.py tests/service/test_overload.py
 	$(BIN)/python -m pytest -q benchmarks --benchmark-enable --benchmark-only --quick
 	$(BIN)/python benchmarks/bench_service.py --quick
 	$(BIN)/python benchmarks/bench_store.py --quick
@@ -61,4 +61,4 @@ bench: build
 	$(BIN)/python benchmarks/bench_load.py
 
 clean:
-	rm -rf build $(VENV) src/healthcode/*.so ext/*.c ext/*.html .pytest_cache .benchmarks
+	rm -rf build $(VENV) src/healthcode/rules/*.so src/healthcode/rules/_kernel.c src/healthcode/rules/*.html .pytest_cache .benchmarks

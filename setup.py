@@ -1,4 +1,5 @@
-"""Builds the Cython kernel ``healthcode._kernel`` from ``ext/`` and the gRPC code from ``proto/``.
+"""Builds the Cython kernel ``healthcode.rules._kernel`` (``src/healthcode/rules/_kernel.pyx``) and the gRPC code
+from ``proto/``.
 
 OpenMP is used when the compiler supports it; otherwise the kernel is built serially (``prange`` then runs on one
 thread).  ``HEALTHCODE_DEBUG_KERNEL=1`` turns bounds checking on for a debug build.
@@ -88,8 +89,8 @@ link_args = ["-fopenmp"] if openmp else []
 
 extensions = [
     Extension(
-        "healthcode._kernel",
-        ["ext/_kernel.pyx"],  # includes ext/rowform.pxi
+        "healthcode.rules._kernel",
+        ["src/healthcode/rules/_kernel.pyx"],  # includes rowform.pxi beside it
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=compile_args,

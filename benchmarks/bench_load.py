@@ -125,7 +125,7 @@ async def _sleep_until(start_at: float) -> None:
 def _gateway_payloads(seed: int) -> list[bytes]:
     from healthcode._proto.v1 import healthcode_pb2 as pb
     from healthcode.generate import generate_batches
-    from healthcode.wire import batch_to_persons
+    from healthcode.wire.rows import batch_to_persons
 
     batch = next(generate_batches(BATCH * PAYLOADS, seed=seed))
     out = []
@@ -141,7 +141,7 @@ def _bulk_payloads(rows: int, seed: int) -> list[bytes]:
 
     from healthcode._proto.v1 import healthcode_pb2 as pb
     from healthcode.generate import generate_batches
-    from healthcode.wire import ipc_chunks
+    from healthcode.wire.rows import ipc_chunks
 
     table = pa.Table.from_batches(list(generate_batches(rows, seed=seed)))
     options = pb.EvaluateOptions()

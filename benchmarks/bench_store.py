@@ -48,10 +48,10 @@ import pyarrow.parquet as pq
 from healthcode._proto.v1 import healthcode_pb2 as pb
 from healthcode._proto.v1 import healthcode_pb2_grpc as pb_grpc
 from healthcode.generate import VISITOR_HOMES
-from healthcode.policy import load_policy
-from healthcode.regions import parse_risk_csv
+from healthcode.rules.policy import load_policy
+from healthcode.rules.regions import parse_risk_csv
+from healthcode.rules.timebase import DAY_SECONDS, day, day_to_date
 from healthcode.store import Store
-from healthcode.timebase import DAY_SECONDS, day, day_to_date
 
 AS_OF = 1638244800  # 2021-11-30T12:00:00+08:00
 AS_OF_TEXT = "2021-11-30T12:00:00+08:00"

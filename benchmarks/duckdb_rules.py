@@ -8,7 +8,7 @@ matching a visit is an equi-join; both match modes are join conditions.  Entry d
 DuckDB list lambdas, one pass per row.
 
 Instants are compared in microseconds (DuckDB's TIMESTAMPTZ resolution) and floored to seconds where
-SPEC §4.2 needs a value; days are local (UTC+08:00) day numbers as in ``healthcode.timebase``.
+SPEC §4.2 needs a value; days are local (UTC+08:00) day numbers as in ``healthcode.rules.timebase``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from healthcode.policy import NatWindow, Policy
-from healthcode.regions import PROVINCES, UNBOUNDED_END, UNBOUNDED_START, RiskList
-from healthcode.results import ERROR_MESSAGES, RESULT_SCHEMA, Reason
-from healthcode.timebase import DAY_SECONDS, OFFSET_SECONDS, day, day_to_date, midnight, to_instant
+from healthcode.rules.policy import NatWindow, Policy
+from healthcode.rules.regions import PROVINCES, UNBOUNDED_END, UNBOUNDED_START, RiskList
+from healthcode.rules.results import ERROR_MESSAGES, RESULT_SCHEMA, Reason
+from healthcode.rules.timebase import DAY_SECONDS, OFFSET_SECONDS, day, day_to_date, midnight, to_instant
 
 US = 1_000_000
 _POP_COLUMNS = (

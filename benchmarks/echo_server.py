@@ -12,8 +12,8 @@ import signal
 
 import grpc
 
-from healthcode.config import Settings
-from healthcode.transport import grpc_options
+from healthcode.service.config import Settings
+from healthcode.service.transport import grpc_options
 
 
 def _identity(b: bytes) -> bytes:

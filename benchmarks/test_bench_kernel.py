@@ -13,8 +13,8 @@ import pytest
 
 import healthcode
 from benchmarks.duckdb_rules import evaluate_duckdb
-from healthcode import engine
 from healthcode.generate import DEFAULT_AS_OF, generate_risk_csv, generate_table
+from healthcode.rules import engine
 
 AS_OF = DEFAULT_AS_OF
 

@@ -16,13 +16,13 @@ from typing import TypeVar
 
 import pyarrow as pa
 
-from healthcode.config import Settings
 from healthcode.errors import HealthcodeError
-from healthcode.interceptors import Refused
-from healthcode.policy import default_policy
-from healthcode.regions import parse_risk_csv
-from healthcode.servicer import HealthCodeService
-from healthcode.state import State
+from healthcode.live.state import State
+from healthcode.rules.policy import default_policy
+from healthcode.rules.regions import parse_risk_csv
+from healthcode.service.config import Settings
+from healthcode.service.interceptors import Refused
+from healthcode.service.servicer import HealthCodeService
 
 FUZZ_DIR = Path(__file__).resolve().parent
 CORPUS_DIR = FUZZ_DIR / "corpus"

@@ -22,10 +22,10 @@ with instrumented(__name__):
     import _common
     import pyarrow as pa
 
-    from healthcode import wire
-    from healthcode.ingest import read_arrow_ipc
-    from healthcode.reference import evaluate_batch_reference
+    from healthcode.live.ingest import read_arrow_ipc
+    from healthcode.rules.reference import evaluate_batch_reference
     from healthcode.store import INGEST_KINDS, Store
+    from healthcode.wire import rows as wire
 
 TARGET = "arrow_ipc"
 #: Populations up to this many rows are also checked against the reference (it is plain Python per row).

@@ -1,4 +1,4 @@
-"""Fuzz the policy TOML loader (``healthcode.policy.parse_policy``, what PutPolicy and ``--policy`` run).
+"""Fuzz the policy TOML loader (``healthcode.rules.policy.parse_policy``, what PutPolicy and ``--policy`` run).
 
 An accepted timeline must also be usable: it is put into the service state and a small request is evaluated
 under it (a policy that loads but breaks every evaluation is a bug too).
@@ -19,10 +19,10 @@ from _instrument import instrumented
 with instrumented(__name__):
     import _common
 
-    from healthcode import engine
     from healthcode.errors import PolicyError
-    from healthcode.policy import PolicyTimeline, parse_policy
-    from healthcode.regions import parse_risk_csv
+    from healthcode.rules import engine
+    from healthcode.rules.policy import PolicyTimeline, parse_policy
+    from healthcode.rules.regions import parse_risk_csv
 
 TARGET = "policy_toml"
 SOURCE = "fuzz.toml"

@@ -1,4 +1,4 @@
-"""Fuzz the risk-list CSV parser (``healthcode.regions.parse_risk_csv``, what PutRiskList and ``--risk`` run).
+"""Fuzz the risk-list CSV parser (``healthcode.rules.regions.parse_risk_csv``, what PutRiskList and ``--risk`` run).
 
 An accepted list must round-trip (``to_csv`` parses back to the same entries, and the RPC entry form agrees) and
 be usable: its lookup table is built and a small population is evaluated against it.
@@ -21,10 +21,10 @@ with instrumented(__name__):
     import _common
     import numpy as np
 
-    from healthcode import engine
     from healthcode.errors import RiskListError
-    from healthcode.policy import default_policy
-    from healthcode.regions import RiskList, parse_risk_csv, risk_list_from_rows
+    from healthcode.rules import engine
+    from healthcode.rules.policy import default_policy
+    from healthcode.rules.regions import RiskList, parse_risk_csv, risk_list_from_rows
 
 TARGET = "risk_csv"
 SOURCE = "fuzz.csv"

@@ -24,10 +24,11 @@ with instrumented(__name__):
     import _common
     from google.protobuf.message import DecodeError
 
-    from healthcode import engine, wire
     from healthcode._proto.v1 import healthcode_pb2 as pb
-    from healthcode.columns import BatchColumns, Bits
-    from healthcode.results import Reason
+    from healthcode.rules import engine
+    from healthcode.rules.columns import BatchColumns, Bits
+    from healthcode.rules.results import Reason
+    from healthcode.wire import rows as wire
 
 TARGET = "rowform"
 #: Requests up to this many persons are also evaluated by the reference path, which must agree.

@@ -66,7 +66,7 @@ def _request(persons: list[pb.Person], as_of: int | None = _common.AS_OF, policy
 
 def rowform_seeds() -> dict[str, bytes]:
     table = seed_population()
-    from healthcode.wire import batch_to_persons
+    from healthcode.wire.rows import batch_to_persons
 
     persons = batch_to_persons(table)
     iso = pb.Person(person_id=9, home_region=131082, base_color=0)
@@ -145,11 +145,11 @@ def _outcome(fn: Callable[[], object]) -> str:
 
 def signature(target: str, data: bytes) -> str:
     """The shape of ``data``'s outcome (error type and message with values blanked) for :func:`distill`."""
-    from healthcode import wire
-    from healthcode.ingest import read_arrow_ipc
-    from healthcode.policy import parse_policy
-    from healthcode.regions import parse_risk_csv
+    from healthcode.live.ingest import read_arrow_ipc
+    from healthcode.rules.policy import parse_policy
+    from healthcode.rules.regions import parse_risk_csv
     from healthcode.store import INGEST_KINDS, Store
+    from healthcode.wire import rows as wire
 
     if target == "policy_toml":
         return _outcome(lambda: parse_policy(_common.text_of(data), "f"))

@@ -2,7 +2,7 @@
 the same test against the plain-Python reference and the Cython kernel.
 
 Instants in tests are written as aware datetimes (``bj(2021, 11, 30, 12)`` is 12:00 Beijing time) and converted to
-epoch units here with integer datetime arithmetic, independently of ``healthcode.timebase``.
+epoch units here with integer datetime arithmetic, independently of ``healthcode.rules.timebase``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from healthcode import engine
-from healthcode.policy import PolicyTimeline, default_policy, load_policy, parse_policy
-from healthcode.regions import RiskList, risk_list_from_rows
+from healthcode.rules import engine
+from healthcode.rules.policy import PolicyTimeline, default_policy, load_policy, parse_policy
+from healthcode.rules.regions import RiskList, risk_list_from_rows
 
 BJ = dt.timezone(dt.timedelta(hours=8))
 UTC = dt.timezone.utc
@@ -217,7 +217,7 @@ def policy_2022_path() -> str:
 # Running an evaluation with one implementation or the other
 
 
-KERNEL_MISSING = "the Cython kernel healthcode._kernel is not built (run `make build`)"
+KERNEL_MISSING = "the Cython kernel healthcode.rules._kernel is not built (run `make build`)"
 
 
 def kernel_built() -> bool:

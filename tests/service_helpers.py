@@ -25,7 +25,7 @@ from conftest import EPOCH_DATE, seconds
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from healthcode._proto.v1 import healthcode_pb2 as pb
-from healthcode.results import RESULT_SCHEMA
+from healthcode.rules.results import RESULT_SCHEMA
 
 VENV_BIN = Path(sys.executable).parent
 HEALTHCODE = str(VENV_BIN / "healthcode")
@@ -42,7 +42,7 @@ def healthcode_cmd() -> list[str]:
     return [sys.executable, "-m", "healthcode.cli"]
 
 
-#: "on": every ServerProcess serves behind the shedding front (healthcode.front), as an exposed server does.
+#: "on": every ServerProcess serves behind the shedding front (healthcode.service.front), as an exposed server does.
 FRONT = os.environ.get("HEALTHCODE_TEST_FRONT", "")
 
 

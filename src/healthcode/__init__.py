@@ -1,10 +1,10 @@
 """healthcode: Beijing commuter (通勤) badge and entry evaluation over Arrow columns (see SPEC.md)."""
 
-from .engine import evaluate
-from .errors import CorruptDataError, HealthcodeError, PolicyError, RiskListError, SchemaError, StoreError
-from .policy import Policy, PolicyTimeline, default_policy, load_policy, parse_policy
-from .regions import RiskList, load_risk_list, parse_risk_csv, risk_list_from_rows
-from .results import RESULT_SCHEMA, Reason
+from healthcode.errors import CorruptDataError, HealthcodeError, PolicyError, RiskListError, SchemaError, StoreError
+from healthcode.rules.engine import evaluate
+from healthcode.rules.policy import Policy, PolicyTimeline, default_policy, load_policy, parse_policy
+from healthcode.rules.regions import RiskList, load_risk_list, parse_risk_csv, risk_list_from_rows
+from healthcode.rules.results import RESULT_SCHEMA, Reason
 
 __all__ = [
     "RESULT_SCHEMA",

@@ -43,9 +43,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from .columns import POPULATION_SCHEMA, VISIT_TYPE
-from .regions import RISK_CSV_HEADER
-from .timebase import DAY_SECONDS, OFFSET_SECONDS, day, day_to_date, to_instant
+from healthcode.rules.columns import POPULATION_SCHEMA, VISIT_TYPE
+from healthcode.rules.regions import RISK_CSV_HEADER
+from healthcode.rules.timebase import DAY_SECONDS, OFFSET_SECONDS, day, day_to_date, to_instant
 
 #: 2021-11-30 12:00 Beijing time, the article's date.
 DEFAULT_AS_OF = to_instant("2021-11-30T12:00:00+08:00")

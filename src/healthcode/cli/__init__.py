@@ -1,0 +1,5 @@
+"""The ``healthcode`` command line: one subcommand per job (evaluate, generate, load, reevaluate, serve, call)."""
+
+from healthcode.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,476 @@
+"""The ``healthcode`` command line.  Bad arguments or files print one clear message and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from healthcode import __version__
+from healthcode.errors import HealthcodeError
+from healthcode.rules import columns, engine
+from healthcode.rules.results import RESULT_SCHEMA
+from healthcode.rules.timebase import BEIJING
+
+#: ``serve --store`` without a path: the default store file (``store.resolve_path``).
+DEFAULT_STORE = "<default store>"
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class CliError(Exception):
+    """A message for the user; the command exits with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _progress(total: int, enabled: bool | None, unit: str = "rows"):  # type: ignore[no-untyped-def]
+    from tqdm import tqdm
+
+    # Shown on a terminal for large inputs unless forced either way with --progress/--no-progress.
+    disable = (not enabled) if enabled is not None else (total < 500_000 or not sys.stderr.isatty())
+    return tqdm(total=total, unit=unit, unit_scale=True, disable=disable, file=sys.stderr, leave=False)
+
+
+@contextmanager
+def _population_reader(path: str, batch_rows: int) -> Iterator[tuple[pa.Schema, int, Iterator[pa.RecordBatch]]]:
+    """Open a Parquet or Arrow IPC population file: its schema, row count and a stream of batches."""
+    if not os.path.exists(path):
+        raise CliError(f"{path}: no such file")
+    if path.endswith((".arrow", ".feather", ".ipc")):
+        try:
+            reader = pa.ipc.open_file(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise CliError(f"{path}: not an Arrow IPC file: {exc}") from None
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        yield (
+            reader.schema,
+            sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches)),
+            batches,
+        )
+        return
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CliError(f"{path}: not a Parquet file ({exc}); give a .parquet or an Arrow IPC .arrow file") from None
+    with pf:
+        yield pf.schema_arrow, pf.metadata.num_rows, pf.iter_batches(batch_size=batch_rows)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    try:
+        ctx = engine.make_context(args.risk, args.policy, args.as_of)
+    except (HealthcodeError, ValueError, TypeError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    counts = {"rows": 0, "badges": 0, "entries": 0, "invalid": 0}
+    with _population_reader(args.population, args.batch_rows) as (schema, total, batches):
+        try:
+            columns.check_schema(schema)
+        except HealthcodeError as exc:
+            raise CliError(f"{args.population}: {exc}") from None
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(out_dir):
+            raise CliError(f"{args.out}: folder {out_dir} does not exist")
+        tmp = args.out + ".partial"
+        try:
+            with _progress(total, args.progress) as bar, pq.ParquetWriter(tmp, RESULT_SCHEMA) as writer:
+                for result in engine.evaluate_batches(batches, ctx, args.threads, on_batch=bar.update):
+                    writer.write_batch(result)
+                    counts["rows"] += result.num_rows
+                    counts["badges"] += pc.sum(result.column("commuter_badge")).as_py() or 0
+                    counts["entries"] += pc.sum(result.column("entry_permitted")).as_py() or 0
+                    counts["invalid"] += result.num_rows - result.column("error").null_count
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        os.replace(tmp, args.out)  # never leave a half-written result under the requested name
+    seconds = time.perf_counter() - started
+    policy = ctx.policy.name + ("" if ctx.active else " (not yet in force: POLICY_INACTIVE)")
+    print(
+        f"{counts['rows']:,} rows, {counts['badges']:,} commuter badges, {counts['entries']:,} entries permitted, "
+        f"{counts['invalid']:,} invalid rows in {seconds:.2f} s; policy {policy}; wrote {args.out}"
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from healthcode.generate import write_demo
+
+    if args.rows < 1:
+        raise CliError(f"--rows must be at least 1, got {args.rows}", EXIT_USAGE)
+    try:
+        os.makedirs(args.outdir, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"{args.outdir}: cannot create folder: {exc.strerror}") from None
+    started = time.perf_counter()
+    kwargs = {} if args.as_of is None else {"as_of": _instant(args.as_of)}
+    written = write_demo(args.outdir, args.rows, args.seed, progress=args.progress is not False, **kwargs)
+    seconds = time.perf_counter() - started
+    files = ", ".join(str(v) for v in written.values()) if isinstance(written, dict) else args.outdir
+    print(f"generated {args.rows:,} persons (seed {args.seed}) in {seconds:.2f} s: {files}")
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from healthcode.store.database import Store, resolve_path
+
+    started = time.perf_counter()
+    path = resolve_path(args.store)
+    with _population_reader(args.population, args.batch_rows) as (schema, total, batches):
+        try:
+            columns.check_schema(schema)
+        except HealthcodeError as exc:
+            raise CliError(f"{args.population}: {exc}") from None
+        with Store(path) as store, _progress(total, args.progress) as bar:
+            try:
+                summary = store.load_population(batches, progress=bar.update)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise CliError(f"{args.population}: cannot read: {exc}") from None
+    seconds = time.perf_counter() - started
+    reasons = "; ".join(f"{k}: {v:,}" for k, v in summary.skipped.items() if v)
+    print(
+        f"{summary.persons:,} persons new ({summary.persons_updated:,} updated), {summary.nat_results:,} NAT results, "
+        f"{summary.entries:,} entries, {summary.visits:,} visits stored from {summary.rows:,} rows; "
+        f"{summary.skipped_total:,} invalid rows skipped{f' ({reasons})' if reasons else ''} in {seconds:.2f} s; "
+        f"store {path}"
+    )
+    return 0
+
+
+def cmd_reevaluate(args: argparse.Namespace) -> int:
+    """Re-evaluate every stored person: through a running server (--target), or on the store file directly."""
+    started = time.perf_counter()
+    as_of = None if args.as_of is None else _instant(args.as_of)
+    if args.target:
+        import grpc
+
+        from healthcode._proto.v1 import healthcode_pb2 as pb
+        from healthcode._proto.v1 import healthcode_pb2_grpc as pb_grpc
+
+        request = pb.ReevaluateRequest()
+        if as_of is not None:
+            request.as_of.seconds = as_of
+        try:
+            with _channel(args) as channel:
+                reply = pb_grpc.HealthCodeStub(channel).Reevaluate(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            raise CliError(f"{args.target}: {exc.code().name}: {exc.details()}") from None
+        summary = (reply.evaluated, reply.changed, reply.badges_lost, reply.badges_gained, reply.entries_lost,
+                   reply.entries_gained, reply.high_water_mark)  # fmt: skip
+    else:
+        from healthcode.live.statusbook import StatusBook
+        from healthcode.rules.policy import load_policy
+        from healthcode.rules.regions import load_risk_list, parse_risk_csv
+        from healthcode.store.database import Store, resolve_path
+
+        path = resolve_path(args.store)
+        if not os.path.exists(path):
+            raise CliError(f"{path}: no such store; create it with 'healthcode load'")
+        timeline = load_policy(args.policy)
+        t = as_of if as_of is not None else int(time.time())
+        with Store(path) as store:
+            latest = store.latest_risk_list()
+            if args.risk:
+                risk = load_risk_list(args.risk).with_version((latest[0] if latest else 0) + 1)
+                store.record_risk_list(risk.version or 1, risk.to_csv())
+            elif latest is not None:
+                risk = parse_risk_csv(latest[1], f"{path}: risk list v{latest[0]}").with_version(latest[0])
+            else:
+                raise CliError(f"{path}: the store has no risk list yet; give one with --risk")
+            book = StatusBook(store, timeline, t, args.threads)
+            with _progress(len(book.ids), args.progress) as bar:
+                s = book.reevaluate(risk, timeline, t, progress=bar.update)
+        summary = (s.evaluated, s.changed, s.badges_lost, s.badges_gained, s.entries_lost, s.entries_gained,
+                   s.high_water_mark)  # fmt: skip
+    evaluated, changed, badges_lost, badges_gained, entries_lost, entries_gained, mark = summary
+    print(
+        f"{evaluated:,} persons re-evaluated, {changed:,} changed (badges -{badges_lost:,} +{badges_gained:,}, "
+        f"entries -{entries_lost:,} +{entries_gained:,}); change log at {mark:,} in "
+        f"{time.perf_counter() - started:.2f} s"
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from healthcode.service.config import load_settings
+    from healthcode.service.server import serve
+    from healthcode.store.database import resolve_path
+
+    if args.store == DEFAULT_STORE:
+        args.store = resolve_path(None)
+    overrides = {
+        "listen": args.listen, "risk": args.risk, "policy": args.policy, "metrics_listen": args.metrics_listen,
+        "demo_population": args.demo_population, "demo_as_of": args.demo_as_of, "store": args.store,
+        "clock": args.clock, "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca,
+        "tokens_file": args.tokens_file, "client_roles": args.client_roles, "reflection": args.reflection,
+        "max_message_bytes": args.max_message_bytes, "max_request_rows": args.max_request_rows,
+        "max_concurrent_calls": args.max_concurrent_calls,
+        "max_concurrent_calls_per_caller": args.max_concurrent_calls_per_caller,
+        "shed_loop_lag_ms": args.shed_loop_lag_ms, "front": args.front,
+    }  # fmt: skip
+    settings = load_settings(args.config, overrides=overrides)
+    return asyncio.run(serve(settings))
+
+
+def cmd_call_evaluate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from healthcode.client.client import Client
+
+    started = time.perf_counter()
+    as_of = None if args.as_of is None else _instant(args.as_of)
+    with _population_reader(args.population, 1 << 62) as (schema, total, batches):
+        try:
+            columns.check_schema(schema)
+        except HealthcodeError as exc:
+            raise CliError(f"{args.population}: {exc}") from None
+        table = pa.Table.from_batches(list(batches), schema=schema)
+    client = Client(args.target, timeout=args.timeout, channel=_channel(args))
+    try:
+        with client, _progress(total, args.progress) as bar:
+            result, info = client.evaluate_arrow(table, as_of=as_of, policy=args.policy or "", on_rows=bar.update)
+    except grpc.RpcError as exc:
+        raise CliError(f"{args.target}: {exc.code().name}: {exc.details()}") from None
+    pq.write_table(result, args.out)
+    badges = pc.sum(result["commuter_badge"]).as_py() or 0
+    entries = pc.sum(result["entry_permitted"]).as_py() or 0
+    invalid = result.num_rows - result["error"].null_count
+    print(
+        f"{result.num_rows:,} rows, {badges:,} commuter badges, {entries:,} entries permitted, {invalid:,} invalid "
+        f"rows in {time.perf_counter() - started:.2f} s; policy {info.policy}, risk list v{info.risk_list_version}, "
+        f"as_of {info.as_of.ToDatetime(tzinfo=BEIJING).isoformat()}; wrote {args.out}"
+    )
+    return 0
+
+
+def _channel(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The channel to --target with the connection options (TLS, client certificate, bearer token)."""
+    from healthcode.client.client import DEFAULT_MESSAGE_BYTES, make_channel, read_token
+
+    try:
+        token = read_token(args.token_file)
+        return make_channel(
+            args.target, max_message_bytes=DEFAULT_MESSAGE_BYTES, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+            tls_key=args.tls_key, tls=True if args.tls else None, server_name=args.server_name, token=token,
+        )  # fmt: skip
+    except (OSError, ValueError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
+def _instant(text: str) -> int:
+    from healthcode.rules.timebase import to_instant
+
+    try:
+        return to_instant(text)
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"--as-of: {exc}", EXIT_USAGE) from None
+
+
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="healthcode",
+        description=(
+            "Decide who holds Beijing's commuter (通勤) badge and who may enter the city, for millions of people at "
+            "once, following the 2021-22 health-code rules (see SPEC.md)."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"healthcode {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    progress = argparse.ArgumentParser(add_help=False)
+    progress.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="show a progress bar (default: on a terminal, for large inputs)",
+    )  # fmt: skip
+
+    connection = argparse.ArgumentParser(add_help=False)
+    conn = connection.add_argument_group("connection (a secured server; see README 'Security and limits')")
+    conn.add_argument("--tls", action="store_true", help="use TLS, checking the server against the system CAs")
+    conn.add_argument("--tls-ca", help="use TLS, checking the server's certificate against this CA bundle (PEM)")
+    conn.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS; with --tls-key")
+    conn.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
+    conn.add_argument("--server-name", help="the name to check the server's certificate for (default: the host)")
+    conn.add_argument(
+        "--token-file", help="file holding a bearer token (default: $HEALTHCODE_TOKEN, when set)"
+    )  # fmt: skip
+
+    ev = sub.add_parser(
+        "evaluate", parents=[progress], help="evaluate a population file and write the results",
+        description="Evaluate every person of a population file (Parquet or Arrow IPC, SPEC §3 schema) at an "
+        "instant and write one result row per person (SPEC §4) to a Parquet file.",
+    )  # fmt: skip
+    ev.add_argument("population", help="population file (.parquet, or .arrow/.feather for Arrow IPC)")
+    ev.add_argument("--risk", required=True, help="risk-list CSV (region,start_date,end_date,kind)")
+    ev.add_argument("--policy", help="policy timeline TOML (default: the shipped 2021-11-17 policy)")
+    ev.add_argument(
+        "--as-of",
+        required=True,
+        help="evaluation instant, ISO-8601 with an offset, e.g. 2021-11-30T12:00:00+08:00",
+    )
+    ev.add_argument("--out", required=True, help="result Parquet file to write")
+    ev.add_argument("--threads", type=_threads, default=None, help="kernel threads (default: all cores)")
+    ev.add_argument("--batch-rows", type=_threads, default=1_000_000, help=argparse.SUPPRESS)
+    ev.set_defaults(func=cmd_evaluate)
+
+    gen = sub.add_parser(
+        "generate", parents=[progress], help="write a synthetic population and risk list",
+        description="Write a realistic synthetic population (ring commuters, Beijing residents, visitors, a few "
+        "invalid rows) as OUTDIR/population.parquet and a risk list as OUTDIR/risk.csv, for demos and benchmarks.",
+    )  # fmt: skip
+    gen.add_argument("outdir", help="folder to write into (created if missing)")
+    gen.add_argument("--rows", type=int, required=True, help="number of persons")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument(
+        "--as-of",
+        default=None,
+        help="the instant the data is generated around (default 2021-11-30 12:00 +08:00)",
+    )
+    gen.set_defaults(func=cmd_generate)
+
+    ld = sub.add_parser(
+        "load", parents=[progress], help="load a population file into the store",
+        description="Load a population file (Parquet or Arrow IPC, SPEC §3 schema) into the DuckDB store: persons, "
+        "NAT results, entries and visits. Loading the same file again stores nothing new; invalid rows are skipped "
+        "and counted.",
+    )  # fmt: skip
+    ld.add_argument("population", help="population file (.parquet, or .arrow/.feather for Arrow IPC)")
+    ld.add_argument(
+        "--store", default=None,
+        help="store database file (default: $HEALTHCODE_STORE, else ./data/healthcode.duckdb)",
+    )  # fmt: skip
+    ld.add_argument("--batch-rows", type=_threads, default=1_000_000, help=argparse.SUPPRESS)
+    ld.set_defaults(func=cmd_load)
+
+    re_ = sub.add_parser(
+        "reevaluate", parents=[progress, connection], help="re-evaluate every stored person and publish what changed",
+        description="Re-evaluate every person in the store at --as-of (default: now), diff against the last "
+        "published statuses, and commit the changes with their change-log rows in one transaction. With --target "
+        "a running server does it (the store belongs to it while it runs); otherwise the store file is used "
+        "directly, with the latest stored risk list or --risk.",
+    )  # fmt: skip
+    re_.add_argument("--target", help="a running server (host:port) to ask instead of opening the store")
+    re_.add_argument("--store", help="store file (default: $HEALTHCODE_STORE, else ./data/healthcode.duckdb)")
+    re_.add_argument("--risk", help="risk-list CSV to record as the next version and use (store mode)")
+    re_.add_argument("--policy", help="policy timeline TOML (store mode; default: the shipped policy)")
+    re_.add_argument("--as-of", help="evaluation instant, ISO-8601 with an offset (default: now)")
+    re_.add_argument("--threads", type=_threads, default=None, help="kernel threads (default: all cores)")
+    re_.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server (default 600)")
+    re_.set_defaults(func=cmd_reevaluate)
+
+    srv = sub.add_parser(
+        "serve", help="run the gRPC server",
+        description="Run the gRPC server (healthcode.v1.HealthCode, health, reflection) until SIGTERM/SIGINT. "
+        "Settings come from --config (a [server] table), then HEALTHCODE_* environment variables "
+        "(e.g. HEALTHCODE_LISTEN, HEALTHCODE_RISK, HEALTHCODE_MAX_MESSAGE_BYTES), then these flags.",
+    )  # fmt: skip
+    srv.add_argument("--listen", help="host:port to listen on (default 127.0.0.1:50051; port 0 picks a free one)")
+    srv.add_argument("--config", help="TOML file with a [server] table")
+    srv.add_argument("--risk", help="risk-list CSV to start with (default: an empty list)")
+    srv.add_argument("--policy", help="policy timeline TOML (default: the shipped policy)")
+    srv.add_argument("--metrics-listen", help="host:port of the Prometheus endpoint (default 127.0.0.1:9464)")
+    srv.add_argument(
+        "--store", nargs="?", const=DEFAULT_STORE, metavar="PATH",
+        help="DuckDB store (see 'healthcode load'; created when missing; PATH defaults to $HEALTHCODE_STORE, else "
+        "./data/healthcode.duckdb): enables ingest, Reevaluate, WatchChanges, GetStatus and re-evaluation on "
+        "PutRiskList and PutPolicy",
+    )  # fmt: skip
+    srv.add_argument(
+        "--clock", help="use this fixed instant (ISO-8601 with an offset) instead of the wall clock: replaying history"
+    )
+    sec = srv.add_argument_group("security and limits (see README 'Security and limits')")
+    sec.add_argument("--tls-cert", help="server certificate chain (PEM): the port speaks TLS only; with --tls-key")
+    sec.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
+    sec.add_argument("--tls-client-ca", help="CA bundle (PEM): require client certificates it signed (mutual TLS)")
+    sec.add_argument(
+        "--tokens-file", help="bearer tokens, one 'name role token' a line (also $HEALTHCODE_TOKENS)"
+    )  # fmt: skip
+    sec.add_argument("--client-roles", help="client certificate identities and roles: 'CN-or-SAN=role,...'")
+    sec.add_argument(
+        "--reflection", action=argparse.BooleanOptionalAction, default=None,
+        help="server reflection (default: on)",
+    )  # fmt: skip
+    sec.add_argument("--max-message-bytes", type=int, help="per gRPC message, both directions (default 4194304)")
+    sec.add_argument("--max-request-rows", type=int, help="rows per request, 0: no limit (default 1000000)")
+    sec.add_argument("--max-concurrent-calls", type=int, help="calls in flight, 0: no limit (default 256)")
+    sec.add_argument(
+        "--max-concurrent-calls-per-caller", type=int, help="calls in flight per caller, 0: no limit (default 0)"
+    )  # fmt: skip
+    sec.add_argument(
+        "--shed-loop-lag-ms", type=int,
+        help="overload: refuse data-plane calls (RESOURCE_EXHAUSTED) while the event loop is this many ms late "
+        "(bulk calls at half of it); 0: never (default 100)",
+    )  # fmt: skip
+    sec.add_argument(
+        "--front", choices=("auto", "on", "off"),
+        help="a shedding front process owns the port and refuses calls past --max-concurrent-calls with "
+        "RESOURCE_EXHAUSTED before they reach the server (default auto: on for a non-loopback address)",
+    )  # fmt: skip
+    srv.add_argument("--demo-population", help=argparse.SUPPRESS)
+    srv.add_argument("--demo-as-of", help=argparse.SUPPRESS)
+    srv.set_defaults(func=cmd_serve)
+
+    call = sub.add_parser("call", help="call a running server", description="Call a running healthcode server.")
+    call_sub = call.add_subparsers(dest="rpc", metavar="RPC", required=True)
+    ce = call_sub.add_parser(
+        "evaluate", parents=[progress, connection], help="evaluate a population file through the bulk (Arrow) path",
+        description="Send a population file through EvaluateArrow and write the results to a Parquet file.",
+    )  # fmt: skip
+    ce.add_argument("population", help="population file (.parquet, or .arrow/.feather)")
+    ce.add_argument("--target", default="127.0.0.1:50051", help="server host:port (default 127.0.0.1:50051)")
+    ce.add_argument("--as-of", help="evaluation instant, ISO-8601 with an offset (default: the server's clock)")
+    ce.add_argument("--policy", help="evaluate under this named policy of the server's timeline")
+    ce.add_argument("--out", required=True, help="result Parquet file to write")
+    ce.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up (default 600)")
+    ce.set_defaults(func=cmd_call_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        print(f"healthcode {args.command}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except HealthcodeError as exc:
+        print(f"healthcode {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if args.command == "serve" else EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"healthcode {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        target = f"{exc.filename}: " if exc.filename else ""
+        print(f"healthcode {args.command}: error: {target}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

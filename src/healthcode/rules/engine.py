@@ -1,0 +1,227 @@
+"""The engine: pick the policy, fold the risk list, run the kernel (or the reference) over every batch."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from healthcode.rules import columns
+from healthcode.rules.policy import Policy, PolicyTimeline, load_policy
+from healthcode.rules.regions import PROVINCE_OK, RiskList, RiskTable, code_bitset, load_risk_list
+from healthcode.rules.results import RESULT_SCHEMA, Reason, assemble_packed, error_column
+from healthcode.rules.timebase import day, to_instant
+
+#: Set to a non-empty value other than "0" to run the plain-Python reference instead of the kernel.
+REFERENCE_ENV = "HEALTHCODE_REFERENCE"
+
+# Idle OpenMP threads sleep instead of spinning: the kernel shares two cores with the event loop, gRPC's threads and
+# other processes, and a spinning waiter at the end of a parallel region starves the thread it waits for.  Must be
+# set before libgomp loads (with the extension, below); an explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+try:
+    from healthcode.rules import _kernel  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - the extension is built by `pip install .`
+    _kernel = None  # type: ignore[assignment]
+
+
+def group_by_code(codes: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A counting sort of int32 ``codes`` in 0 .. n_codes - 1: (offsets[n_codes + 1], order) (see _kernel)."""
+    if _kernel is not None:
+        return _kernel.group_by_code(np.ascontiguousarray(codes, dtype=np.int32), n_codes)  # type: ignore[no-any-return]
+    order = np.argsort(codes, kind="stable")
+    offsets = np.zeros(n_codes + 1, dtype=np.int64)
+    np.cumsum(np.bincount(codes, minlength=n_codes), out=offsets[1:])
+    return offsets, order
+
+
+def use_reference() -> bool:
+    return _kernel is None or os.environ.get(REFERENCE_ENV, "") not in ("", "0")
+
+
+RiskLike = RiskList | str | os.PathLike[str]
+PolicyLike = PolicyTimeline | str | os.PathLike[str] | None
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything an evaluation fixes before it looks at a row."""
+
+    as_of: int
+    today: int
+    policy: Policy
+    active: bool
+    risk: RiskList
+    risk_table: RiskTable
+    ring: np.ndarray  # bitset of codes inside some ring region
+    kernel_rules: object = None  # the kernel's RuleSet, built on first use
+
+
+_RING_CACHE: dict[tuple[int, ...], np.ndarray] = {}
+
+
+def _ring_bitset(ring_regions: tuple[int, ...]) -> np.ndarray:
+    bits = _RING_CACHE.get(ring_regions)
+    if bits is None:
+        if len(_RING_CACHE) > 16:
+            _RING_CACHE.clear()
+        bits = _RING_CACHE[ring_regions] = code_bitset(ring_regions)
+    return bits
+
+
+def make_context(risk: RiskLike, policy: PolicyLike, as_of: _dt.datetime | int | float | str) -> Context:
+    """Load what needs loading and precompute the per-evaluation tables (SPEC §2, §3)."""
+    timeline = policy if isinstance(policy, PolicyTimeline) else load_policy(policy)
+    risk_list = risk if isinstance(risk, RiskList) else load_risk_list(risk)
+    t = to_instant(as_of)
+    today = day(t)
+    chosen, active = timeline.select(t)
+    return Context(
+        as_of=t,
+        today=today,
+        policy=chosen,
+        active=active,
+        risk=risk_list,
+        risk_table=risk_list.table(today, chosen.risk.lookback_days, chosen.risk.match),
+        ring=_ring_bitset(chosen.commuter_pattern.ring_regions),
+    )
+
+
+def _rules(ctx: Context) -> object:
+    """The kernel's view of the context (built once per context)."""
+    if ctx.kernel_rules is None:
+        p, t = ctx.policy, ctx.risk_table
+        anchor = {"sample": 0, "report": 1}
+        rules = _kernel.RuleSet(
+            ctx.as_of, ctx.today, ctx.active,
+            anchor[p.commuter_nat.anchor], p.commuter_nat.unit == "days", p.commuter_nat.length,
+            anchor[p.entry_nat.anchor], p.entry_nat.unit == "days", p.entry_nat.length,
+            p.commuter_pattern.window_days, p.commuter_pattern.min_entry_days,
+            PROVINCE_OK, ctx.ring, t.span, t.multi, t.offsets, t.lo, t.hi,
+        )  # fmt: skip
+        object.__setattr__(ctx, "kernel_rules", rules)
+    return ctx.kernel_rules
+
+
+@dataclass
+class KernelOutput:
+    """The kernel's buffers for one batch (see results.assemble_packed) and its invalid rows' diagnoses."""
+
+    bits: np.ndarray  # uint64[3, words]: badge, entry, enrolled bitmaps
+    reasons: np.ndarray  # uint16[n]
+    until: np.ndarray  # int64[2, n]: badge_valid_until, entry_valid_until
+    errors: pa.Array  # the error column (string, null on valid rows)
+
+
+def evaluate_columns(ctx: Context, cols: columns.BatchColumns, n_threads: int) -> KernelOutput:
+    """Run the kernel over one batch's column views; no Arrow arrays are built except the error column."""
+    rules = _rules(ctx)
+    pop = _kernel.Population(cols)
+    n = cols.n
+    bits = np.zeros((3, (n + 63) // 64), dtype=np.uint64)
+    reasons = np.empty(n, dtype=np.uint16)
+    until = np.empty((2, n), dtype=np.int64)
+    invalid = _kernel.evaluate(pop, rules, bits[0], bits[1], bits[2], reasons, until[0], until[1], n_threads)
+    if invalid:
+        rows = np.flatnonzero(reasons == Reason.INVALID_INPUT).astype(np.int64)
+        err_code = np.zeros(len(rows), dtype=np.uint8)
+        err_index = np.zeros(len(rows), dtype=np.int32)
+        _kernel.diagnose(pop, rules, rows, err_code, err_index)
+        errors = error_column(n, rows, err_code, err_index)
+    else:
+        errors = pa.nulls(n, pa.string())
+    return KernelOutput(bits, reasons, until, errors)
+
+
+class Prepared:
+    """One population batch checked and viewed once, for evaluating selected rows of it many times
+    (:func:`evaluate_selected`); holds the batch alive."""
+
+    def __init__(self, batch: pa.RecordBatch) -> None:
+        columns.check_schema(batch.schema)
+        columns.validate(batch)
+        self.batch = batch
+        self.population = None if _kernel is None else _kernel.Population(columns.batch_columns(batch))
+
+
+def evaluate_selected(
+    ctx: Context, prepared: Prepared, rows: np.ndarray, n_threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(commuter_badge, entry_permitted, reasons) of the given rows of a prepared batch, in the order of ``rows``,
+    without copying the rows out (the kernel reads them in place)."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    if prepared.population is None or use_reference():
+        taken = prepared.batch.take(pa.array(rows, pa.int64()))
+        result = next(iter(evaluate_batches([taken], ctx, 1)))
+        return (
+            np.asarray(result.column("commuter_badge").to_numpy(zero_copy_only=False), dtype=bool),
+            np.asarray(result.column("entry_permitted").to_numpy(zero_copy_only=False), dtype=bool),
+            np.asarray(result.column("reasons").to_numpy(), dtype=np.uint16),
+        )
+    threads = default_threads() if n_threads is None else n_threads
+    flags = np.empty(len(rows), dtype=np.uint8)
+    reasons = np.empty(len(rows), dtype=np.uint16)
+    _kernel.evaluate_selected(prepared.population, _rules(ctx), rows, flags, reasons, threads)
+    return (flags & 1).astype(bool), (flags & 2).astype(bool), reasons
+
+
+def _kernel_batch(ctx: Context, batch: pa.RecordBatch, n_threads: int) -> pa.RecordBatch:
+    out = evaluate_columns(ctx, columns.batch_columns(batch), n_threads)
+    person_id = batch.column(batch.schema.get_field_index("person_id"))
+    return assemble_packed(person_id, out.bits, out.reasons, out.until, out.errors)
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def evaluate_batches(
+    batches: Iterable[pa.RecordBatch],
+    ctx: Context,
+    n_threads: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """Evaluate record batches one by one (streaming: the CLI and the server use this).
+
+    Each batch's schema is checked first; ``on_batch(rows)`` is called after each one (progress bars).
+    """
+    threads = default_threads() if n_threads is None else n_threads
+    if threads < 1:
+        raise ValueError(f"n_threads must be >= 1, got {threads}")
+    run: Callable[[Context, pa.RecordBatch], pa.RecordBatch] | None = None
+    if use_reference():
+        from healthcode.rules.reference import evaluate_batch_reference as run
+    for batch in batches:
+        columns.check_schema(batch.schema)
+        columns.validate(batch)
+        result = run(ctx, batch) if run is not None else _kernel_batch(ctx, batch, threads)
+        if on_batch is not None:
+            on_batch(batch.num_rows)
+        yield result
+
+
+def evaluate(
+    population: pa.Table | pa.RecordBatch,
+    risk: RiskLike,
+    policy: PolicyLike = None,
+    as_of: _dt.datetime | int | float | str | None = None,
+    n_threads: int | None = None,
+) -> pa.Table:
+    """Evaluate every person of ``population`` at ``as_of`` (SPEC §4); one result row per input row, same order.
+
+    ``risk`` is a loaded :class:`RiskList` or a path to a risk-list CSV; ``policy`` a loaded
+    :class:`PolicyTimeline`, a path to a policy TOML, or None for the shipped default; ``as_of`` an aware datetime,
+    an ISO-8601 string with an offset, or epoch seconds.  Row problems never raise (they give INVALID_INPUT rows);
+    schema problems raise :class:`healthcode.SchemaError`.
+    """
+    if as_of is None:
+        raise ValueError("as_of is required: give the evaluation instant explicitly (SPEC §2)")
+    batches = columns.to_batches(population)
+    ctx = make_context(risk, policy, as_of)
+    results = list(evaluate_batches(batches, ctx, n_threads))
+    return pa.Table.from_batches(results, schema=RESULT_SCHEMA)

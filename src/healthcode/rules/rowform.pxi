@@ -1,0 +1,481 @@
+# The row-form codec (included into _kernel.pyx): healthcode.v1 EvaluateRequest bytes straight into population
+# columns, and result columns straight into the bytes of EvaluateResponse.statuses.  The gateway path then spends
+# no Python per person; the field numbers below are those of proto/healthcode/v1/healthcode.proto.
+
+from libc.string cimport memcpy
+
+
+class WireFormatError(ValueError):
+    """The request bytes are not a well-formed EvaluateRequest."""
+
+
+cdef struct Reader:
+    const uint8_t* p
+    const uint8_t* end
+    bint bad
+
+
+cdef inline uint64_t read_varint(Reader* r) noexcept nogil:
+    cdef uint64_t value = 0, b
+    cdef int shift = 0
+    while r.p < r.end and shift < 70:
+        b = r.p[0]
+        r.p += 1
+        value |= (b & 0x7f) << shift
+        if b < 0x80:
+            return value
+        shift += 7
+    r.bad = True
+    return 0
+
+
+cdef inline Reader sub_reader(Reader* r) noexcept nogil:
+    """The next length-delimited field's bytes as a reader; ``r`` moves past them."""
+    cdef Reader s
+    cdef uint64_t n = read_varint(r)
+    s.bad = r.bad
+    if r.bad or n > <uint64_t>(r.end - r.p):
+        r.bad = True
+        s.bad = True
+        s.p = r.p
+        s.end = r.p
+        return s
+    s.p = r.p
+    s.end = r.p + n
+    r.p += n
+    return s
+
+
+cdef inline void skip_field(Reader* r, uint64_t wire_type) noexcept nogil:
+    if wire_type == 0:
+        read_varint(r)
+    elif wire_type == 1:
+        if r.end - r.p < 8:
+            r.bad = True
+        else:
+            r.p += 8
+    elif wire_type == 2:
+        sub_reader(r)
+    elif wire_type == 5:
+        if r.end - r.p < 4:
+            r.bad = True
+        else:
+            r.p += 4
+    else:
+        r.bad = True  # groups (3, 4) and undefined wire types
+
+
+cdef inline int64_t read_timestamp_seconds(Reader* parent, int64_t seconds) noexcept nogil:
+    # google.protobuf.Timestamp: seconds = 1 (int64); nanos (>= 0) only add to it, so seconds is the floor.
+    # ``seconds`` is the value so far: a field that occurs again is merged into it (protobuf's rule for a singular
+    # message field), so an occurrence without seconds keeps it.
+    cdef Reader m = sub_reader(parent)
+    cdef uint64_t tag
+    while m.p < m.end and not m.bad:
+        tag = read_varint(&m)
+        if tag == 0x08:
+            seconds = <int64_t>read_varint(&m)
+        else:
+            skip_field(&m, tag & 7)
+    parent.bad |= m.bad
+    return seconds
+
+
+cdef inline int64_t days_from_civil(int64_t y, int64_t m, int64_t d) noexcept nogil:
+    # Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+    y -= m <= 2
+    cdef int64_t era = (y if y >= 0 else y - 399) // 400
+    cdef int64_t yoe = y - era * 400
+    cdef int64_t doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    cdef int64_t doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+cdef inline bint valid_date(int64_t y, int64_t m, int64_t d) noexcept nogil:
+    cdef int mdays
+    if y < 1 or y > 9999 or m < 1 or m > 12 or d < 1:
+        return False
+    if m == 2:
+        mdays = 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
+    elif m == 4 or m == 6 or m == 9 or m == 11:
+        mdays = 30
+    else:
+        mdays = 31
+    return d <= mdays
+
+
+cdef inline void read_local_date(Reader* parent, int64_t* y, int64_t* mo, int64_t* d) noexcept nogil:
+    # Merges into the fields read so far (a LocalDate that occurs twice in a Visit is merged, as protobuf does).
+    cdef Reader m = sub_reader(parent)
+    cdef uint64_t tag
+    while m.p < m.end and not m.bad:
+        tag = read_varint(&m)
+        if tag == 0x08:
+            y[0] = <int32_t>read_varint(&m)
+        elif tag == 0x10:
+            mo[0] = <int32_t>read_varint(&m)
+        elif tag == 0x18:
+            d[0] = <int32_t>read_varint(&m)
+        else:
+            skip_field(&m, tag & 7)
+    parent.bad |= m.bad
+
+
+cdef inline bint read_iso_date(Reader s, int32_t* out) noexcept nogil:
+    # Exactly "YYYY-MM-DD".
+    cdef int64_t k, y = 0, mo, d
+    if s.end - s.p != 10 or s.p[4] != 45 or s.p[7] != 45:  # '-'
+        return False
+    for k in range(10):
+        if k != 4 and k != 7 and not (48 <= s.p[k] <= 57):
+            return False
+    y = (s.p[0] - 48) * 1000 + (s.p[1] - 48) * 100 + (s.p[2] - 48) * 10 + (s.p[3] - 48)
+    mo = (s.p[5] - 48) * 10 + (s.p[6] - 48)
+    d = (s.p[8] - 48) * 10 + (s.p[9] - 48)
+    if not valid_date(y, mo, d):
+        return False
+    out[0] = <int32_t>days_from_civil(y, mo, d)
+    return True
+
+
+cdef struct Counts:
+    int64_t persons
+    int64_t entries
+    int64_t visits
+
+
+cdef inline void set_bit(uint8_t* bits, int64_t i) noexcept nogil:
+    bits[i >> 3] |= <uint8_t>(1 << (i & 7))
+
+
+cdef struct PersonCols:
+    # Values, and validity (``*_ok``) as Arrow bitmaps: set bit = present.  ``registered`` is a value bitmap.
+    uint64_t* pid
+    uint8_t* pid_ok
+    int32_t* home
+    uint8_t* home_ok
+    uint8_t* registered
+    int8_t* color
+    uint8_t* color_ok
+    int64_t* sample
+    uint8_t* sample_ok
+    int64_t* report
+    uint8_t* report_ok
+    int32_t* entry_off
+    int64_t* entries
+    int32_t* visit_off
+    int32_t* region
+    uint8_t* region_ok
+    int32_t* day
+    uint8_t* day_ok
+
+
+cdef void read_visit(Reader* parent, PersonCols* c, int64_t v) noexcept nogil:
+    cdef Reader m = sub_reader(parent)
+    cdef uint64_t tag
+    cdef bint have_date = False
+    cdef int64_t y = 0, mo = 0, d = 0
+    cdef Reader iso
+    iso.p = NULL
+    cdef bint day_ok = False
+    c.region[v] = 0
+    c.day[v] = 0
+    while m.p < m.end and not m.bad:
+        tag = read_varint(&m)
+        if tag == 0x08:
+            c.region[v] = <int32_t>read_varint(&m)
+            set_bit(c.region_ok, v)
+        elif tag == 0x12:
+            have_date = True
+            read_local_date(&m, &y, &mo, &d)
+        elif tag == 0x1a:
+            iso = sub_reader(&m)
+        else:
+            skip_field(&m, tag & 7)
+    parent.bad |= m.bad
+    if have_date:
+        day_ok = valid_date(y, mo, d)
+        if day_ok:
+            c.day[v] = <int32_t>days_from_civil(y, mo, d)
+    elif iso.p != NULL and iso.p < iso.end:
+        day_ok = read_iso_date(iso, &c.day[v])
+    if day_ok:
+        set_bit(c.day_ok, v)
+
+
+cdef void skip_visit(Reader* parent) noexcept nogil:
+    """A Visit in the counting pass: only checks that its bytes are well-formed."""
+    cdef Reader m = sub_reader(parent)
+    cdef Reader inner
+    cdef uint64_t tag
+    while m.p < m.end and not m.bad:
+        tag = read_varint(&m)
+        if tag == 0x12:
+            inner = sub_reader(&m)
+            while inner.p < inner.end and not inner.bad:
+                skip_field(&inner, read_varint(&inner) & 7)
+            m.bad |= inner.bad
+        else:
+            skip_field(&m, tag & 7)
+    parent.bad |= m.bad
+
+
+cdef void read_person(Reader* parent, PersonCols* c, Counts* at, bint fill) noexcept nogil:
+    """One Person: counts its entries and visits, and (when ``fill``) writes its row and list elements.
+    Every nested read reports malformed bytes to its parent, up to the request."""
+    cdef Reader m = sub_reader(parent)
+    cdef uint64_t tag, raw
+    cdef int64_t i = at.persons
+    if fill:
+        c.pid[i] = 0
+        c.home[i] = 0
+        c.color[i] = 0
+        c.sample[i] = 0
+        c.report[i] = 0
+    while m.p < m.end and not m.bad:
+        tag = read_varint(&m)
+        if tag == 0x3a:  # 7: entry_times
+            if fill:
+                c.entries[at.entries] = read_timestamp_seconds(&m, 0)
+            else:
+                read_timestamp_seconds(&m, 0)  # validates the nested bytes in the counting pass too
+            at.entries += 1
+        elif tag == 0x42:  # 8: visits
+            if fill:
+                read_visit(&m, c, at.visits)
+            else:
+                skip_visit(&m)
+            at.visits += 1
+        elif not fill:
+            skip_field(&m, tag & 7)
+        elif tag == 0x08:  # 1: person_id
+            c.pid[i] = read_varint(&m)
+            set_bit(c.pid_ok, i)
+        elif tag == 0x10:  # 2: home_region
+            c.home[i] = <int32_t>read_varint(&m)
+            set_bit(c.home_ok, i)
+        elif tag == 0x18:  # 3: registered_commuter
+            if read_varint(&m) != 0:
+                set_bit(c.registered, i)
+            else:
+                c.registered[i >> 3] &= <uint8_t>~(1 << (i & 7))
+        elif tag == 0x20:  # 4: base_color; anything but 0..2 stays invalid (never wraps into range)
+            raw = read_varint(&m)
+            c.color[i] = <int8_t>raw if raw <= 2 else -1
+            set_bit(c.color_ok, i)
+        elif tag == 0x2a:  # 5: nat_sample_time
+            c.sample[i] = read_timestamp_seconds(&m, c.sample[i])
+            set_bit(c.sample_ok, i)
+        elif tag == 0x32:  # 6: nat_report_time
+            c.report[i] = read_timestamp_seconds(&m, c.report[i])
+            set_bit(c.report_ok, i)
+        else:
+            skip_field(&m, tag & 7)
+    parent.bad |= m.bad
+    if fill:
+        c.entry_off[i + 1] = <int32_t>at.entries
+        c.visit_off[i + 1] = <int32_t>at.visits
+    at.persons += 1
+
+
+cdef bint read_request(Reader r, PersonCols* c, Counts* at, bint fill, int64_t* as_of, bint* has_as_of,
+                       const uint8_t** policy, int64_t* policy_len) noexcept nogil:
+    cdef uint64_t tag
+    cdef Reader s
+    while r.p < r.end and not r.bad:
+        tag = read_varint(&r)
+        if tag == 0x0a:  # 1: persons
+            read_person(&r, c, at, fill)
+        elif tag == 0x12:  # 2: as_of
+            as_of[0] = read_timestamp_seconds(&r, as_of[0])
+            has_as_of[0] = True
+        elif tag == 0x1a:  # 3: policy
+            s = sub_reader(&r)
+            policy[0] = s.p
+            policy_len[0] = s.end - s.p
+        else:
+            skip_field(&r, tag & 7)
+    return not r.bad
+
+
+def decode_evaluate_request(data):
+    """An EvaluateRequest's bytes as population columns, its ``as_of`` (or None) and policy name.
+
+    The columns are numpy arrays; ``*_ok`` are Arrow validity bitmaps, or None when nothing is absent, and
+    ``registered`` a value bitmap.  An impossible visit date is a null day.  Raises :class:`WireFormatError` for
+    bytes that are not a well-formed message."""
+    cdef const uint8_t[::1] view = data
+    cdef Reader r
+    cdef Counts counts, at
+    cdef PersonCols c
+    cdef int64_t as_of = 0, policy_len = 0
+    cdef bint has_as_of = False
+    cdef const uint8_t* policy = NULL
+    r.p = &view[0] if view.shape[0] else NULL
+    r.end = r.p + view.shape[0]
+    r.bad = False
+    counts.persons = counts.entries = counts.visits = 0
+    if not read_request(r, &c, &counts, False, &as_of, &has_as_of, &policy, &policy_len):
+        raise WireFormatError("the request is not a well-formed healthcode.v1.EvaluateRequest (truncated or corrupt)")
+    if counts.entries >= 2**31 or counts.visits >= 2**31:
+        raise WireFormatError("too many entry_times or visits in one request")
+    n = counts.persons
+    rows_bits, visit_bits = (n + 7) // 8 + 1, (counts.visits + 7) // 8 + 1
+    out = {
+        "pid": np.empty(n, np.uint64), "pid_ok": np.zeros(rows_bits, np.uint8),
+        "home": np.empty(n, np.int32), "home_ok": np.zeros(rows_bits, np.uint8),
+        "registered": np.zeros(rows_bits, np.uint8),
+        "color": np.empty(n, np.int8), "color_ok": np.zeros(rows_bits, np.uint8),
+        "sample": np.empty(n, np.int64), "sample_ok": np.zeros(rows_bits, np.uint8),
+        "report": np.empty(n, np.int64), "report_ok": np.zeros(rows_bits, np.uint8),
+        "entry_off": np.zeros(n + 1, np.int32), "entries": np.empty(counts.entries, np.int64),
+        "visit_off": np.zeros(n + 1, np.int32),
+        "region": np.empty(counts.visits, np.int32), "region_ok": np.zeros(visit_bits, np.uint8),
+        "day": np.empty(counts.visits, np.int32), "day_ok": np.zeros(visit_bits, np.uint8),
+    }
+    c.pid = <uint64_t*>cnp.PyArray_DATA(<cnp.ndarray>out["pid"])
+    c.pid_ok = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>out["pid_ok"])
+    c.home = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>out["home"])
+    c.home_ok = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>out["home_ok"])
+    c.registered = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>out["registered"])
+    c.color = <int8_t*>cnp.PyArray_DATA(<cnp.ndarray>out["color"])
+    c.color_ok = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>out["color_ok"])
+    c.sample = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>out["sample"])
+    c.sample_ok = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>out["sample_ok"])
+    c.report = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>out["report"])
+    c.report_ok = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>out["report_ok"])
+    c.entry_off = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>out["entry_off"])
+    c.entries = <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>out["entries"])
+    c.visit_off = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>out["visit_off"])
+    c.region = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>out["region"])
+    c.region_ok = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>out["region_ok"])
+    c.day = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>out["day"])
+    c.day_ok = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>out["day_ok"])
+    at.persons = at.entries = at.visits = 0
+    r.p = &view[0] if view.shape[0] else NULL
+    r.bad = False
+    as_of = 0
+    has_as_of = False
+    cdef bint ok
+    with nogil:
+        ok = read_request(r, &c, &at, True, &as_of, &has_as_of, &policy, &policy_len)
+    if not ok or at.persons != counts.persons:
+        raise WireFormatError("the request is not a well-formed healthcode.v1.EvaluateRequest (corrupt nested field)")
+    cdef Bits check
+    check.offset = 0
+    for key, length in (("pid_ok", n), ("home_ok", n), ("color_ok", n), ("sample_ok", n), ("report_ok", n),
+                        ("region_ok", counts.visits), ("day_ok", counts.visits)):
+        check.data = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>out[key])
+        if all_set(check, 0, length):
+            out[key] = None
+    out["n"] = n
+    name = b"" if policy == NULL else (<const char*>policy)[:policy_len]
+    try:
+        policy_name = name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireFormatError("the policy field is not UTF-8 text") from None
+    return out, (as_of if has_as_of else None), policy_name
+
+
+cdef inline uint8_t* put_varint(uint8_t* p, uint64_t v) noexcept nogil:
+    while v >= 0x80:
+        p[0] = <uint8_t>(v | 0x80)
+        p += 1
+        v >>= 7
+    p[0] = <uint8_t>v
+    return p + 1
+
+
+cdef inline int varint_size(uint64_t v) noexcept nogil:
+    cdef int n = 1
+    while v >= 0x80:
+        v >>= 7
+        n += 1
+    return n
+
+
+cdef inline uint8_t* put_timestamp(uint8_t* p, uint8_t tag, int64_t seconds) noexcept nogil:
+    p[0] = tag
+    if seconds == 0:
+        p[1] = 0
+        return p + 2
+    p[1] = <uint8_t>(1 + varint_size(<uint64_t>seconds))
+    p[2] = 0x08
+    return put_varint(p + 3, <uint64_t>seconds)
+
+
+def encode_statuses(person_id, pid_valid, badge, entry, enrolled, reasons, badge_until, entry_until,
+                    error_offsets, error_data, error_valid):
+    """The bytes of ``repeated Status statuses = 1`` for result columns given as (numpy array, bit offset) views
+    (see ``healthcode.wire.rows.encode_result``).  Concatenated with the other fields' bytes it is an EvaluateResponse."""
+    cdef const uint64_t[::1] pid = person_id
+    cdef const uint16_t[::1] mask = reasons
+    cdef const int64_t[::1] bu = badge_until
+    cdef const int64_t[::1] eu = entry_until
+    cdef const int32_t[::1] eoff = error_offsets
+    cdef const uint8_t[::1] edata = error_data if len(error_data) else b"\0"
+    cdef Bits pv = as_bits(pid_valid), bb = as_bits(badge), eb = as_bits(entry), nb = as_bits(enrolled)
+    cdef Bits ev = as_bits(error_valid)
+    cdef int64_t n = mask.shape[0], i, size, k, elen
+    cdef uint8_t* p
+    cdef uint8_t* start
+    cdef uint8_t body[96]
+    cdef uint8_t* q
+    cdef uint16_t m
+    cdef int nreasons
+    if pid.shape[0] < n or bu.shape[0] < n or eu.shape[0] < n or eoff.shape[0] < n + 1:
+        raise ValueError("result columns are shorter than reasons")
+    # Upper bound: fixed fields (< 96 bytes) + the error text + the framing of each Status.
+    out = bytearray(n * 104 + (eoff[n] - eoff[0]) + n * 4)
+    cdef uint8_t* base = <uint8_t*><char*>out
+    p = base
+    with nogil:
+        for i in range(n):
+            q = body
+            if bit(pv, i) and pid[i] != 0:
+                q[0] = 0x08
+                q = put_varint(q + 1, pid[i])
+            if bit(bb, i):
+                q[0] = 0x10
+                q[1] = 1
+                q += 2
+            if bit(eb, i):
+                q[0] = 0x18
+                q[1] = 1
+                q += 2
+            if bit(nb, i):
+                q[0] = 0x20
+                q[1] = 1
+                q += 2
+            m = mask[i]
+            if m != 0:
+                nreasons = hc_popcount64(m)
+                q[0] = 0x2a
+                q[1] = <uint8_t>nreasons
+                q += 2
+                for k in range(16):
+                    if (m >> k) & 1:
+                        q[0] = <uint8_t>(k + 1)
+                        q += 1
+                q[0] = 0x30
+                q = put_varint(q + 1, m)
+            if bit(bb, i):
+                q = put_timestamp(q, 0x3a, bu[i])
+            if bit(eb, i):
+                q = put_timestamp(q, 0x42, eu[i])
+            size = q - body
+            elen = 0
+            if bit(ev, i):
+                elen = eoff[i + 1] - eoff[i]
+                size += 1 + varint_size(elen) + elen
+            p[0] = 0x0a
+            p = put_varint(p + 1, size)
+            memcpy(p, body, q - body)
+            p += q - body
+            if bit(ev, i):
+                p[0] = 0x4a
+                p = put_varint(p + 1, elen)
+                memcpy(p, &edata[eoff[i]], elen)
+                p += elen
+    del out[p - base:]
+    return bytes(out)

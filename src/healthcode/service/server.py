@@ -1,0 +1,366 @@
+"""The gRPC server's lifecycle: options, services, start-up, graceful shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from healthcode import logs
+from healthcode._proto.v1 import healthcode_pb2 as pb
+from healthcode.live.ingest import IngestQueue
+from healthcode.live.state import State
+from healthcode.live.statusbook import StatusBook
+from healthcode.rules import engine
+from healthcode.rules.policy import load_policy, parse_policy
+from healthcode.rules.regions import load_risk_list, parse_risk_csv
+from healthcode.rules.timebase import to_datetime, to_instant
+from healthcode.service import front, limits, metrics
+from healthcode.service.auth import Authenticator, Guard, load_authenticator
+from healthcode.service.config import Settings
+from healthcode.service.interceptors import ObservedService
+from healthcode.service.servicer import HealthCodeService
+from healthcode.service.transport import grpc_options, is_loopback, listen, server_credentials
+from healthcode.store.database import Store
+
+log = logging.getLogger("healthcode.service.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HealthCode"].full_name
+
+
+def _open_store(settings: Settings, state: State) -> tuple[Store, StatusBook] | None:
+    """With --store: open it, continue its risk-list and policy versions, and build the status book.
+
+    Without --risk / --policy the latest kept list and policy are in force.  A --risk or --policy that differs from
+    the latest kept one becomes the next version; when statuses were published under the old one, the persons it
+    affects are re-evaluated and the new version is kept in the same transaction as their changes, so the published
+    statuses always belong to the list and policy in force (a restart never leaves them half-applied)."""
+    if not settings.store:
+        return None
+    store = Store(settings.store)
+    given = state.snapshot
+    kept_list = store.latest_risk_list()
+    kept_policy = store.latest_policy()
+    if kept_list is not None:
+        where = f"{settings.store}: risk list v{kept_list[0]}"
+        state.replace_risk_list(parse_risk_csv(kept_list[1], where), kept_list[0])
+    if kept_policy is not None:
+        where = f"{settings.store}: policy v{kept_policy[0]}"
+        state.replace_policy(parse_policy(kept_policy[1], where), kept_policy[1], kept_policy[0])
+    started = time.perf_counter()
+    book = StatusBook(store, state.snapshot.policy, settings.now(), settings.kernel_threads or None)
+    log.info(
+        f'{{"event": "store_opened", "persons": {len(book.ids)}, "published": {int(book.known.sum())}, '
+        f'"high_water_mark": {book.high_water_mark}, "seconds": {time.perf_counter() - started:.2f}}}'
+    )
+    published = book.high_water_mark > 0
+    now = settings.now()
+    if kept_policy is None or (settings.policy and given.policy_text != kept_policy[1]):
+        version = 1 if kept_policy is None else kept_policy[0] + 1
+        current = state.snapshot
+        if published:
+            book.reevaluate(current.risk, given.policy, now, keep_policy=(version, given.policy_text))
+        else:
+            store.record_policy(version, given.policy_text)
+        state.replace_policy(given.policy, given.policy_text, version)
+    if kept_list is None or (settings.risk and given.risk.to_csv() != kept_list[1]):
+        version = 1 if kept_list is None else kept_list[0] + 1
+        new = given.risk.with_version(version)
+        current = state.snapshot
+        if published:
+            summary = book.reevaluate_risk_change(current.risk, new, current.policy, now, keep=True)
+            log.info(
+                f'{{"event": "risk_list_replaced_at_start", "version": {version}, "evaluated": {summary.evaluated}, '
+                f'"changed": {summary.changed}}}'
+            )
+        else:
+            store.record_risk_list(version, new.to_csv())
+        state.replace_risk_list(new, version)
+    return store, book
+
+
+def _initial_state(settings: Settings) -> State:
+    if settings.policy:
+        with open(settings.policy, encoding="utf-8") as f:
+            text = f.read()
+        timeline = parse_policy(text, settings.policy)
+    else:
+        text = resources.files("healthcode").joinpath("data/default_policy.toml").read_text("utf-8")
+        timeline = load_policy(None)
+    if settings.risk:
+        risk = load_risk_list(settings.risk)
+    else:
+        log.warning(
+            "no risk list given (--risk or HEALTHCODE_RISK): starting with an empty list; replace it with PutRiskList"
+        )
+        risk = parse_risk_csv("region,start_date,end_date,kind\n", "empty")
+    return State(risk, timeline, text)
+
+
+def service_handlers(service: HealthCodeService) -> grpc.GenericRpcHandler:
+    """The healthcode.v1.HealthCode handlers: Evaluate takes and returns raw bytes (the kernel's row-form codec
+    does the protobuf work); the other methods use the generated message classes."""
+
+    def handler(kind, method, request_class):  # type: ignore[no-untyped-def]
+        make = getattr(grpc, f"{kind}_rpc_method_handler")
+        deserializer = None if request_class is None else request_class.FromString
+        serializer = None if request_class is None else (lambda m: m.SerializeToString())
+        return make(getattr(service, method), request_deserializer=deserializer, response_serializer=serializer)
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Evaluate": handler("unary_unary", "Evaluate", None),
+            "EvaluateArrow": handler("stream_stream", "EvaluateArrow", pb.EvaluateArrowRequest),
+            "PutRiskList": handler("unary_unary", "PutRiskList", pb.PutRiskListRequest),
+            "GetRiskList": handler("unary_unary", "GetRiskList", pb.GetRiskListRequest),
+            "PutPolicy": handler("unary_unary", "PutPolicy", pb.PutPolicyRequest),
+            "GetPolicy": handler("unary_unary", "GetPolicy", pb.GetPolicyRequest),
+            "Reevaluate": handler("unary_unary", "Reevaluate", pb.ReevaluateRequest),
+            "WatchChanges": handler("unary_stream", "WatchChanges", pb.WatchChangesRequest),
+            "WatchChangesArrow": handler("unary_stream", "WatchChangesArrow", pb.WatchChangesRequest),
+            "GetStatus": handler("unary_unary", "GetStatus", pb.GetStatusRequest),
+            "UpsertPersons": handler("unary_unary", "UpsertPersons", pb.UpsertPersonsRequest),
+            "RecordNatResults": handler("unary_unary", "RecordNatResults", pb.RecordNatResultsRequest),
+            "RecordEntries": handler("unary_unary", "RecordEntries", pb.RecordEntriesRequest),
+            "RecordVisits": handler("unary_unary", "RecordVisits", pb.RecordVisitsRequest),
+        },
+    )
+
+
+def _serve_metrics(settings: Settings) -> tuple[int, str]:
+    """Start the Prometheus endpoint: HTTPS with the server's certificate when TLS is configured (and client
+    certificates required under mutual TLS) unless metrics_tls is false.  Returns the port and the scheme."""
+    listen = settings.metrics_listen
+    if not (settings.tls_cert and settings.metrics_tls):
+        return metrics.serve_metrics(listen), "http"
+    from prometheus_client import start_http_server
+
+    host, _, port = listen.rpartition(":")
+    http, _thread = start_http_server(
+        int(port),
+        addr=host.strip("[]") or "127.0.0.1",
+        registry=metrics.REGISTRY,
+        certfile=settings.tls_cert,
+        keyfile=settings.tls_key,
+        client_cafile=settings.tls_client_ca,
+        client_auth_required=bool(settings.tls_client_ca),
+    )
+    return int(http.server_port), "https"
+
+
+def _security_warnings(settings: Settings, auth: Authenticator) -> None:
+    tls = bool(settings.tls_cert)
+    log.info(
+        f'{{"event": "security", "tls": {str(tls).lower()}, "mutual_tls": {str(bool(settings.tls_client_ca)).lower()}, '
+        f'"token_principals": {len(auth.tokens)}, "certificate_identities": {len(auth.identities)}, '
+        f'"max_concurrent_calls": {settings.max_concurrent_calls}, '
+        f'"max_concurrent_calls_per_caller": {settings.max_concurrent_calls_per_caller}, '
+        f'"max_request_rows": {settings.max_request_rows}, "shed_loop_lag_ms": {settings.shed_loop_lag_ms}, '
+        f'"front": {str(front.enabled(settings)).lower()}}}'
+    )
+    if is_loopback(settings.listen):
+        return
+    if not tls:
+        log.warning(
+            "LISTENING WITHOUT TLS ON A NON-LOOPBACK ADDRESS %s: plaintext is for loopback development only; "
+            "set tls_cert and tls_key",
+            settings.listen,
+        )
+        if auth.tokens:
+            log.warning("BEARER TOKENS TRAVEL IN CLEAR TEXT on %s: anyone on the path can read them", settings.listen)
+    if not auth.enabled and not settings.tls_client_ca:
+        log.warning(
+            "CALLERS ARE NOT AUTHENTICATED on the non-loopback address %s: anyone who reaches it may evaluate, "
+            "ingest and replace the risk list and the policy; configure tokens_file (or HEALTHCODE_TOKENS) or "
+            "client_roles",
+            settings.listen,
+        )
+
+
+async def _demo(state: State, settings: Settings, executor: ThreadPoolExecutor) -> str:
+    """Evaluate the demo population once (make serve), off the event loop; returns a summary line."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = settings.demo_population
+    assert path is not None
+
+    def run() -> str:
+        started = time.perf_counter()
+        snap = state.snapshot
+        as_of = to_instant(settings.demo_as_of) if settings.demo_as_of else settings.now()
+        table = engine.evaluate(pq.read_table(path), snap.risk, snap.policy, as_of, settings.kernel_threads or None)
+        badges = pc.sum(table["commuter_badge"]).as_py() or 0
+        entries = pc.sum(table["entry_permitted"]).as_py() or 0
+        return (
+            f"demo: evaluated {table.num_rows:,} persons of {path} at {to_datetime(as_of).isoformat()} in "
+            f"{time.perf_counter() - started:.2f} s: {badges:,} badges, {entries:,} entries permitted"
+        )
+
+    return await asyncio.get_running_loop().run_in_executor(executor, run)
+
+
+async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit code."""
+    logs.configure(settings.log_level)
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        # Past a file-size limit a write should fail (the store answers UNAVAILABLE), not kill the server.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    auth = load_authenticator(settings)  # bad security settings fail before the (slow) store is opened
+    credentials = server_credentials(settings)  # behind a front, only checked here (before the slow store opens)
+    state = _initial_state(settings)
+    opened = _open_store(settings, state)
+    book = None if opened is None else opened[1]
+    ingest = None if opened is None else IngestQueue(
+        opened[0],
+        on_commit=lambda done: opened[1].ingested([(c.kind, c.table) for c in done], settings.now()),
+        known=opened[1].knows,
+        seen=lambda kind, events: opened[1].stored_events(kind, events, settings.now()),
+    )
+    limits.configure(settings.max_request_rows)
+    concurrency = limits.Concurrency(settings.max_concurrent_calls, settings.max_concurrent_calls_per_caller)
+    overload = limits.Overload(settings.shed_loop_lag_ms / 1000)
+    behind_front = front.enabled(settings)
+    guard = Guard(
+        auth, concurrency, client_certificates=bool(settings.tls_client_ca), overload=overload, forwarded=behind_front
+    )
+    executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="evaluate")
+    # ObservedService outermost: calls the guard refuses are logged and counted with their code.
+    server = grpc.aio.server(
+        interceptors=[ObservedService(), guard], options=grpc_options(settings, public=not behind_front)
+    )
+    server.add_generic_rpc_handlers((service_handlers(HealthCodeService(state, settings, executor, book, ingest)),))
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    if settings.reflection:
+        names.append(reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+    sockets = None
+    if behind_front:
+        # The server listens only on a socket in a fresh 0700 folder: the front is its one caller, so the client
+        # names and peer the front passes on in metadata can be trusted.
+        sockets = tempfile.mkdtemp(prefix="healthcode-")
+        backend = f"unix:{sockets}/server.sock"
+        server.add_insecure_port(backend)
+    else:
+        port = listen(server, settings.listen, credentials)
+    _security_warnings(settings, auth)
+    await server.start()
+    overload.start()
+    shedder = None
+    if sockets is not None:
+        shedder = front.Front(settings, backend)
+        try:
+            port = await asyncio.get_running_loop().run_in_executor(shedder.spawner, shedder.start)
+        except OSError:
+            shedder.stop(0)
+            await _close(server, 0, sockets, overload, executor, ingest, opened)
+            raise
+        front.yield_cpu_to_front(keep=frozenset({shedder.spawner_thread_id}))
+        collector = metrics.FrontCollector(shedder)
+        metrics.REGISTRY.register(collector)
+        log.info(f'{{"event": "front", "pid": {shedder.process.pid}, "limit": {settings.max_concurrent_calls}}}')
+    for name in (SERVICE_NAME, ""):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_port, scheme = _serve_metrics(settings) if settings.metrics_listen else (None, "")
+    host = settings.listen.rpartition(":")[0]
+    address = f"{host}:{port}"
+    print(f"healthcode serving on {address}", flush=True)
+    if metrics_port is not None:
+        print(f"metrics on {scheme}://{settings.metrics_listen.rpartition(':')[0]}:{metrics_port}/metrics", flush=True)
+    if settings.demo_population:
+        print(await _demo(state, settings, executor), flush=True)
+        as_of = f" --as-of {settings.demo_as_of}" if settings.demo_as_of else ""
+        print(
+            "call it:  .venv/bin/healthcode call evaluate --target "
+            f"{address} {settings.demo_population}{as_of} --out result.parquet",
+            flush=True,
+        )
+        if book is not None:
+            print(
+                f"store {settings.store}: {len(book.ids):,} persons; publish their statuses: "
+                f".venv/bin/healthcode reevaluate --target {address}",
+                flush=True,
+            )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    failed: list[str] = []
+    watcher = None
+    if shedder is not None:
+        watcher = asyncio.create_task(_watch_front(shedder, f"{host}:{port}", stop, failed))
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    print(
+        f"healthcode: stopping, finishing in-flight calls (up to {settings.grace_seconds:g} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    for name in (SERVICE_NAME, ""):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if watcher is not None:
+        watcher.cancel()
+    if shedder is not None:  # the front stops taking calls and waits for the ones it forwards
+        await loop.run_in_executor(None, shedder.stop, settings.grace_seconds)
+        metrics.REGISTRY.unregister(collector)
+    await _close(server, settings.grace_seconds, sockets, overload, executor, ingest, opened)
+    print("healthcode: stopped", file=sys.stderr, flush=True)
+    if failed:
+        print(f"healthcode: error: {failed[0]}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+async def _close(
+    server: grpc.aio.Server,
+    grace: float,
+    sockets: str | None,
+    overload: limits.Overload,
+    executor: ThreadPoolExecutor,
+    ingest: IngestQueue | None,
+    opened: tuple[Store, StatusBook] | None,
+) -> None:
+    """Stop serving (calls in flight get ``grace`` seconds), then release everything in the order it depends on."""
+    await server.stop(grace)
+    if sockets is not None:
+        shutil.rmtree(sockets, ignore_errors=True)
+    overload.stop()
+    executor.shutdown(wait=True, cancel_futures=True)
+    if ingest is not None:
+        await ingest.close()  # commits what is still queued before the store closes
+    if opened is not None:
+        opened[1].close()  # a background checkpoint or view compaction finishes first
+        opened[0].close()
+
+
+async def _watch_front(shedder: front.Front, address: str, stop: asyncio.Event, failed: list[str]) -> None:
+    """If the front process dies, start a new one on the same address; if that fails, stop the server (exit 1)
+    so that its supervisor restarts it, rather than serve nobody."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        await loop.run_in_executor(None, shedder.process.join, 1.0)
+        if shedder.process.is_alive() or stop.is_set():
+            continue
+        log.error(f'{{"event": "front_exited", "code": {shedder.process.exitcode}, "detail": "starting a new front"}}')
+        try:
+            await loop.run_in_executor(shedder.spawner, shedder.restart, address)
+        except OSError as exc:
+            failed.append(f"the front process exited and a new one could not start: {exc}")
+            stop.set()
+        else:
+            log.info(f'{{"event": "front", "pid": {shedder.process.pid}, "restarted": true}}')

@@ -1,0 +1,340 @@
+"""Conversions between the wire (protobuf messages, Arrow IPC bytes) and Arrow columns.
+
+Row form (the gateway path) converts field by field, which is fine for batches of a few thousand; the bulk path
+never touches rows: Arrow IPC bytes are read zero-copy and written back as IPC bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from healthcode._proto.v1 import healthcode_pb2 as pb
+from healthcode.errors import HealthcodeError, SchemaError
+from healthcode.rules import _kernel  # type: ignore[attr-defined]
+from healthcode.rules.columns import (
+    POPULATION_SCHEMA,
+    BatchColumns,
+    Bits,
+    bool_view,
+    check_schema,
+    offsets_view,
+    validity_view,
+    values_view,
+)
+from healthcode.rules.engine import KernelOutput
+from healthcode.rules.regions import RiskList, risk_list_from_rows
+from healthcode.service.limits import check_rows
+
+
+class WireError(HealthcodeError):
+    """A request's bytes or fields cannot be read; the message says what and where."""
+
+
+def decode_request(data: bytes) -> tuple[BatchColumns, int | None, str]:
+    """An EvaluateRequest's serialized bytes as the kernel's column views, its as_of (or None) and policy name.
+
+    Decoded by the kernel's row-form codec straight from the wire format into the arrays the kernel reads: no
+    message objects, no Arrow arrays, no Python per person.  Absent optional fields are nulls; an impossible visit
+    date is a null day (the row is then INVALID_INPUT).
+    """
+    try:
+        c, as_of, policy = _kernel.decode_evaluate_request(data)
+    except _kernel.WireFormatError as exc:
+        raise WireError(str(exc)) from None
+    check_rows(c["n"], "persons")  # the rows-per-request limit (limits.LimitExceeded: RESOURCE_EXHAUSTED)
+    all_valid = Bits(None, 0)
+    nat = {"sample": (c["sample"], Bits(c["sample_ok"], 0), 0), "report": (c["report"], Bits(c["report_ok"], 0), 0)}
+    cols = BatchColumns(
+        n=c["n"],
+        person_id_valid=Bits(c["pid_ok"], 0),
+        home_region=c["home"],
+        home_region_valid=Bits(c["home_ok"], 0),
+        registered=Bits(c["registered"], 0),
+        registered_valid=all_valid,
+        base_color=c["color"],
+        base_color_valid=Bits(c["color_ok"], 0),
+        nat=nat,
+        entries_valid=all_valid,
+        entries_offsets=c["entry_off"],
+        entry_values=c["entries"],
+        entry_values_valid=all_valid,
+        entry_unit=0,
+        visits_valid=all_valid,
+        visits_offsets=c["visit_off"],
+        visit_struct_valid=all_valid,
+        visit_region=c["region"],
+        visit_region_valid=Bits(c["region_ok"], 0),
+        visit_day=c["day"],
+        visit_day_valid=Bits(c["day_ok"], 0),
+        person_ids=c["pid"],
+    )
+    return cols, as_of, policy
+
+
+def columns_to_batch(cols: BatchColumns) -> pa.RecordBatch:
+    """Decoded row-form columns as an Arrow population batch (the reference path and :func:`persons_to_batch`)."""
+    n = cols.n
+    assert cols.person_ids is not None, "decode_request keeps the person ids"
+
+    def arr(type_: pa.DataType, values: np.ndarray, valid: Bits, length: int) -> pa.Array:
+        bitmap = None if valid.data is None else pa.py_buffer(valid.data)
+        return pa.Array.from_buffers(type_, length, [bitmap, pa.py_buffer(values)])
+
+    instant = POPULATION_SCHEMA.field("nat_sample_time").type
+    visits_n = len(cols.visit_region)
+    visits = pa.StructArray.from_arrays(
+        [
+            arr(pa.int32(), cols.visit_region, cols.visit_region_valid, visits_n),
+            arr(pa.date32(), cols.visit_day, cols.visit_day_valid, visits_n),
+        ],
+        fields=list(POPULATION_SCHEMA.field("visits").type.value_type),
+    )
+    sample, sample_ok, _ = cols.nat["sample"]
+    report, report_ok, _ = cols.nat["report"]
+    return pa.RecordBatch.from_arrays(
+        [
+            arr(pa.uint64(), cols.person_ids, cols.person_id_valid, n),
+            arr(pa.int32(), cols.home_region, cols.home_region_valid, n),
+            pa.Array.from_buffers(pa.bool_(), n, [None, pa.py_buffer(cols.registered.data)]),
+            arr(pa.int8(), cols.base_color, cols.base_color_valid, n),
+            arr(instant, sample, sample_ok, n),
+            arr(instant, report, report_ok, n),
+            pa.ListArray.from_arrays(pa.array(cols.entries_offsets), pa.array(cols.entry_values, instant)),
+            pa.ListArray.from_arrays(pa.array(cols.visits_offsets), visits),
+        ],
+        schema=POPULATION_SCHEMA,
+    )
+
+
+def persons_to_batch(persons: Sequence[pb.Person]) -> pa.RecordBatch:
+    """Row-form persons as a population batch in the SPEC schema (absent fields become nulls)."""
+    return columns_to_batch(decode_request(pb.EvaluateRequest(persons=persons).SerializeToString())[0])
+
+
+def _encode(
+    pid: np.ndarray,
+    pid_valid: Bits,
+    flags: Sequence[Bits],
+    reasons: np.ndarray,
+    until: np.ndarray | Sequence[np.ndarray],
+    errors: pa.Array,
+    info: pb.EvaluationInfo,
+) -> bytes:
+    # The valid-until columns are valid exactly where badge and entry are true (SPEC §4.5): the codec uses those bits.
+    statuses = _kernel.encode_statuses(
+        pid, pid_valid, flags[0], flags[1], flags[2], reasons, until[0], until[1],
+        offsets_view(errors), np.frombuffer(errors.buffers()[2] or b"", dtype=np.uint8), Bits(*validity_view(errors)),
+    )  # fmt: skip
+    tail = pb.EvaluateResponse(info=info, invalid_rows=len(errors) - errors.null_count).SerializeToString()
+    return statuses + tail
+
+
+def encode_output(cols: BatchColumns, out: KernelOutput, info: pb.EvaluationInfo) -> bytes:
+    """The serialized EvaluateResponse straight from the kernel's buffers (the gateway path)."""
+    flags = [Bits(out.bits[k].view(np.uint8), 0) for k in range(3)]
+    assert cols.person_ids is not None, "decode_request keeps the person ids"
+    return _encode(cols.person_ids, cols.person_id_valid, flags, out.reasons, out.until, out.errors, info)
+
+
+def encode_result(result: pa.RecordBatch, info: pb.EvaluationInfo) -> bytes:
+    """The serialized EvaluateResponse for an Arrow result batch (the reference path)."""
+    col = result.column
+    flags = [Bits(*bool_view(col(k))) for k in (1, 2, 3)]
+    until = [values_view(col(5), np.int64), values_view(col(6), np.int64)]
+    pid = values_view(col(0), np.uint64)
+    return _encode(pid, Bits(*validity_view(col(0))), flags, values_view(col(4), np.uint16), until, col(7), info)
+
+
+def batch_to_persons(batch: pa.RecordBatch | pa.Table) -> list[pb.Person]:
+    """Population rows as Person messages (row form; for clients, tests and benchmarks, not bulk work).
+
+    A null element of ``entry_times`` has no row-form equivalent (a repeated Timestamp cannot be null) and is
+    dropped; a null visit becomes an empty Visit (no region, no day), which the server treats as invalid."""
+    seconds = pa.int64()
+    cols = {
+        name: batch.column(name).cast(seconds) if name.startswith("nat_") else batch.column(name)
+        for name in POPULATION_SCHEMA.names
+    }
+    entry_type = pa.list_(seconds)
+    entries = cols["entry_times"].cast(entry_type).to_pylist()
+    visits = cols["visits"].to_pylist()
+    out = []
+    for i, (pid, home, reg, color, sample, report) in enumerate(
+        zip(
+            *(cols[n].to_pylist() for n in POPULATION_SCHEMA.names[:6]),
+            strict=True,
+        )
+    ):
+        p = pb.Person(registered_commuter=bool(reg))
+        if pid is not None:
+            p.person_id = pid
+        if home is not None:
+            p.home_region = home
+        if color is not None:
+            p.base_color = color
+        if sample is not None:
+            p.nat_sample_time.seconds = sample
+        if report is not None:
+            p.nat_report_time.seconds = report
+        for t in entries[i] or ():
+            if t is not None:
+                p.entry_times.add(seconds=t)
+        for v in visits[i] or ():
+            visit = p.visits.add()
+            if v is None:
+                continue  # an empty Visit: no region, no day
+            if v["region"] is not None:
+                visit.region = v["region"]
+            if v["day"] is not None:
+                d = v["day"]
+                visit.day.year, visit.day.month, visit.day.day = d.year, d.month, d.day
+        out.append(p)
+    return out
+
+
+def read_stream(
+    data: bytes, what: str, *, limit_rows: bool = True, validate: bool = True
+) -> tuple[pa.Schema, list[pa.RecordBatch]]:
+    """All batches of a complete Arrow IPC stream, zero-copy; unreadable bytes raise :class:`WireError` naming
+    ``what``.  The one reader of IPC bytes from the wire (bulk requests, results, ingest).  More rows than the
+    rows-per-request limit raise :class:`~healthcode.service.limits.LimitExceeded` (RESOURCE_EXHAUSTED) as soon as the
+    batches read so far pass it (``limit_rows=False``: results, which the server itself wrote).
+
+    The IPC reader checks the framing only: buffers too short for their array, or list offsets out of range, pass
+    it.  ``validate`` (the default) checks every column in full, so nothing downstream reads past a buffer; an
+    invalid column raises :class:`WireError` naming it.  ``validate=False`` is for callers that validate the columns
+    they read themselves (the evaluation path: :func:`healthcode.rules.columns.validate`)."""
+    try:
+        reader = pa.ipc.open_stream(pa.py_buffer(data))
+        batches = []
+        rows = 0
+        for batch in reader:
+            batches.append(batch)
+            rows += batch.num_rows
+            if limit_rows:
+                check_rows(rows, what)
+        schema = reader.schema
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        detail = str(exc).strip() or type(exc).__name__
+        raise WireError(f"{what}: not a readable Arrow IPC stream: {detail}") from None
+    _check_names(schema, what)
+    if validate:
+        _check_types(schema, what)
+        for batch in batches:
+            _validate_batch(batch, what)
+    return schema, batches
+
+
+def _check_names(schema: pa.Schema, what: str) -> None:
+    """Every column and nested field name, and every timestamp time zone, must be UTF-8: pyarrow decodes them on
+    use (``schema.names``, ``type.tz``), and an undecodable one would raise UnicodeDecodeError there."""
+    for i, column in enumerate(schema):
+        try:
+            name = column.name
+        except UnicodeDecodeError:
+            raise WireError(f"{what}: the name of column {i} (from 0) is not UTF-8 text") from None
+        fields = [column]
+        try:
+            while fields:
+                t = fields.pop().type
+                while isinstance(t, (pa.DictionaryType, pa.BaseExtensionType)):
+                    t = t.value_type if isinstance(t, pa.DictionaryType) else t.storage_type
+                if isinstance(t, pa.TimestampType):
+                    t.tz  # noqa: B018 - decodes it
+                for k in range(t.num_fields):
+                    fields.append(t.field(k))
+                    fields[-1].name  # noqa: B018 - decodes it
+        except UnicodeDecodeError:
+            raise WireError(f"{what}: column {name!r} has a field name or time zone that is not UTF-8 text") from None
+
+
+def _check_types(schema: pa.Schema, what: str) -> None:
+    """pyarrow cannot build arrays of a few types (month_interval, unions): touching such a column raises KeyError
+    or ArrowNotImplementedError (``combine_chunks`` of a stream without batches builds an empty one).  Refuse them
+    up front, naming the column.  (Not ``pa.nulls``: it crashes the process on a union without members.)"""
+    for field in schema:
+        try:
+            pa.array([], field.type)
+        except (KeyError, NotImplementedError, TypeError, ValueError, pa.ArrowException):
+            t = field.type
+            raise WireError(f"{what}: column {field.name!r} has type {t}, which this server cannot read") from None
+
+
+def _validate_batch(batch: pa.RecordBatch, what: str) -> None:
+    for i, name in enumerate(batch.schema.names):
+        column = batch.column(i)
+        try:
+            column.validate(full=True)
+        except pa.ArrowException as exc:
+            raise WireError(f"{what}: column {name!r} is not valid Arrow data: {exc}") from None
+    try:
+        batch.validate(full=True)
+    except pa.ArrowException as exc:
+        raise WireError(f"{what}: not a valid Arrow record batch: {exc}") from None
+
+
+def read_ipc(data: bytes, what: str = "arrow_ipc") -> tuple[pa.Schema, list[pa.RecordBatch]]:
+    """A population IPC stream; a schema problem names the column.  The columns are validated by the evaluation
+    (:func:`healthcode.rules.engine.evaluate_batches`), which reads them, so not here too."""
+    schema, batches = read_stream(data, what, validate=False)
+    try:
+        check_schema(schema)
+    except SchemaError as exc:
+        raise WireError(f"{what}: {exc}") from None
+    return schema, batches
+
+
+def read_ipc_results(data: bytes) -> list[pa.RecordBatch]:
+    """Result batches from a response's Arrow IPC stream."""
+    return read_stream(data, "response arrow_ipc", limit_rows=False)[1]
+
+
+def write_ipc(batches: Sequence[pa.RecordBatch], schema: pa.Schema) -> bytes:
+    """Batches as one complete Arrow IPC stream."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, schema) as writer:
+        for b in batches:
+            writer.write_batch(b)
+    return sink.getvalue().to_pybytes()
+
+
+def ipc_chunks(batch: pa.RecordBatch | pa.Table, limit: int) -> Iterator[tuple[bytes, int]]:
+    """``batch`` as IPC streams of at most about ``limit`` bytes each, with their row counts."""
+    rows = batch.num_rows
+    if rows == 0:
+        yield write_ipc(batch.to_batches() if isinstance(batch, pa.Table) else [batch], batch.schema), 0
+        return
+    per_row = max(1.0, batch.nbytes / rows)
+    step = max(1, int(limit * 0.8 / per_row))
+    start = 0
+    while start < rows:
+        piece = batch.slice(start, step)
+        parts = piece.to_batches() if isinstance(piece, pa.Table) else [piece]
+        data = write_ipc(parts, batch.schema)
+        if len(data) > limit and step > 1:
+            step = max(1, step // 2)  # denser rows than estimated: retry this slice smaller
+            continue
+        yield data, piece.num_rows
+        start += piece.num_rows
+
+
+def risk_entries(risk: RiskList) -> list[pb.RiskEntry]:
+    return [pb.RiskEntry(region=r, start_date=s, end_date=e, kind=k) for r, s, e, k in risk.rows()]
+
+
+def risk_from_entries(entries: Sequence[pb.RiskEntry]) -> RiskList:
+    return risk_list_from_rows((e.region, e.start_date, e.end_date, e.kind) for e in entries)
+
+
+def changes_ipc(page: pa.Table) -> bytes:
+    """Change-log rows (:meth:`healthcode.store.database.Store.changes`) as one Arrow IPC stream (WatchChangesArrow),
+    ``as_of`` as a UTC timestamp."""
+    i = page.schema.get_field_index("as_of")
+    page = page.set_column(i, "as_of", page.column(i).cast(pa.timestamp("s", tz="UTC")))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, page.schema) as writer:
+        writer.write_table(page)
+    return sink.getvalue().to_pybytes()

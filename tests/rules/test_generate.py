@@ -1,0 +1,158 @@
+"""The synthetic population generator: deterministic, in the SPEC schema, with the documented mix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+import healthcode
+from healthcode.generate import (
+    BEIJING,
+    DEFAULT_AS_OF,
+    RING_HOMES,
+    generate_batches,
+    generate_risk_csv,
+    generate_table,
+    write_demo,
+)
+from healthcode.rules.columns import POPULATION_SCHEMA, check_schema
+from healthcode.rules.regions import contains, is_valid_code
+from healthcode.rules.timebase import day, to_instant
+
+ROWS = 50_000
+
+
+@pytest.fixture(scope="module")
+def table() -> pa.Table:
+    return generate_table(ROWS, seed=5, batch_rows=16_384)
+
+
+def test_schema_and_batches():
+    batches = list(generate_batches(10_000, seed=1, batch_rows=4_000))
+    assert [b.num_rows for b in batches] == [4_000, 4_000, 2_000]
+    for b in batches:
+        assert b.schema == POPULATION_SCHEMA
+        check_schema(b.schema)
+    assert list(generate_batches(0)) == []
+
+
+def test_deterministic_per_seed():
+    a = generate_table(5_000, seed=3, batch_rows=2_000)
+    b = generate_table(5_000, seed=3, batch_rows=2_000)
+    c = generate_table(5_000, seed=4, batch_rows=2_000)
+    assert a.equals(b)
+    assert not a.equals(c)
+    assert generate_risk_csv(3) == generate_risk_csv(3)
+
+
+def test_person_ids_unique(table):
+    ids = table.column("person_id").drop_null()
+    assert pc.count_distinct(ids).as_py() == len(ids)
+    # an id is a function of the seed and the row number only (invalid rows aside)
+    a = generate_table(10, seed=5, batch_rows=10).column("person_id").to_pylist()
+    b = generate_table(10, seed=5, batch_rows=3).column("person_id").to_pylist()
+    assert [x for x, y in zip(a, b, strict=True) if x is not None and y is not None] == [
+        y for x, y in zip(a, b, strict=True) if x is not None and y is not None
+    ]
+
+
+def test_mix(table):
+    home = table.column("home_region").drop_null().to_numpy()
+    ring_policy = healthcode.default_policy().policies[0].commuter_pattern.ring_regions
+    in_ring = np.isin(home, list(RING_HOMES))
+    beijing = np.isin(home, list(BEIJING))
+    assert 0.27 < in_ring.mean() < 0.33
+    assert 0.52 < beijing.mean() < 0.58
+    assert 0.12 < (~in_ring & ~beijing).mean() < 0.18
+    # every ring home is inside the default policy's ring
+    assert all(any(contains(r, h) for r in ring_policy) for h in RING_HOMES)
+    assert all(h // 10000 == 11 for h in BEIJING)
+
+    reg = table.column("registered_commuter").fill_null(False).to_numpy(zero_copy_only=False)
+    valid_home = pc.fill_null(table.column("home_region"), 0).to_numpy()
+    ring_rows = np.isin(valid_home, list(RING_HOMES))
+    assert 0.3 < reg[ring_rows].mean() < 0.5  # some commuters registered, many not
+    assert reg[~ring_rows].mean() < 0.01
+
+    n_entries = pc.list_value_length(table.column("entry_times")).fill_null(0).to_numpy()
+    assert n_entries.max() <= 20
+    assert n_entries[ring_rows].mean() > 5 * max(n_entries[~ring_rows].mean(), 0.1)
+    n_visits = pc.list_value_length(table.column("visits")).fill_null(0).to_numpy()
+    assert n_visits.max() <= 15
+
+    color = pc.fill_null(table.column("base_color"), 0).to_numpy()
+    assert (color == 0).mean() > 0.95
+    no_nat = table.column("nat_sample_time").null_count / table.num_rows
+    assert 0.01 < no_nat < 0.10
+
+
+def test_times(table):
+    as_of = DEFAULT_AS_OF
+    sample = pc.cast(table.column("nat_sample_time"), pa.int64()).to_numpy(zero_copy_only=False)
+    report = pc.cast(table.column("nat_report_time"), pa.int64()).to_numpy(zero_copy_only=False)
+    both = ~np.isnan(sample) & ~np.isnan(report)
+    lag = (report[both] - sample[both]) / 3600
+    assert lag.min() >= 6 and lag.max() <= 30
+    assert (as_of - sample[both]).max() <= 21 * 86400 and sample[both].max() <= as_of
+    entries = pc.cast(pc.list_flatten(table.column("entry_times")), pa.int64()).drop_null().to_numpy()
+    days = (entries + 28800) // 86400
+    assert day(as_of) - days.max() == 0 and day(as_of) - days.min() <= 31
+    visits = pc.list_flatten(table.column("visits"))
+    region = pc.struct_field(visits, "region").drop_null().to_numpy()
+    assert ((region % 100 == 0) & (region % 10000 != 0)).mean() > 0.01  # some prefecture-level visits
+    assert table.schema.field("entry_times").type.value_type == pa.timestamp("s", tz="UTC")
+
+
+def test_some_invalid_rows(table):
+    home = table.column("home_region")
+    color = table.column("base_color")
+    invalid_home = home.null_count + sum(1 for h in home.drop_null().to_pylist() if not is_valid_code(h))
+    bad_color = color.null_count + pc.sum(pc.greater(color, 2)).as_py()
+    visits = pc.list_flatten(table.column("visits"))
+    null_visit_parts = (
+        visits.null_count
+        + pc.struct_field(visits, "region").null_count
+        + pc.struct_field(visits, "day").null_count
+    )
+    null_entries = pc.list_flatten(table.column("entry_times")).null_count
+    assert table.column("person_id").null_count > 0
+    assert invalid_home > 0 and bad_color > 0 and null_visit_parts > 0 and null_entries > 0
+    total = table.column("person_id").null_count + invalid_home + bad_color + null_visit_parts + null_entries
+    assert 0.0003 * ROWS < total < 0.003 * ROWS
+    # null lists stand for empty lists
+    assert table.column("entry_times").null_count > 0 and table.column("visits").null_count > 0
+
+
+def test_risk_csv_parses_and_is_plausible():
+    as_of = to_instant("2021-11-30T12:00:00+08:00")
+    text = generate_risk_csv(seed=9, as_of=as_of)
+    risk = healthcode.parse_risk_csv(text)
+    assert len(risk) >= 15
+    kinds = set(risk.kind)
+    assert kinds == {"local_case", "border_port"}
+    rows = risk.rows()
+    ports = [r for r in rows if r[3] == "border_port"]
+    assert ports and all(r[1] == "" and r[2] == "" for r in ports)
+    assert 451481 in {r[0] for r in ports}
+    local = [r for r in rows if r[3] == "local_case"]
+    assert any(r[0] % 100 == 0 for r in local)  # prefecture-level entries
+    ring = healthcode.default_policy().policies[0].commuter_pattern.ring_regions
+    assert any(any(contains(a, r[0]) or contains(r[0], a) for a in ring) for r in local)
+    regions = [r[0] for r in local]
+    assert len(regions) > len(set(regions))  # a region listed, lifted and listed again
+    today = day(as_of)
+    starts = risk.start_day[[k == "local_case" for k in risk.kind]]
+    assert (starts <= today).any() and (starts > today).any()
+
+
+def test_write_demo(tmp_path):
+    written = write_demo(tmp_path / "demo", 3_000, seed=2, progress=False, batch_rows=1_000)
+    assert set(written) == {"population", "risk"}
+    read = pq.read_table(written["population"])
+    check_schema(read.schema)  # Parquet has no seconds unit: the timestamps come back as ms, still tz-aware
+    assert read.cast(POPULATION_SCHEMA).equals(generate_table(3_000, seed=2, batch_rows=1_000))
+    with open(written["risk"], encoding="utf-8") as f:
+        assert healthcode.parse_risk_csv(f.read())

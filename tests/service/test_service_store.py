@@ -1,0 +1,275 @@
+"""The service with a store (issue 4), against a real server process: full and incremental re-evaluation over RPC,
+a change stream that a subscriber can drop and resume without gaps or repeats, and the status lookup."""
+
+from __future__ import annotations
+
+import itertools
+
+import grpc
+import pyarrow as pa
+import pytest
+from service_helpers import ServerProcess
+
+from healthcode import evaluate
+from healthcode._proto.v1 import healthcode_pb2 as pb
+from healthcode._proto.v1 import healthcode_pb2_grpc as pb_grpc
+from healthcode.generate import generate_batches, generate_risk_csv
+from healthcode.rules import engine
+from healthcode.rules.regions import parse_risk_csv
+from healthcode.store import Store
+
+AS_OF = 1638244800
+CLOCK = "2021-11-30T12:00:00+08:00"
+
+pytestmark = pytest.mark.skipif(engine._kernel is None, reason="the kernel is not built")
+
+
+@pytest.fixture(scope="module")
+def population() -> pa.Table:
+    return pa.Table.from_batches(list(generate_batches(5000, seed=8, as_of=AS_OF)))
+
+
+@pytest.fixture
+def served(tmp_path, population):
+    path = tmp_path / "store.duckdb"
+    with Store(path) as store:
+        store.load_population(population)
+    server = ServerProcess(
+        tmp_path, risk_csv=generate_risk_csv(8, AS_OF), extra_args=["--store", str(path), "--clock", CLOCK]
+    )
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            yield server, pb_grpc.HealthCodeStub(channel)
+    finally:
+        server.stop()
+
+
+def test_reevaluate_publishes_everyone_once_then_nothing(served, population):
+    _server, stub = served
+    first = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    result = evaluate(population, parse_risk_csv(generate_risk_csv(8, AS_OF)), as_of=AS_OF)
+    valid = result["error"].null_count  # the store skips invalid rows at load
+    assert first.evaluated == first.changed == valid
+    assert first.high_water_mark == first.changed and first.as_of.seconds == AS_OF
+    assert first.badges_gained > 0 and first.badges_lost == 0
+    again = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    assert again.changed == 0 and again.high_water_mark == first.high_water_mark
+
+
+def test_put_risk_list_reevaluates_the_affected_and_reports_counts(served):
+    _server, stub = served
+    base = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    csv = generate_risk_csv(8, AS_OF) + "131082,2021-11-20,,local_case\n110108,2021-11-25,,local_case\n"
+    reply = stub.PutRiskList(pb.PutRiskListRequest(csv=csv), timeout=60)
+    summary = reply.reevaluation
+    assert reply.version == 2 and summary.risk_list_version == 2
+    assert 0 < summary.evaluated < base.evaluated and summary.regions_changed >= 2
+    assert summary.changed > 0 and summary.badges_lost > 0 and summary.badges_gained == 0
+    assert summary.high_water_mark == base.high_water_mark + summary.changed
+    # The published statuses agree with a full evaluation under the new list.
+    after = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    assert after.changed == 0
+    # Lifting the new entries again restores the old statuses: the same persons change back.
+    back = stub.PutRiskList(pb.PutRiskListRequest(csv=generate_risk_csv(8, AS_OF)), timeout=60).reevaluation
+    assert back.changed == summary.changed and back.badges_gained == summary.badges_lost
+
+
+def test_a_subscriber_that_drops_and_resumes_sees_every_change_once(served):
+    _server, stub = served
+    total = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).high_water_mark
+    seen: list[int] = []
+    position = 0
+    while position < total:
+        # Read a little, drop the stream, reconnect from the last sequence number received.
+        call = stub.WatchChanges(pb.WatchChangesRequest(from_sequence=position), timeout=30)
+        for change in itertools.islice(call, min(700, total - position)):
+            seen.append(change.sequence)
+            position = change.sequence
+        call.cancel()
+    assert seen == list(range(1, total + 1))
+    # A live subscriber receives what a later commit publishes.
+    live = stub.WatchChanges(pb.WatchChangesRequest(from_sequence=total), timeout=30)
+    put = stub.PutRiskList(
+        pb.PutRiskListRequest(csv=generate_risk_csv(8, AS_OF) + "120104,2021-11-26,,local_case\n"), timeout=60
+    )
+    got = list(itertools.islice(live, put.reevaluation.changed))
+    live.cancel()
+    assert [c.sequence for c in got] == list(range(total + 1, put.reevaluation.high_water_mark + 1))
+    assert all(c.risk_list_version == 2 for c in got)
+
+
+def test_get_status_returns_stored_persons_in_request_order(served, population):
+    _server, stub = served
+    ids = [pid for pid in population["person_id"].to_pylist()[:40] if pid is not None][:5]
+    request = pb.GetStatusRequest(person_ids=[*ids, 424242])
+    request.as_of.seconds = AS_OF
+    reply = stub.GetStatus(request, timeout=30)
+    assert [s.person_id for s in reply.statuses] == [*ids, 424242]
+    assert reply.statuses[-1].error == "person_id is not in the store"
+    local = evaluate(population, parse_risk_csv(generate_risk_csv(8, AS_OF)), as_of=AS_OF).to_pylist()
+    by_id = {row["person_id"]: row for row in local}
+    for status in reply.statuses[:-1]:
+        assert status.reasons_mask == by_id[status.person_id]["reasons"]
+        assert status.commuter_badge == by_id[status.person_id]["commuter_badge"]
+
+
+def test_store_rpcs_without_a_store_say_how_to_enable_them(tmp_path):
+    server = ServerProcess(tmp_path, risk_csv="region,start_date,end_date,kind\n")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.HealthCodeStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Reevaluate(pb.ReevaluateRequest(), timeout=10)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "--store" in info.value.details()
+    finally:
+        server.stop()
+
+
+def test_acknowledged_ingest_survives_kill_9(tmp_path, population):
+    """Single-event RecordEntries calls from 32 threads (group commit); every acknowledged one is in the store after
+    the server process is killed with SIGKILL and the file is opened again."""
+    import concurrent.futures
+    import os
+    import signal
+
+    path = tmp_path / "store.duckdb"
+    with Store(path) as store:
+        store.load_population(population.slice(0, 500))
+        person = store.population(AS_OF, 14)["person_id"][0].as_py()
+    server = ServerProcess(tmp_path, extra_args=["--store", str(path), "--clock", CLOCK])
+    acknowledged: list[int] = []
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.HealthCodeStub(channel)
+
+            def record(i: int) -> int:
+                event = pb.EntryEvent(person_id=person)
+                event.time.seconds = AS_OF - 3600 - i  # distinct instants, one new row each
+                reply = stub.RecordEntries(pb.RecordEntriesRequest(entries=[event]), timeout=30)
+                assert reply.inserted == 1
+                return AS_OF - 3600 - i
+
+            with concurrent.futures.ThreadPoolExecutor(32) as pool:
+                acknowledged = list(pool.map(record, range(400)))
+            # A bad row fails the whole call, names the row and field, and stores nothing of it.
+            good = pb.EntryEvent(person_id=person)
+            good.time.seconds = AS_OF - 10
+            with pytest.raises(grpc.RpcError) as info:
+                stub.RecordEntries(pb.RecordEntriesRequest(entries=[good, pb.EntryEvent(person_id=person)]), timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "row 1" in info.value.details() and "t" in info.value.details()
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+    finally:
+        server.stop()
+    with Store(path) as store:
+        entries = store.table("entries")
+    mine = entries["person_id"].to_numpy() == person
+    stored = set(entries["t"].to_numpy()[mine].tolist())
+    assert set(acknowledged) <= stored
+    assert AS_OF - 10 not in stored
+
+
+def test_ingested_events_reach_the_next_reevaluation_and_lookup(served, population):
+    _server, stub = served
+    stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    csv = generate_risk_csv(8, AS_OF) + "659999,2021-11-25,,local_case\n"  # a county nobody visited
+    assert stub.PutRiskList(pb.PutRiskListRequest(csv=csv), timeout=60).reevaluation.changed == 0
+    person = next(pid for pid in population["person_id"].to_pylist() if pid is not None)
+    before = stub.GetStatus(pb.GetStatusRequest(person_ids=[person]), timeout=30).statuses[0]
+    assert not before.reasons_mask & 32
+    visit = pb.VisitEvent(person_id=person, region=659999, day=pb.LocalDate(year=2021, month=11, day=27))
+    assert stub.RecordVisits(pb.RecordVisitsRequest(visits=[visit]), timeout=30).inserted == 1
+    after = stub.GetStatus(pb.GetStatusRequest(person_ids=[person]), timeout=30).statuses[0]
+    assert after.reasons_mask & 32 and not after.commuter_badge and not after.entry_permitted
+    summary = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    assert summary.changed == 1
+    (change,) = itertools.islice(
+        stub.WatchChanges(pb.WatchChangesRequest(from_sequence=summary.high_water_mark - 1), timeout=30), 1
+    )
+    assert change.person_id == person and change.new_reasons & 32 and not change.old_reasons & 32
+
+
+def test_gateway_calls_continue_during_reevaluation_and_never_see_a_half_applied_list(served, population):
+    """Evaluate calls from two threads keep being answered while risk-list replacements re-evaluate in the
+    background, and each answer comes wholly from one list version."""
+    import threading
+    import time
+
+    from healthcode.wire.rows import batch_to_persons
+
+    _server, stub = served
+    stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    persons = batch_to_persons(population.slice(0, 200))
+    base = generate_risk_csv(8, AS_OF)
+    with_beijing = base + "".join(f"{code},2021-11-20,,local_case\n" for code in (110101, 110102, 110108))
+    request = pb.EvaluateRequest(persons=persons)
+    request.as_of.seconds = AS_OF
+    expected: dict[int, list[int]] = {}
+    for version_csv in (base, with_beijing):
+        risk = parse_risk_csv(version_csv)
+        expected[len(expected)] = evaluate(population.slice(0, 200), risk, as_of=AS_OF)["reasons"].to_pylist()
+    stop = threading.Event()
+    slowest = [0.0]
+    answers: list[tuple[int, list[int]]] = []
+
+    def gateway() -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            reply = stub.Evaluate(request, timeout=30)
+            slowest[0] = max(slowest[0], time.perf_counter() - started)
+            answers.append((reply.info.risk_list_version, [s.reasons_mask for s in reply.statuses]))
+
+    threads = [threading.Thread(target=gateway) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(6):
+            reply = stub.PutRiskList(pb.PutRiskListRequest(csv=with_beijing if i % 2 == 0 else base), timeout=60)
+            assert reply.reevaluation.evaluated > 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert len(answers) > 10
+    assert expected[0] != expected[1]  # the two lists give different answers for these persons
+    assert len({version for version, _ in answers}) > 1  # the calls overlapped the replacements
+    for version, reasons in answers:
+        # Version 1 and every odd version carry the base list; even versions the one with Beijing districts.
+        assert reasons == expected[0 if version % 2 == 1 else 1], f"version {version} mixes lists"
+    assert slowest[0] < 5.0  # generous: a re-evaluation must not stall the gateway path
+
+
+def test_bulk_change_stream_equals_the_row_stream_and_resumes_by_sequence(served):
+    _server, stub = served
+    total = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).high_water_mark
+    rows = list(itertools.islice(stub.WatchChanges(pb.WatchChangesRequest(from_sequence=0), timeout=30), total))
+    call = stub.WatchChangesArrow(pb.WatchChangesRequest(from_sequence=17), timeout=30)
+    first = next(call)
+    call.cancel()
+    table = pa.ipc.open_stream(first.arrow_ipc).read_all()
+    assert first.first_sequence == 18 and first.last_sequence == total == table.column("seq")[-1].as_py()
+    assert table.column("seq").to_pylist() == [c.sequence for c in rows[17:]]
+    assert table.column("person_id").to_pylist() == [c.person_id for c in rows[17:]]
+    assert table.column("new_reasons").to_pylist() == [c.new_reasons for c in rows[17:]]
+    assert table.column("old_badge").null_count == table.num_rows  # a first publish has no old status
+    assert str(table.schema.field("as_of").type) == "timestamp[s, tz=UTC]"
+
+
+def test_put_policy_reevaluates_everyone_and_admin_changes_are_kept_with_their_caller(served, tmp_path):
+    server, stub = served
+    stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    # A stricter commuter NAT window (2 days instead of 14): badges are lost, none gained.
+    toml = stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).toml
+    stricter = toml.replace("length = 14", "length = 2", 1)
+    assert stricter != toml
+    reply = stub.PutPolicy(pb.PutPolicyRequest(toml=stricter), timeout=60)
+    assert reply.version == 2 and reply.reevaluation.badges_lost > 0 and reply.reevaluation.badges_gained == 0
+    server.stop()
+    with Store(tmp_path / "store.duckdb") as store:
+        log = store.admin_log()
+        assert log.column("action").to_pylist() == ["reevaluate", "put_policy"]
+        assert set(log.column("caller").to_pylist()) == {"anonymous"}
+        assert log.column("version").to_pylist()[1] == 2
+        assert store.latest_policy() == (2, stricter)
