@@ -1,4 +1,23 @@
-"""The exceptions a caller can act on.  Each message names what is wrong and where (file, line, key, column)."""
+"""The one error hierarchy: every error a caller can act on, each with the status it stands for.
+
+Each message names what is wrong and where (file, line, key, column, row, RPC) and never quotes row content.
+:class:`HealthcodeError` is the base of them all; its :attr:`~HealthcodeError.status` (a gRPC status code name,
+kept as a string so this module needs no gRPC) says which kind of failure it is.  The service turns an error into
+that status in one place (:mod:`healthcode.service.status`); the command line prints the message and exits 1.
+
+=====================  =====================  =============================================================
+class                  status                 meaning
+=====================  =====================  =============================================================
+:class:`BadInput`      INVALID_ARGUMENT       the input is wrong (a file, a column, a field, a request)
+:class:`NotFound`      NOT_FOUND              what the call names does not exist
+:class:`Precondition`  FAILED_PRECONDITION    the call cannot work in this setup (e.g. a server without store)
+:class:`Exhausted`     RESOURCE_EXHAUSTED     over a limit, or a queue is full: retry later with back-off
+:class:`Unavailable`   UNAVAILABLE            not the caller's fault (disk full, shutting down): retry
+:class:`Expired`       DEADLINE_EXCEEDED      the caller's deadline passed before the work was done
+:class:`Unauthenticated`  UNAUTHENTICATED     the caller did not prove who it is
+:class:`PermissionDenied`  PERMISSION_DENIED  the caller may not make this call
+=====================  =====================  =============================================================
+"""
 
 from __future__ import annotations
 
@@ -6,33 +25,83 @@ import os
 
 
 class HealthcodeError(ValueError):
-    """Base class of every error this package raises for bad input."""
+    """Base class of every deliberate error of this package.  Subclasses of :class:`BadInput` are bad input; the
+    others say their kind in :attr:`status`.  (A ``ValueError`` for compatibility: bad input was one before.)"""
+
+    #: The gRPC status code name this error stands for.
+    status: str = "INVALID_ARGUMENT"
 
 
-class SchemaError(HealthcodeError):
+class BadInput(HealthcodeError):
+    """The input is wrong: the message says what and where."""
+
+
+class NotFound(HealthcodeError):
+    """What the call names does not exist."""
+
+    status = "NOT_FOUND"
+
+
+class Precondition(HealthcodeError):
+    """The call cannot work in the server's current setup (e.g. it needs a store and the server has none)."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class Exhausted(HealthcodeError):
+    """Over a configured limit, or a queue is full: retry later with back-off."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(HealthcodeError):
+    """The work could not be carried out now, through no fault of the caller: retry later or elsewhere."""
+
+    status = "UNAVAILABLE"
+
+
+class Expired(HealthcodeError):
+    """The caller's deadline passed before the work was done."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
+class Unauthenticated(HealthcodeError):
+    """The caller did not prove who it is (no or an unknown token or certificate)."""
+
+    status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(HealthcodeError):
+    """The caller is known but its roles do not allow this call."""
+
+    status = "PERMISSION_DENIED"
+
+
+class SchemaError(BadInput):
     """The population (or another Arrow input) does not have the SPEC schema: names the column."""
 
 
-class PolicyError(HealthcodeError):
+class PolicyError(BadInput):
     """A policy TOML file is invalid: names the file and the key."""
 
 
-class RiskListError(HealthcodeError):
+class RiskListError(BadInput):
     """A risk list is invalid: names the line (or row) and the field.  The whole list is rejected."""
 
 
-class CorruptDataError(HealthcodeError):
+class CorruptDataError(BadInput):
     """Arrow data whose buffers are inconsistent (e.g. list offsets out of range): names the column."""
 
 
-class StoreError(HealthcodeError):
+class StoreError(BadInput):
     """The population store refused a call: names the row (0-based, within the call) and the column, or the file.
 
     Nothing of the failing call is stored.
     """
 
 
-class StoreUnavailable(StoreError):
+class StoreUnavailable(Unavailable, StoreError):
     """The store could not carry out a write or read that was otherwise fine (disk full, a read-only or damaged
     file, an I/O error): not the caller's fault; retry later or elsewhere (UNAVAILABLE)."""
 
