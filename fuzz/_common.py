@@ -17,6 +17,7 @@ from typing import TypeVar
 import pyarrow as pa
 
 from healthcode.errors import HealthcodeError
+from healthcode.live.control import Control
 from healthcode.live.state import State
 from healthcode.rules.policy import default_policy
 from healthcode.rules.regions import parse_risk_csv
@@ -61,7 +62,7 @@ def service() -> HealthCodeService:
     text = (Path(__file__).resolve().parents[1] / "src/healthcode/data/default_policy.toml").read_text("utf-8")
     state = State(parse_risk_csv(RISK_CSV, "fuzz risk list"), default_policy(), text)
     settings = Settings(clock=AS_OF_TEXT, kernel_threads=1, metrics_listen="")
-    return HealthCodeService(state, settings, executor=None)  # type: ignore[arg-type]
+    return HealthCodeService(Control(state), settings, executor=None)  # type: ignore[arg-type]
 
 
 def expect(fn: Callable[[], object]) -> object | None:

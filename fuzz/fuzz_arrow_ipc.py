@@ -72,7 +72,7 @@ def seed_population(unit: str = "s", tz: str = "UTC") -> pa.Table:
 
 def _evaluate(data: bytes) -> None:
     svc = _common.service()
-    snap = svc.state.snapshot
+    snap = svc.control.snapshot
     ctx = svc._context(snap, _common.AS_OF, "")
     out = _common.expect(lambda: svc._evaluate_ipc(data, ctx, 0))
     if out is None:

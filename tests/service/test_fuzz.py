@@ -448,7 +448,7 @@ def test_arrow_structured_matches_reference(table: pa.Table, batches: int) -> No
     step = max(1, table.num_rows // batches)
     data = wire.write_ipc(table.to_batches(max_chunksize=step) or [], table.schema)
     svc = _common.service()
-    ctx = svc._context(svc.state.snapshot, AS_OF, "")
+    ctx = svc._context(svc.control.snapshot, AS_OF, "")
     out = svc._evaluate_ipc(data, ctx, 0)
     assert sum(n for _, n in out) == table.num_rows
     fuzz_arrow_ipc.check(data)

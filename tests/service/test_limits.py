@@ -323,24 +323,25 @@ def test_work_for_a_call_past_its_deadline_is_not_started():
     a caller that has gone costs no kernel time."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from healthcode.errors import Expired
+    from healthcode.live.control import Control
     from healthcode.live.state import State
     from healthcode.rules import policy
     from healthcode.rules.regions import parse_risk_csv
-    from healthcode.service.interceptors import Refused
     from healthcode.service.servicer import HealthCodeService
 
     state = State(parse_risk_csv("region,start_date,end_date,kind\n"), policy.default_policy(), "")
     with ThreadPoolExecutor(1) as executor:
-        service = HealthCodeService(state, Settings(), executor)
+        service = HealthCodeService(Control(state), Settings(), executor)
         request = pb.EvaluateRequest(persons=[pb.Person(person_id=1, home_region=110105)]).SerializeToString()
         assert service._evaluate_rows(request, time.monotonic() + 60)[1] == 1  # in time: evaluated
         for call in (
             lambda: service._evaluate_rows(request, time.monotonic() - 0.001),
             lambda: service._evaluate_ipc(b"", None, 0, time.monotonic() - 0.001),  # type: ignore[arg-type]
         ):
-            with pytest.raises(Refused, match="deadline passed") as refused:
+            with pytest.raises(Expired, match="deadline passed") as refused:
                 call()
-            assert refused.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert refused.value.status == "DEADLINE_EXCEEDED"
 
 
 def test_overload_guard_sheds_data_plane_calls_while_the_event_loop_stays_late():

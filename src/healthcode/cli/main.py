@@ -170,28 +170,27 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
         summary = (reply.evaluated, reply.changed, reply.badges_lost, reply.badges_gained, reply.entries_lost,
                    reply.entries_gained, reply.high_water_mark)  # fmt: skip
     else:
-        from healthcode.live.statusbook import StatusBook
-        from healthcode.rules.policy import load_policy
-        from healthcode.rules.regions import load_risk_list, parse_risk_csv
-        from healthcode.store.database import Store, resolve_path
+        from healthcode.live.control import Control, initial_state
+        from healthcode.store import Store, resolve_path
 
         path = resolve_path(args.store)
         if not os.path.exists(path):
             raise CliError(f"{path}: no such store; create it with 'healthcode load'")
-        timeline = load_policy(args.policy)
         t = as_of if as_of is not None else int(time.time())
         with Store(path) as store:
-            latest = store.latest_risk_list()
-            if args.risk:
-                risk = load_risk_list(args.risk).with_version((latest[0] if latest else 0) + 1)
-                store.record_risk_list(risk.version or 1, risk.to_csv())
-            elif latest is not None:
-                risk = parse_risk_csv(latest[1], f"{path}: risk list v{latest[0]}").with_version(latest[0])
-            else:
+            if not args.risk and store.latest_risk_list() is None:
                 raise CliError(f"{path}: the store has no risk list yet; give one with --risk")
-            book = StatusBook(store, timeline, t, args.threads)
-            with _progress(len(book.ids), args.progress) as bar:
-                s = book.reevaluate(risk, timeline, t, progress=bar.update)
+            given = initial_state(args.policy, args.risk)
+            # The same path as a server's start-up and its Reevaluate RPC: a --risk or --policy that differs from
+            # the kept one becomes its next version, then everyone is re-evaluated, committed and audited.
+            control = Control.open(
+                given, store, t, risk_given=bool(args.risk), policy_given=bool(args.policy),
+                kernel_threads=args.threads, where=str(path),
+            )  # fmt: skip
+            assert control.book is not None
+            with _progress(len(control.book.ids), args.progress) as bar:
+                s = control.reevaluate(t, "cli", progress=bar.update).summary
+            assert s is not None
         summary = (s.evaluated, s.changed, s.badges_lost, s.badges_gained, s.entries_lost, s.entries_gained,
                    s.high_water_mark)  # fmt: skip
     evaluated, changed, badges_lost, badges_gained, entries_lost, entries_gained, mark = summary
@@ -370,12 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-evaluate every person in the store at --as-of (default: now), diff against the last "
         "published statuses, and commit the changes with their change-log rows in one transaction. With --target "
         "a running server does it (the store belongs to it while it runs); otherwise the store file is used "
-        "directly, with the latest stored risk list or --risk.",
+        "directly, with the latest stored risk list and policy, or --risk / --policy (which become their next "
+        "versions when they differ from the stored ones, as at a server's start-up).",
     )  # fmt: skip
     re_.add_argument("--target", help="a running server (host:port) to ask instead of opening the store")
     re_.add_argument("--store", help="store file (default: $HEALTHCODE_STORE, else ./data/healthcode.duckdb)")
-    re_.add_argument("--risk", help="risk-list CSV to record as the next version and use (store mode)")
-    re_.add_argument("--policy", help="policy timeline TOML (store mode; default: the shipped policy)")
+    re_.add_argument("--risk", help="risk-list CSV to keep as the next version and use (store mode)")
+    re_.add_argument(
+        "--policy",
+        help="policy timeline TOML to keep as the next version and use (store mode; default: the stored one, else "
+        "the shipped policy)",
+    )
     re_.add_argument("--as-of", help="evaluation instant, ISO-8601 with an offset (default: now)")
     re_.add_argument("--threads", type=_threads, default=None, help="kernel threads (default: all cores)")
     re_.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server (default 600)")

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from healthcode._proto.v1 import healthcode_pb2 as pb
-from healthcode.errors import StoreError
+from healthcode.errors import Exhausted, StoreError, Unavailable
 from healthcode.store.database import INGEST_KINDS, IngestCounts, Store, _row_error
 from healthcode.wire.rows import WireError, read_stream
 
@@ -150,11 +150,11 @@ def request_table(kind: str, request: Any) -> pa.Table:
 # Group commit
 
 
-class QueueFull(RuntimeError):
+class QueueFull(Exhausted):
     """More than ``max_pending`` submissions are waiting; the caller should retry later (RESOURCE_EXHAUSTED)."""
 
 
-class QueueClosed(RuntimeError):
+class QueueClosed(Unavailable):
     """The queue is closing or closed and takes no more submissions (UNAVAILABLE)."""
 
 
@@ -235,7 +235,7 @@ class IngestQueue:
         The submitted table is the validated store form (``committed`` items carry that form: ``_row``,
         ``person_id`` as uint64, instants as int64 epoch seconds)."""
         if self._closing:
-            raise QueueClosed("the ingest queue is closed")
+            raise QueueClosed("the server is shutting down; retry on another")
         if kind not in INGEST_KINDS:
             raise StoreError(f"unknown ingest kind {kind!r}; the kinds are {', '.join(INGEST_KINDS)}")
         if isinstance(table, pa.RecordBatch):
@@ -243,7 +243,10 @@ class IngestQueue:
         if not isinstance(table, pa.Table):
             raise StoreError(f"{kind} must be a pyarrow Table or RecordBatch, not {type(table).__name__}")
         if len(self._pending) >= self.max_pending:
-            raise QueueFull(f"{len(self._pending)} ingest submissions are waiting (max_pending {self.max_pending})")
+            raise QueueFull(
+                f"the ingest queue is full ({len(self._pending)} submissions waiting, max_pending "
+                f"{self.max_pending}); retry with back-off"
+            )
         loop = asyncio.get_running_loop()
         # Validate before queueing (a bad submission fails at once, alone): small tables inline, large ones on the
         # default thread pool (Arrow and numpy release the GIL) so the loop is not held up.
@@ -252,9 +255,12 @@ class IngestQueue:
         else:
             table = await loop.run_in_executor(None, Store.prepare_ingest, kind, table)
         if self._closing:
-            raise QueueClosed("the ingest queue is closed")
+            raise QueueClosed("the server is shutting down; retry on another")
         if len(self._pending) >= self.max_pending:
-            raise QueueFull(f"{len(self._pending)} ingest submissions are waiting (max_pending {self.max_pending})")
+            raise QueueFull(
+                f"the ingest queue is full ({len(self._pending)} submissions waiting, max_pending "
+                f"{self.max_pending}); retry with back-off"
+            )
         if self._writer is None:
             self._wake = asyncio.Event()
             self._writer = loop.create_task(self._run(), name="healthcode-ingest-writer")

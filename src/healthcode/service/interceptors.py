@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from healthcode.errors import HealthcodeError, StoreUnavailable
+from healthcode.errors import HealthcodeError
 from healthcode.service import metrics
 from healthcode.service.limits import LimitExceeded
 
@@ -37,10 +37,8 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status a servicer exception maps to; None for exceptions gRPC handles itself."""
     if isinstance(exc, (Refused, LimitExceeded)):
         return exc.code, str(exc)
-    if isinstance(exc, StoreUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, HealthcodeError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        return grpc.StatusCode[exc.status], str(exc)
     if isinstance(exc, MemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this request; send smaller batches"
     return None

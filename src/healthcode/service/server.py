@@ -11,7 +11,6 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from importlib import resources
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,12 +19,10 @@ from grpc_reflection.v1alpha import reflection
 
 from healthcode import logs
 from healthcode._proto.v1 import healthcode_pb2 as pb
+from healthcode.live.control import Control, initial_state
 from healthcode.live.ingest import IngestQueue
-from healthcode.live.state import State
 from healthcode.live.statusbook import StatusBook
 from healthcode.rules import engine
-from healthcode.rules.policy import load_policy, parse_policy
-from healthcode.rules.regions import load_risk_list, parse_risk_csv
 from healthcode.rules.timebase import to_datetime, to_instant
 from healthcode.service import front, limits, metrics
 from healthcode.service.auth import Authenticator, Guard, load_authenticator
@@ -39,73 +36,19 @@ log = logging.getLogger("healthcode.service.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HealthCode"].full_name
 
 
-def _open_store(settings: Settings, state: State) -> tuple[Store, StatusBook] | None:
-    """With --store: open it, continue its risk-list and policy versions, and build the status book.
-
-    Without --risk / --policy the latest kept list and policy are in force.  A --risk or --policy that differs from
-    the latest kept one becomes the next version; when statuses were published under the old one, the persons it
-    affects are re-evaluated and the new version is kept in the same transaction as their changes, so the published
-    statuses always belong to the list and policy in force (a restart never leaves them half-applied)."""
-    if not settings.store:
-        return None
-    store = Store(settings.store)
-    given = state.snapshot
-    kept_list = store.latest_risk_list()
-    kept_policy = store.latest_policy()
-    if kept_list is not None:
-        where = f"{settings.store}: risk list v{kept_list[0]}"
-        state.replace_risk_list(parse_risk_csv(kept_list[1], where), kept_list[0])
-    if kept_policy is not None:
-        where = f"{settings.store}: policy v{kept_policy[0]}"
-        state.replace_policy(parse_policy(kept_policy[1], where), kept_policy[1], kept_policy[0])
-    started = time.perf_counter()
-    book = StatusBook(store, state.snapshot.policy, settings.now(), settings.kernel_threads or None)
-    log.info(
-        f'{{"event": "store_opened", "persons": {len(book.ids)}, "published": {int(book.known.sum())}, '
-        f'"high_water_mark": {book.high_water_mark}, "seconds": {time.perf_counter() - started:.2f}}}'
+def _open_control(settings: Settings) -> Control:
+    """The snapshot given in the settings, continued from the store's kept versions when there is a store."""
+    given = initial_state(settings.policy, settings.risk)
+    store = Store(settings.store) if settings.store else None
+    return Control.open(
+        given,
+        store,
+        settings.now(),
+        risk_given=bool(settings.risk),
+        policy_given=bool(settings.policy),
+        kernel_threads=settings.kernel_threads or None,
+        where=str(settings.store),
     )
-    published = book.high_water_mark > 0
-    now = settings.now()
-    if kept_policy is None or (settings.policy and given.policy_text != kept_policy[1]):
-        version = 1 if kept_policy is None else kept_policy[0] + 1
-        current = state.snapshot
-        if published:
-            book.reevaluate(current.risk, given.policy, now, keep_policy=(version, given.policy_text))
-        else:
-            store.record_policy(version, given.policy_text)
-        state.replace_policy(given.policy, given.policy_text, version)
-    if kept_list is None or (settings.risk and given.risk.to_csv() != kept_list[1]):
-        version = 1 if kept_list is None else kept_list[0] + 1
-        new = given.risk.with_version(version)
-        current = state.snapshot
-        if published:
-            summary = book.reevaluate_risk_change(current.risk, new, current.policy, now, keep=True)
-            log.info(
-                f'{{"event": "risk_list_replaced_at_start", "version": {version}, "evaluated": {summary.evaluated}, '
-                f'"changed": {summary.changed}}}'
-            )
-        else:
-            store.record_risk_list(version, new.to_csv())
-        state.replace_risk_list(new, version)
-    return store, book
-
-
-def _initial_state(settings: Settings) -> State:
-    if settings.policy:
-        with open(settings.policy, encoding="utf-8") as f:
-            text = f.read()
-        timeline = parse_policy(text, settings.policy)
-    else:
-        text = resources.files("healthcode").joinpath("data/default_policy.toml").read_text("utf-8")
-        timeline = load_policy(None)
-    if settings.risk:
-        risk = load_risk_list(settings.risk)
-    else:
-        log.warning(
-            "no risk list given (--risk or HEALTHCODE_RISK): starting with an empty list; replace it with PutRiskList"
-        )
-        risk = parse_risk_csv("region,start_date,end_date,kind\n", "empty")
-    return State(risk, timeline, text)
 
 
 def service_handlers(service: HealthCodeService) -> grpc.GenericRpcHandler:
@@ -189,7 +132,7 @@ def _security_warnings(settings: Settings, auth: Authenticator) -> None:
         )
 
 
-async def _demo(state: State, settings: Settings, executor: ThreadPoolExecutor) -> str:
+async def _demo(control: Control, settings: Settings, executor: ThreadPoolExecutor) -> str:
     """Evaluate the demo population once (make serve), off the event loop; returns a summary line."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -199,7 +142,7 @@ async def _demo(state: State, settings: Settings, executor: ThreadPoolExecutor) 
 
     def run() -> str:
         started = time.perf_counter()
-        snap = state.snapshot
+        snap = control.snapshot
         as_of = to_instant(settings.demo_as_of) if settings.demo_as_of else settings.now()
         table = engine.evaluate(pq.read_table(path), snap.risk, snap.policy, as_of, settings.kernel_threads or None)
         badges = pc.sum(table["commuter_badge"]).as_py() or 0
@@ -220,14 +163,13 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     auth = load_authenticator(settings)  # bad security settings fail before the (slow) store is opened
     credentials = server_credentials(settings)  # behind a front, only checked here (before the slow store opens)
-    state = _initial_state(settings)
-    opened = _open_store(settings, state)
-    book = None if opened is None else opened[1]
-    ingest = None if opened is None else IngestQueue(
-        opened[0],
-        on_commit=lambda done: opened[1].ingested([(c.kind, c.table) for c in done], settings.now()),
-        known=opened[1].knows,
-        seen=lambda kind, events: opened[1].stored_events(kind, events, settings.now()),
+    control = _open_control(settings)
+    book = control.book
+    ingest = None if book is None else IngestQueue(
+        book.store,
+        on_commit=lambda done: book.ingested([(c.kind, c.table) for c in done], settings.now()),
+        known=book.knows,
+        seen=lambda kind, events: book.stored_events(kind, events, settings.now()),
     )
     limits.configure(settings.max_request_rows)
     concurrency = limits.Concurrency(settings.max_concurrent_calls, settings.max_concurrent_calls_per_caller)
@@ -241,7 +183,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     server = grpc.aio.server(
         interceptors=[ObservedService(), guard], options=grpc_options(settings, public=not behind_front)
     )
-    server.add_generic_rpc_handlers((service_handlers(HealthCodeService(state, settings, executor, book, ingest)),))
+    server.add_generic_rpc_handlers((service_handlers(HealthCodeService(control, settings, executor, ingest)),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
@@ -267,7 +209,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
             port = await asyncio.get_running_loop().run_in_executor(shedder.spawner, shedder.start)
         except OSError:
             shedder.stop(0)
-            await _close(server, 0, sockets, overload, executor, ingest, opened)
+            await _close(server, 0, sockets, overload, executor, ingest, book)
             raise
         front.yield_cpu_to_front(keep=frozenset({shedder.spawner_thread_id}))
         collector = metrics.FrontCollector(shedder)
@@ -282,7 +224,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     if metrics_port is not None:
         print(f"metrics on {scheme}://{settings.metrics_listen.rpartition(':')[0]}:{metrics_port}/metrics", flush=True)
     if settings.demo_population:
-        print(await _demo(state, settings, executor), flush=True)
+        print(await _demo(control, settings, executor), flush=True)
         as_of = f" --as-of {settings.demo_as_of}" if settings.demo_as_of else ""
         print(
             "call it:  .venv/bin/healthcode call evaluate --target "
@@ -318,7 +260,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     if shedder is not None:  # the front stops taking calls and waits for the ones it forwards
         await loop.run_in_executor(None, shedder.stop, settings.grace_seconds)
         metrics.REGISTRY.unregister(collector)
-    await _close(server, settings.grace_seconds, sockets, overload, executor, ingest, opened)
+    await _close(server, settings.grace_seconds, sockets, overload, executor, ingest, book)
     print("healthcode: stopped", file=sys.stderr, flush=True)
     if failed:
         print(f"healthcode: error: {failed[0]}", file=sys.stderr, flush=True)
@@ -333,7 +275,7 @@ async def _close(
     overload: limits.Overload,
     executor: ThreadPoolExecutor,
     ingest: IngestQueue | None,
-    opened: tuple[Store, StatusBook] | None,
+    book: StatusBook | None,
 ) -> None:
     """Stop serving (calls in flight get ``grace`` seconds), then release everything in the order it depends on."""
     await server.stop(grace)
@@ -343,9 +285,9 @@ async def _close(
     executor.shutdown(wait=True, cancel_futures=True)
     if ingest is not None:
         await ingest.close()  # commits what is still queued before the store closes
-    if opened is not None:
-        opened[1].close()  # a background checkpoint or view compaction finishes first
-        opened[0].close()
+    if book is not None:
+        book.close()  # a background checkpoint or view compaction finishes first
+        book.store.close()
 
 
 async def _watch_front(shedder: front.Front, address: str, stop: asyncio.Event, failed: list[str]) -> None:

@@ -1,15 +1,16 @@
-"""The healthcode.v1.HealthCode RPCs: thin glue between the wire and the engine.
+"""The healthcode.v1.HealthCode RPCs: thin glue, each RPC decoded, handed to the layer that does the work, encoded.
 
-Validation and evaluation live in the engine; status codes, logging and metrics in :mod:`interceptors`.  The kernel
-runs in a thread pool (it releases the GIL), so the event loop keeps serving while it works.
+Evaluation runs in the rules (:mod:`healthcode.rules.engine`); every change of the risk list or the policy and
+every re-evaluation goes through the control layer (:mod:`healthcode.live.control`); ingest through the ingest
+queue.  Requests arrive decoded (:mod:`healthcode.service.interceptors`); errors are raised from the one hierarchy
+(:mod:`healthcode.errors`) and become status codes in the interceptor, with logging and metrics.  The kernel runs
+in a thread pool (it releases the GIL), so the event loop keeps serving while it works.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import functools
-import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
@@ -20,17 +21,18 @@ import pyarrow as pa
 
 from healthcode._proto.v1 import healthcode_pb2 as pb
 from healthcode._proto.v1 import healthcode_pb2_grpc as pb_grpc
-from healthcode.live.ingest import IngestQueue, QueueClosed, QueueFull, request_table
-from healthcode.live.state import Snapshot, State
-from healthcode.live.statusbook import StatusBook, Summary
+from healthcode.errors import BadInput, Exhausted, Expired, Precondition
+from healthcode.live.control import NO_STORE, Change, Control
+from healthcode.live.ingest import IngestQueue, request_table
+from healthcode.live.state import Snapshot
+from healthcode.live.statusbook import Summary
 from healthcode.rules import engine
 from healthcode.rules.policy import PolicyTimeline, parse_policy
 from healthcode.rules.regions import parse_risk_csv
 from healthcode.service import auth, metrics
 from healthcode.service.config import Settings
-from healthcode.service.interceptors import ROWS, Refused
+from healthcode.service.interceptors import ROWS
 from healthcode.wire.rows import (
-    WireError,
     changes_ipc,
     columns_to_batch,
     decode_request,
@@ -41,8 +43,6 @@ from healthcode.wire.rows import (
     risk_entries,
     risk_from_entries,
 )
-
-log = logging.getLogger("healthcode.admin")
 
 #: Row-form requests up to this size are evaluated on the event loop (about 1,000 persons).
 INLINE_REQUEST_BYTES = 128 * 1024
@@ -60,7 +60,7 @@ def _timeline(snap: Snapshot, name: str) -> PolicyTimeline:
         if p.name == name:
             return PolicyTimeline((p,), snap.policy.source)
     names = ", ".join(p.name for p in snap.policy.policies)
-    raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unknown policy {name!r}; the server's timeline has: {names}")
+    raise BadInput(f"unknown policy {name!r}; the server's timeline has: {names}")
 
 
 def _info(ctx: engine.Context, snap: Snapshot) -> pb.EvaluationInfo:
@@ -94,45 +94,56 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 def _check_deadline(deadline: float | None) -> None:
     """Work queued for a call whose deadline has passed is not started (the caller has gone)."""
     if deadline is not None and time.monotonic() >= deadline:
-        raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the evaluation finished")
+        raise Expired("the deadline passed before the evaluation finished")
 
 
 class HealthCodeService(pb_grpc.HealthCodeServicer):
     def __init__(
-        self,
-        state: State,
-        settings: Settings,
-        executor: Executor,
-        book: StatusBook | None = None,
-        ingest: IngestQueue | None = None,
+        self, control: Control, settings: Settings, executor: Executor, ingest: IngestQueue | None = None
     ) -> None:
-        self.state = state
+        self.control = control
         self.settings = settings
         self.executor = executor
-        self.book = book
         self.ingest = ingest
-        self._admin = asyncio.Lock()  # risk-list replacements and re-evaluations, one at a time
         self._published = asyncio.Condition()  # notified after each commit to the change log
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.kernel_threads = settings.kernel_threads or engine.default_threads()
-        metrics.RISK_VERSION.set(state.snapshot.risk_version)
-        metrics.POLICY_VERSION.set(state.snapshot.policy_version)
+        self._versions(control.snapshot)
+        control.subscribe(self._changed)
+
+    @staticmethod
+    def _versions(snap: Snapshot) -> None:
+        metrics.RISK_VERSION.set(snap.risk_version)
+        metrics.POLICY_VERSION.set(snap.policy_version)
+
+    def _changed(self, change: Change) -> None:
+        """The control layer made a change (on an executor thread): update the gauges, wake the change streams."""
+        self._versions(change.snapshot)
+        if change.summary is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._wake()))
+
+    async def _wake(self) -> None:
+        async with self._published:
+            self._published.notify_all()
+
+    @staticmethod
+    def _rows(change: Change) -> None:
+        ROWS.set(0 if change.summary is None else change.summary.evaluated)
 
     def _context(self, snap: Snapshot, as_of: int | None, policy: str) -> engine.Context:
         return engine.make_context(snap.risk, _timeline(snap, policy), self.settings.now() if as_of is None else as_of)
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        self._loop = asyncio.get_running_loop()
+        return await self._loop.run_in_executor(self.executor, fn, *args)
 
     # -- gateway path ---------------------------------------------------------------------------------------------
 
     def _evaluate_rows(self, request: bytes, deadline: float | None = None) -> tuple[bytes, int]:
         """Decode, evaluate and encode one row-form request (bytes in, bytes out: see wire.py)."""
         _check_deadline(deadline)
-        try:
-            cols, as_of, policy = decode_request(request)
-        except WireError as exc:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        snap = self.state.snapshot
+        cols, as_of, policy = decode_request(request)
+        snap = self.control.snapshot
         ctx = self._context(snap, as_of, policy)
         info = _info(ctx, snap)
         if engine.use_reference():
@@ -150,8 +161,7 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
             response, rows = await self._run(self._evaluate_rows, request, _deadline(context))
         ROWS.set(rows)
         if len(response) > self.settings.max_message_bytes:
-            raise Refused(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise Exhausted(
                 f"the response for {rows:,} persons is {len(response):,} bytes, over the "
                 f"{self.settings.max_message_bytes:,}-byte message limit; send fewer persons per call, or use "
                 "EvaluateArrow for bulk work",
@@ -164,10 +174,7 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
         self, data: bytes, ctx: engine.Context, index: int, deadline: float | None = None
     ) -> list[tuple[bytes, int]]:
         _check_deadline(deadline)
-        try:
-            _schema, batches = read_ipc(data, f"request {index}: arrow_ipc")
-        except WireError as exc:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        _schema, batches = read_ipc(data, f"request {index}: arrow_ipc")
         out: list[tuple[bytes, int]] = []
         for result in engine.evaluate_batches(batches, ctx, self.kernel_threads):
             out.extend(ipc_chunks(result, self.settings.max_message_bytes - 1024))
@@ -177,7 +184,7 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
     async def EvaluateArrow(
         self, request_iterator: AsyncIterator[pb.EvaluateArrowRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EvaluateArrowResponse]:
-        snap = self.state.snapshot
+        snap = self.control.snapshot
         ctx = None
         rows = 0
         # Request k + 1 is evaluated while the results of request k are sent: at most PIPELINE requests are in
@@ -192,9 +199,7 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
                     ctx = self._context(snap, as_of, options.policy)
                     yield pb.EvaluateArrowResponse(info=_info(ctx, snap))
                 elif request.HasField("options"):
-                    raise Refused(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"request {index}: options belong in the first request only"
-                    )
+                    raise BadInput(f"request {index}: options belong in the first request only")
                 if request.arrow_ipc:
                     loop = asyncio.get_running_loop()
                     pending.append(
@@ -217,11 +222,9 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
             for future in pending:  # abandoned (error, deadline, cancellation): drop work not yet started
                 future.cancel()
         if ctx is None:
-            raise Refused(
-                grpc.StatusCode.INVALID_ARGUMENT, "the stream carried no request (the first one holds the options)"
-            )
+            raise BadInput("the stream carried no request (the first one holds the options)")
 
-    # -- risk list and policy -------------------------------------------------------------------------------------
+    # -- the control plane: risk list, policy, re-evaluation (all through the control layer) ----------------
 
     async def PutRiskList(
         self, request: pb.PutRiskListRequest, context: grpc.aio.ServicerContext
@@ -232,67 +235,49 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
         elif source == "entries":
             risk = await self._run(risk_from_entries, request.entries.entries)
         else:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "give the new list as csv or as entries")
-        async with self._admin:
-            summary = None
-            if self.book is not None:
-                # Re-evaluate the persons the change can affect, commit their statuses and change log, then publish
-                # the new list: an evaluation sees the old list or the new one, never a mix.
-                old = self.state.snapshot
-                new = risk.with_version(old.risk_version + 1)
-                book = self.book
-                now = self.settings.now()
-                await self._run(book.refresh, old.policy, now)
-                summary = await self._run(book.reevaluate_risk_change, old.risk, new, old.policy, now, True)
-                await self._audit(context, "put_risk_list", new.version, f"{len(risk)} entries", summary)
-            snap = self.state.put_risk_list(risk)
-        if summary is not None:
-            await self._notify()
-        metrics.RISK_VERSION.set(snap.risk_version)
-        log.info(f'{{"event": "risk_list_replaced", "version": {snap.risk_version}, "entries": {len(risk)}}}')
-        response = pb.PutRiskListResponse(version=snap.risk_version, entries=len(risk))
-        if summary is not None:
-            response.reevaluation.CopyFrom(_summary(summary))
+            raise BadInput("give the new list as csv or as entries")
+        change = await self._run(self.control.put_risk_list, risk, self.settings.now(), auth.caller(context))
+        self._rows(change)
+        response = pb.PutRiskListResponse(version=change.snapshot.risk_version, entries=len(risk))
+        if change.summary is not None:
+            response.reevaluation.CopyFrom(_summary(change.summary))
         return response
+
+    async def PutPolicy(self, request: pb.PutPolicyRequest, context: grpc.aio.ServicerContext) -> pb.PolicyTimeline:
+        timeline = await self._run(parse_policy, request.toml, "toml")
+        change = await self._run(
+            self.control.put_policy, timeline, request.toml, self.settings.now(), auth.caller(context)
+        )
+        self._rows(change)
+        response = _policy(change.snapshot)
+        if change.summary is not None:
+            response.reevaluation.CopyFrom(_summary(change.summary))
+        return response
+
+    async def Reevaluate(
+        self, request: pb.ReevaluateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReevaluationSummary:
+        as_of = request.as_of.seconds if request.HasField("as_of") else self.settings.now()
+        change = await self._run(self.control.reevaluate, as_of, auth.caller(context))
+        self._rows(change)
+        assert change.summary is not None
+        return _summary(change.summary)
+
+    async def GetRiskList(self, request: pb.GetRiskListRequest, context: grpc.aio.ServicerContext) -> pb.RiskList:
+        snap = self.control.snapshot
+        return pb.RiskList(version=snap.risk_version, entries=risk_entries(snap.risk))
+
+    async def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext) -> pb.PolicyTimeline:
+        return _policy(self.control.snapshot)
 
     # -- the store: mass re-evaluation, change stream, status lookup ----------------------------------------------
 
-    def _need_book(self) -> StatusBook:
-        if self.book is None:
-            raise Refused(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "this server has no store: start it with --store PATH (or HEALTHCODE_STORE) to use this RPC",
-            )
-        return self.book
-
-    async def _audit(
-        self, context: grpc.aio.ServicerContext, action: str, version: int | None, detail: str, summary: Summary | None
-    ) -> None:
-        """Keep who made an admin change, and what it did, in the store (SPEC-free: issue 5's audit trail)."""
-        assert self.book is not None
-        if summary is not None:
-            detail = (
-                f"{detail}; evaluated {summary.evaluated}, changed {summary.changed}, high-water mark "
-                f"{summary.high_water_mark}"
-            )
-        await self._run(self.book.store.record_admin, auth.caller(context), action, version, detail)
-
-    async def _notify(self) -> None:
-        async with self._published:
-            self._published.notify_all()
-
     async def _ingest(self, kind: str, request: object) -> pb.IngestResponse:
         if self.ingest is None:
-            self._need_book()  # raises: no store
-            raise AssertionError("a store without an ingest queue")
+            raise Precondition(NO_STORE)
         table = request_table(kind, request)
         ROWS.set(table.num_rows)
-        try:
-            counts = await self.ingest.submit(kind, table)
-        except QueueFull:
-            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "the ingest queue is full; retry with back-off") from None
-        except QueueClosed:
-            raise Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another") from None
+        counts = await self.ingest.submit(kind, table)
         return pb.IngestResponse(
             inserted=counts.inserted, already_present=counts.already_present, updated=counts.updated
         )
@@ -316,21 +301,6 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
         self, request: pb.RecordVisitsRequest, context: grpc.aio.ServicerContext
     ) -> pb.IngestResponse:
         return await self._ingest("visits", request)
-
-    async def Reevaluate(
-        self, request: pb.ReevaluateRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReevaluationSummary:
-        book = self._need_book()
-        as_of = request.as_of.seconds if request.HasField("as_of") else self.settings.now()
-        async with self._admin:
-            snap = self.state.snapshot
-            await self._run(book.refresh, snap.policy, as_of)
-            summary = await self._run(book.reevaluate, snap.risk, snap.policy, as_of)
-            await self._audit(context, "reevaluate", snap.risk_version, f"as_of {as_of}", summary)
-        await self._notify()
-        ROWS.set(summary.evaluated)
-        log.info(f'{{"event": "reevaluated", "evaluated": {summary.evaluated}, "changed": {summary.changed}}}')
-        return _summary(summary)
 
     async def WatchChanges(
         self, request: pb.WatchChangesRequest, context: grpc.aio.ServicerContext
@@ -367,7 +337,7 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
 
     async def _change_pages(self, after: int, limit: int) -> AsyncIterator[pa.Table]:
         """Change-log pages after sequence number ``after``, then live ones as commits publish them (forever)."""
-        book = self._need_book()
+        book = self.control.need_book()
         while True:
             page = await self._run(book.store.changes, after, limit)
             if page.num_rows == 0:
@@ -379,13 +349,12 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
             yield page
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
-        book = self._need_book()
-        snap = self.state.snapshot
+        book = self.control.need_book()
+        if book.stale:
+            await self._run(self.control.refresh, self.settings.now())
+        snap = self.control.snapshot
         as_of = request.as_of.seconds if request.HasField("as_of") else self.settings.now()
         ids = np.asarray(request.person_ids, dtype=np.uint64)
-        if book.stale:
-            async with self._admin:
-                await self._run(book.refresh, snap.policy, self.settings.now())
         rows, result = await self._run(book.lookup, ids, snap.risk, snap.policy, as_of)
         found = rows >= 0
         ctx = self._context(snap, as_of, "")
@@ -403,44 +372,8 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
         ROWS.set(len(ids))
         return response
 
-    async def GetRiskList(self, request: pb.GetRiskListRequest, context: grpc.aio.ServicerContext) -> pb.RiskList:
-        snap = self.state.snapshot
-        return pb.RiskList(version=snap.risk_version, entries=risk_entries(snap.risk))
 
-    async def PutPolicy(self, request: pb.PutPolicyRequest, context: grpc.aio.ServicerContext) -> pb.PolicyTimeline:
-        timeline = await self._run(parse_policy, request.toml, "toml")
-        summary = None
-        async with self._admin:
-            if self.book is not None:
-                # Everyone under the new policy (windows and rules change for all), committed, then published.
-                book = self.book
-                current = self.state.snapshot
-                now = self.settings.now()
-                await self._run(book.refresh, timeline, now)
-                kept = (current.policy_version + 1, request.toml)
-                summary = await self._run(
-                    functools.partial(book.reevaluate, current.risk, timeline, now, keep_policy=kept)
-                )
-                await self._audit(
-                    context, "put_policy", current.policy_version + 1, f"{len(timeline.policies)} policies", summary
-                )
-            snap = self.state.put_policy(timeline, request.toml)
-        if summary is not None:
-            await self._notify()
-        metrics.POLICY_VERSION.set(snap.policy_version)
-        log.info(
-            f'{{"event": "policy_replaced", "version": {snap.policy_version}, "policies": {len(timeline.policies)}}}'
-        )
-        response = self._policy(snap)
-        if summary is not None:
-            response.reevaluation.CopyFrom(_summary(summary))
-        return response
-
-    async def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext) -> pb.PolicyTimeline:
-        return self._policy(self.state.snapshot)
-
-    @staticmethod
-    def _policy(snap: Snapshot) -> pb.PolicyTimeline:
-        return pb.PolicyTimeline(
-            toml=snap.policy_text, names=[p.name for p in snap.policy.policies], version=snap.policy_version
-        )
+def _policy(snap: Snapshot) -> pb.PolicyTimeline:
+    return pb.PolicyTimeline(
+        toml=snap.policy_text, names=[p.name for p in snap.policy.policies], version=snap.policy_version
+    )
