@@ -145,11 +145,11 @@ def _outcome(fn: Callable[[], object]) -> str:
 
 def signature(target: str, data: bytes) -> str:
     """The shape of ``data``'s outcome (error type and message with values blanked) for :func:`distill`."""
-    from healthcode.live.ingest import read_arrow_ipc
     from healthcode.rules.policy import parse_policy
     from healthcode.rules.regions import parse_risk_csv
     from healthcode.store import INGEST_KINDS, Store
     from healthcode.wire import rows as wire
+    from healthcode.wire.ingest import read_arrow_ipc
 
     if target == "policy_toml":
         return _outcome(lambda: parse_policy(_common.text_of(data), "f"))
