@@ -5,6 +5,10 @@ The Python wrapper (``healthcode.rules.engine``) checks the schema, picks the po
 indexed by region code and allocates the outputs; this module only reads Arrow buffers and writes the result
 buffers.  Rows are independent: blocks of 64 rows are split between threads with ``prange``, and each block writes
 its own 64-bit words of the boolean (and validity) bitmaps, so the outputs are Arrow buffers as they stand.
+
+One extension module (about 750 lines with the row-form codec included from ``rowform.pxi``) because the C compiler
+inlines the per-row ``cdef inline`` helpers only within one module; the numbers it shares with the Python rules
+are cimported from ``codes.pxd``.
 """
 
 from libc.stdint cimport INT32_MAX, INT32_MIN, INT64_MAX, int8_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
