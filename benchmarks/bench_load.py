@@ -141,7 +141,7 @@ def _bulk_payloads(rows: int, seed: int) -> list[bytes]:
 
     from healthcode._proto.v1 import healthcode_pb2 as pb
     from healthcode.generate import generate_batches
-    from healthcode.wire.rows import ipc_chunks
+    from healthcode.wire.ipc import ipc_chunks
 
     table = pa.Table.from_batches(list(generate_batches(rows, seed=seed)))
     options = pb.EvaluateOptions()

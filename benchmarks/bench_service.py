@@ -31,7 +31,8 @@ import pyarrow as pa
 from healthcode._proto.v1 import healthcode_pb2 as pb
 from healthcode._proto.v1 import healthcode_pb2_grpc as pb_grpc
 from healthcode.generate import generate_batches, generate_risk_csv
-from healthcode.wire.rows import batch_to_persons, ipc_chunks
+from healthcode.wire.ipc import ipc_chunks
+from healthcode.wire.rows import batch_to_persons
 
 AS_OF = 1638244800  # 2021-11-30T12:00:00+08:00
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -1,6 +1,6 @@
 """Fuzz the Arrow IPC paths: EvaluateArrow request bytes and ingest ``arrow_ipc`` bytes.
 
-Evaluation runs the servicer's own sequence (``HealthCodeService._evaluate_ipc``: ``wire.read_ipc`` with its schema
+Evaluation runs the servicer's own sequence (``HealthCodeService._evaluate_ipc``: ``wire.ipc.read_ipc`` with its schema
 check, then ``engine.evaluate_batches`` = ``columns.check_schema`` + ``columns.validate`` + the kernel, then the
 result chunks); small accepted populations are also evaluated by the plain-Python reference, which must agree.
 Ingest runs ``ingest.read_arrow_ipc`` then ``Store.prepare_ingest`` for every kind.
@@ -22,10 +22,10 @@ with instrumented(__name__):
     import _common
     import pyarrow as pa
 
-    from healthcode.live.ingest import read_arrow_ipc
     from healthcode.rules.reference import evaluate_batch_reference
     from healthcode.store import INGEST_KINDS, Store
-    from healthcode.wire import rows as wire
+    from healthcode.wire import ipc as wire
+    from healthcode.wire.ingest import read_arrow_ipc
 
 TARGET = "arrow_ipc"
 #: Populations up to this many rows are also checked against the reference (it is plain Python per row).
@@ -78,7 +78,7 @@ def _evaluate(data: bytes) -> None:
     if out is None:
         return
     _schema, batches = wire.read_ipc(data)  # accepted above, so readable here
-    results = [b for chunk, _n in out for b in wire.read_ipc_results(chunk)]  # type: ignore[attr-defined]
+    results = [b for chunk, _n in out for b in wire.read_ipc_results(chunk)]
     rows = sum(b.num_rows for b in batches)
     assert sum(r.num_rows for r in results) == rows, "result rows differ from request rows"
     if 0 < rows <= REFERENCE_ROWS:

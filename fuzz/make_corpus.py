@@ -145,11 +145,12 @@ def _outcome(fn: Callable[[], object]) -> str:
 
 def signature(target: str, data: bytes) -> str:
     """The shape of ``data``'s outcome (error type and message with values blanked) for :func:`distill`."""
-    from healthcode.live.ingest import read_arrow_ipc
     from healthcode.rules.policy import parse_policy
     from healthcode.rules.regions import parse_risk_csv
     from healthcode.store import INGEST_KINDS, Store
+    from healthcode.wire import ipc
     from healthcode.wire import rows as wire
+    from healthcode.wire.ingest import read_arrow_ipc
 
     if target == "policy_toml":
         return _outcome(lambda: parse_policy(_common.text_of(data), "f"))
@@ -168,7 +169,7 @@ def signature(target: str, data: bytes) -> str:
     if ingest == "ok":
         table = read_arrow_ipc(data)
         ingest += "|" + "|".join(_outcome(lambda k=k: Store.prepare_ingest(k, table)) for k in INGEST_KINDS)
-    return _outcome(lambda: wire.read_ipc(data)) + " // " + ingest
+    return _outcome(lambda: ipc.read_ipc(data)) + " // " + ingest
 
 
 def distill(found: Path, limit: int = 40) -> None:

@@ -16,18 +16,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from healthcode._proto.v1 import healthcode_pb2 as pb
 from healthcode.errors import StoreError
-from healthcode.live.ingest import (
-    Committed,
-    IngestQueue,
-    QueueClosed,
-    QueueFull,
-    entries_table,
-    nat_results_table,
-    persons_table,
-    request_table,
-    visits_table,
-)
+from healthcode.live.ingest import Committed, IngestQueue, QueueClosed, QueueFull
 from healthcode.store import IngestCounts, Store
+from healthcode.wire.ingest import entries_table, nat_results_table, persons_table, request_table, visits_table
 
 T0 = 1_638_244_800  # 2021-11-30 04:00 UTC
 
@@ -263,7 +254,8 @@ def test_acknowledged_rows_survive_a_hard_exit(tmp_path: Path) -> None:
     writer = (
         "import asyncio, os, sys\n"
         "from healthcode.store import Store\n"
-        "from healthcode.live.ingest import IngestQueue, persons_table, entries_table\n"
+        "from healthcode.live.ingest import IngestQueue\n"
+        "from healthcode.wire.ingest import persons_table, entries_table\n"
         "from healthcode._proto.v1 import healthcode_pb2 as pb\n"
         "from google.protobuf.timestamp_pb2 import Timestamp\n"
         "s = Store(sys.argv[1])\n"

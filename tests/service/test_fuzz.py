@@ -32,12 +32,13 @@ import fuzz_rowform
 
 from healthcode._proto.v1 import healthcode_pb2 as pb
 from healthcode.errors import PolicyError, RiskListError, StoreError
-from healthcode.live.ingest import read_arrow_ipc
 from healthcode.rules import engine
 from healthcode.rules.policy import parse_policy
 from healthcode.rules.regions import KINDS, is_valid_code, parse_risk_csv
 from healthcode.store import Store
+from healthcode.wire import ipc
 from healthcode.wire import rows as wire
+from healthcode.wire.ingest import read_arrow_ipc
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MANY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -446,7 +447,7 @@ def populations(draw: st.DrawFn) -> pa.Table:
 def test_arrow_structured_matches_reference(table: pa.Table, batches: int) -> None:
     # check() compares the kernel with the reference on every accepted population of <= 64 rows.
     step = max(1, table.num_rows // batches)
-    data = wire.write_ipc(table.to_batches(max_chunksize=step) or [], table.schema)
+    data = ipc.write_ipc(table.to_batches(max_chunksize=step) or [], table.schema)
     svc = _common.service()
     ctx = svc._context(svc.control.snapshot, AS_OF, "")
     out = svc._evaluate_ipc(data, ctx, 0)
@@ -480,9 +481,9 @@ def test_arrow_schema_errors_name_the_column(table: pa.Table, brk: tuple[str, st
     else:
         assume(table.num_rows == 0 or how == "type")
         table = table.set_column(i, name, pa.nulls(table.num_rows, to))  # type: ignore[arg-type]
-    data = wire.write_ipc(table.to_batches(), table.schema)
-    with pytest.raises(wire.WireError) as info:
-        wire.read_ipc(data, "request 0: arrow_ipc")
+    data = ipc.write_ipc(table.to_batches(), table.schema)
+    with pytest.raises(ipc.WireError) as info:
+        ipc.read_ipc(data, "request 0: arrow_ipc")
     assert f"'{name}'" in str(info.value) and str(info.value).startswith("request 0: arrow_ipc: ")
     fuzz_arrow_ipc.check(data)
 
@@ -583,8 +584,8 @@ def test_ingest_date64_not_whole_day_is_a_store_error() -> None:
 def test_arrow_undecodable_schema_text_is_a_wire_error(name: str, message: str) -> None:
     # pyarrow decodes names and time zones lazily: schema.names / type.tz raised UnicodeDecodeError in check_schema.
     data = (CRASHES / "arrow_ipc" / name).read_bytes()
-    with pytest.raises(wire.WireError, match=rf"^request 0: arrow_ipc: {message}"):
-        wire.read_ipc(data, "request 0: arrow_ipc")
+    with pytest.raises(ipc.WireError, match=rf"^request 0: arrow_ipc: {message}"):
+        ipc.read_ipc(data, "request 0: arrow_ipc")
     with pytest.raises(StoreError, match=rf"^arrow_ipc: {message}"):
         read_arrow_ipc(data)
     fuzz_arrow_ipc.check(data)

@@ -27,7 +27,8 @@ from service_helpers import ServerProcess
 
 from healthcode._proto.v1 import healthcode_pb2 as pb
 from healthcode.generate import generate_batches, generate_risk_csv
-from healthcode.wire.rows import batch_to_persons, ipc_chunks
+from healthcode.wire.ipc import ipc_chunks
+from healthcode.wire.rows import batch_to_persons
 
 AS_OF = 1638244800  # 2021-11-30T12:00:00+08:00
 LIMIT = 4

@@ -23,7 +23,7 @@ from healthcode.rules.columns import check_schema
 from healthcode.rules.regions import RISK_CSV_HEADER
 from healthcode.rules.results import RESULT_SCHEMA
 from healthcode.rules.timebase import to_instant
-from healthcode.wire.rows import ipc_chunks, read_ipc_results
+from healthcode.wire.ipc import ipc_chunks, read_ipc_results
 
 DEFAULT_MESSAGE_BYTES = 4 * 1024 * 1024
 Instant = _dt.datetime | int | float | str

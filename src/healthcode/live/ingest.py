@@ -1,14 +1,13 @@
-"""Event ingest for the gRPC service: protobuf rows (or Arrow IPC) to Arrow tables, and group commit to the store.
+"""Event ingest for the gRPC service: group commit of Arrow tables to the store.
 
-* :func:`persons_table`, :func:`nat_results_table`, :func:`entries_table`, :func:`visits_table` turn the row form of
-  the ingest requests into the Arrow tables the :class:`~healthcode.store.Store` methods take; :func:`request_table`
-  picks the request's ``arrow_ipc`` stream or its rows.
-* :class:`IngestQueue` commits concurrent submissions together: one writer task takes everything queued (up to a row
-  and byte cap), the store validates each submission on its own and writes the good ones in ONE DuckDB transaction
-  (:meth:`Store.ingest_group`) on a single worker thread, so the event loop keeps serving.  ``submit`` returns only
-  after the transaction committed.  DuckDB appends each commit to its write-ahead log and syncs it before COMMIT
-  returns (the WAL is folded into the database file at checkpoints, automatically past ``checkpoint_threshold``
-  and on close), so an acknowledged submission survives a crash of the process.
+(The ingest requests' conversion to Arrow tables is :mod:`healthcode.wire.ingest`.)
+
+:class:`IngestQueue` commits concurrent submissions together: one writer task takes everything queued (up to a row
+and byte cap), the store validates each submission on its own and writes the good ones in ONE DuckDB transaction
+(:meth:`Store.ingest_group`) on a single worker thread, so the event loop keeps serving.  ``submit`` returns only
+after the transaction committed.  DuckDB appends each commit to its write-ahead log and syncs it before COMMIT
+returns (the WAL is folded into the database file at checkpoints, automatically past ``checkpoint_threshold``
+and on close), so an acknowledged submission survives a crash of the process.
 
 Counts with overlapping rows in one group follow queue order: the first submission holding a row "inserts" it and a
 later one in the same group sees it "already present", exactly as if they had been committed one after another.
@@ -19,132 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import datetime as _dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from healthcode._proto.v1 import healthcode_pb2 as pb
 from healthcode.errors import Exhausted, StoreError, Unavailable
-from healthcode.store.database import INGEST_KINDS, IngestCounts, Store, _row_error
-from healthcode.wire.rows import WireError, read_stream
+from healthcode.store.database import INGEST_KINDS, IngestCounts, Store
 
 log = logging.getLogger(__name__)
 
-#: Arrow type of instants built from protobuf Timestamps (floored to seconds, as the store keeps them).
-TIMESTAMP = pa.timestamp("s", tz="UTC")
-_NANOS = 1_000_000_000
 #: Submissions up to this many rows are validated in the event loop; larger ones on a worker thread.
 INLINE_VALIDATION_ROWS = 4096
-
-#: The repeated row field of each kind's request.
-_ROW_FIELDS = {"persons": "persons", "nat_results": "results", "entries": "entries", "visits": "visits"}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Row form -> Arrow
-
-
-def _seconds(msg: Any, name: str) -> int | None:
-    """A message's Timestamp field as floored epoch seconds, or None when absent."""
-    if not msg.HasField(name):
-        return None
-    ts = getattr(msg, name)
-    return int(ts.seconds) + int(ts.nanos) // _NANOS
-
-
-def persons_table(msgs: Sequence[pb.PersonRecord]) -> pa.Table:
-    """``PersonRecord`` rows as the ``upsert_persons`` table (person_id, home_region, registered_commuter,
-    base_color).  Proto3 has no absent scalars: an unset region is 0, which the store rejects as not a code."""
-    return pa.table(
-        {
-            "person_id": pa.array([m.person_id for m in msgs], type=pa.uint64()),
-            "home_region": pa.array([m.home_region for m in msgs], type=pa.int32()),
-            "registered_commuter": pa.array([m.registered_commuter for m in msgs], type=pa.bool_()),
-            "base_color": pa.array([m.base_color for m in msgs], type=pa.int32()),
-        }
-    )
-
-
-def nat_results_table(msgs: Sequence[pb.NatResult]) -> pa.Table:
-    """``NatResult`` rows as the ``record_nat_results`` table; an absent Timestamp is null (the store requires
-    ``report_time``; ``sample_time`` may be null)."""
-    return pa.table(
-        {
-            "person_id": pa.array([m.person_id for m in msgs], type=pa.uint64()),
-            "sample_time": pa.array([_seconds(m, "sample_time") for m in msgs], type=TIMESTAMP),
-            "report_time": pa.array([_seconds(m, "report_time") for m in msgs], type=TIMESTAMP),
-        }
-    )
-
-
-def entries_table(msgs: Sequence[pb.EntryEvent]) -> pa.Table:
-    """``EntryEvent`` rows as the ``record_entries`` table (person_id, t); an absent time is null."""
-    return pa.table(
-        {
-            "person_id": pa.array([m.person_id for m in msgs], type=pa.uint64()),
-            "t": pa.array([_seconds(m, "time") for m in msgs], type=TIMESTAMP),
-        }
-    )
-
-
-def visits_table(msgs: Sequence[pb.VisitEvent]) -> pa.Table:
-    """``VisitEvent`` rows as the ``record_visits`` table (person_id, region, day as date32).  An absent day is
-    null (the store rejects it); a day that is not a calendar date raises :class:`StoreError` naming the row."""
-    days: list[_dt.date | None] = []
-    for row, m in enumerate(msgs):
-        if not m.HasField("day"):
-            days.append(None)
-            continue
-        d = m.day
-        try:
-            days.append(_dt.date(d.year, d.month, d.day))
-        except ValueError as exc:
-            raise _row_error(row, "day", f"{d.year:04d}-{d.month:02d}-{d.day:02d} is not a date ({exc})") from None
-    return pa.table(
-        {
-            "person_id": pa.array([m.person_id for m in msgs], type=pa.uint64()),
-            "region": pa.array([m.region for m in msgs], type=pa.int32()),
-            "day": pa.array(days, type=pa.date32()),
-        }
-    )
-
-
-_CONVERTERS: dict[str, Callable[[Any], pa.Table]] = {
-    "persons": persons_table,
-    "nat_results": nat_results_table,
-    "entries": entries_table,
-    "visits": visits_table,
-}
-
-
-def read_arrow_ipc(data: bytes) -> pa.Table:
-    """All batches of an Arrow IPC stream as one table; malformed bytes raise ``StoreError("arrow_ipc: ...")``."""
-    try:
-        schema, batches = read_stream(data, "arrow_ipc")
-    except WireError as exc:
-        raise StoreError(str(exc)) from None  # ingest errors are the store's (same status code either way)
-    return pa.Table.from_batches(batches, schema=schema)
-
-
-def request_table(kind: str, request: Any) -> pa.Table:
-    """The Arrow table of an ingest request of ``kind`` (one of :data:`~healthcode.store.database.INGEST_KINDS`): its
-    ``arrow_ipc`` stream when set, else its rows.  Both set raises :class:`StoreError`."""
-    if kind not in _CONVERTERS:
-        raise StoreError(f"unknown ingest kind {kind!r}; the kinds are {', '.join(INGEST_KINDS)}")
-    field = _ROW_FIELDS[kind]
-    rows = getattr(request, field)
-    if request.arrow_ipc:
-        if len(rows):
-            raise StoreError(f"give either {field} rows or arrow_ipc, not both")
-        return read_arrow_ipc(request.arrow_ipc)
-    return _CONVERTERS[kind](rows)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Group commit

@@ -5,10 +5,16 @@ The Python wrapper (``healthcode.rules.engine``) checks the schema, picks the po
 indexed by region code and allocates the outputs; this module only reads Arrow buffers and writes the result
 buffers.  Rows are independent: blocks of 64 rows are split between threads with ``prange``, and each block writes
 its own 64-bit words of the boolean (and validity) bitmaps, so the outputs are Arrow buffers as they stand.
+
+One extension module (about 750 lines with the row-form codec included from ``rowform.pxi``) because the C compiler
+inlines the per-row ``cdef inline`` helpers only within one module; the numbers it shares with the Python rules
+are cimported from ``codes.pxd``.
 """
 
 from libc.stdint cimport INT32_MAX, INT32_MIN, INT64_MAX, int8_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
 from cython.parallel cimport prange
+
+from healthcode.rules.codes cimport *  # the reason bits, error codes and region constants (codes.py's twins)
 
 import numpy as np
 
@@ -38,34 +44,6 @@ cdef extern from *:
 cdef enum:
     OFFSET = 28800
     DAY = 86400
-    CODE_MIN = 100000
-    N_CODES = 900000
-
-# SPEC §4.6 reason bits.
-cdef enum:
-    POLICY_INACTIVE = 1
-    CODE_NOT_GREEN = 2
-    NAT_MISSING = 4
-    NAT_EXPIRED = 8
-    ENTRY_NAT_MISSING = 16
-    RISK_TRAVEL = 32
-    NOT_ENROLLED = 64
-    PATTERN_NOT_MET = 128
-    HOME_OUTSIDE_RING = 256
-    INVALID_INPUT = 32768
-
-# Validation failures, in checking order (healthcode.rules.results.ERROR_MESSAGES).
-cdef enum:
-    ERR_PERSON_NULL = 1
-    ERR_HOME_NULL = 2
-    ERR_HOME_INVALID = 3
-    ERR_COLOR_NULL = 4
-    ERR_COLOR_INVALID = 5
-    ERR_ENTRY_NULL = 6
-    ERR_VISIT_NULL = 7
-    ERR_VISIT_REGION_NULL = 8
-    ERR_VISIT_REGION_INVALID = 9
-    ERR_VISIT_DAY_NULL = 10
 
 
 cdef struct Bits:
@@ -189,7 +167,7 @@ cdef inline int64_t midnight(int64_t d) noexcept nogil:
 
 cdef inline bint valid_code(const uint8_t* province_ok, int64_t code) noexcept nogil:
     # SPEC §3: 100000..999999 with a province-level prefix.
-    return <uint64_t>(code - CODE_MIN) < N_CODES and province_ok[code // 10000] != 0
+    return <uint64_t>(code - CODE_MIN) < N_CODES and province_ok[code // PROVINCE_DIVISOR] != 0
 
 
 cdef inline int64_t lapse(int64_t a, bint unit_days, int64_t length) noexcept nogil:
@@ -255,10 +233,7 @@ cdef inline bint visits_hit(const Pop* p, const Rules* r, int64_t start, int64_t
     return hit
 
 
-# risk_span's hi for a code without a province-level prefix (see healthcode.rules.regions.SPAN_INVALID).
-cdef enum:
-    SPAN_INVALID = -2147483647
-
+# A row's outcome flags (evaluate_selected's output).
 cdef enum:
     ROW_BADGE = 1
     ROW_ENTRY = 2
@@ -655,7 +630,7 @@ cdef class RuleSet:
         self.r.e_length = e_length
         self.r.window_days = window_days
         self.r.min_entry_days = min_entry_days
-        self.r.province_ok = <const uint8_t*>first(province_ok, 100, "province table")
+        self.r.province_ok = <const uint8_t*>first(province_ok, N_PREFIXES, "province table")
         self.r.ring = <const uint8_t*>first(ring, (N_CODES + 7) // 8, "ring bitset")
         self.r.risk_span = <const int32_t*>first(risk_span, 2 * N_CODES, "risk span table")
         self.r.risk_multi = <const uint8_t*>first(risk_multi, (N_CODES + 7) // 8, "risk multi bitset")
@@ -769,3 +744,20 @@ def group_by_code(const int32_t[::1] codes, int64_t n_codes):
 
 
 include "rowform.pxi"
+
+
+def compiled_codes():
+    """The shared numbers as this build compiled them (from ``codes.pxd``), by name, for the test that holds them
+    equal to ``healthcode.rules.codes``."""
+    return {
+        "POLICY_INACTIVE": POLICY_INACTIVE, "CODE_NOT_GREEN": CODE_NOT_GREEN, "NAT_MISSING": NAT_MISSING,
+        "NAT_EXPIRED": NAT_EXPIRED, "ENTRY_NAT_MISSING": ENTRY_NAT_MISSING, "RISK_TRAVEL": RISK_TRAVEL,
+        "NOT_ENROLLED": NOT_ENROLLED, "PATTERN_NOT_MET": PATTERN_NOT_MET, "HOME_OUTSIDE_RING": HOME_OUTSIDE_RING,
+        "INVALID_INPUT": INVALID_INPUT,
+        "ERR_PERSON_NULL": ERR_PERSON_NULL, "ERR_HOME_NULL": ERR_HOME_NULL, "ERR_HOME_INVALID": ERR_HOME_INVALID,
+        "ERR_COLOR_NULL": ERR_COLOR_NULL, "ERR_COLOR_INVALID": ERR_COLOR_INVALID, "ERR_ENTRY_NULL": ERR_ENTRY_NULL,
+        "ERR_VISIT_NULL": ERR_VISIT_NULL, "ERR_VISIT_REGION_NULL": ERR_VISIT_REGION_NULL,
+        "ERR_VISIT_REGION_INVALID": ERR_VISIT_REGION_INVALID, "ERR_VISIT_DAY_NULL": ERR_VISIT_DAY_NULL,
+        "CODE_MIN": CODE_MIN, "CODE_MAX": CODE_MAX, "N_CODES": N_CODES, "PROVINCE_DIVISOR": PROVINCE_DIVISOR,
+        "N_PREFIXES": N_PREFIXES, "SPAN_INVALID": SPAN_INVALID,
+    }

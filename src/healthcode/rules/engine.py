@@ -11,10 +11,12 @@ import numpy as np
 import pyarrow as pa
 
 from healthcode.rules import columns
-from healthcode.rules.policy import Policy, PolicyTimeline, load_policy
-from healthcode.rules.regions import PROVINCE_OK, RiskList, RiskTable, code_bitset, load_risk_list
+from healthcode.rules.context import Context as Context  # Context and make_context live in rules.context
+from healthcode.rules.context import PolicyLike as PolicyLike
+from healthcode.rules.context import RiskLike as RiskLike
+from healthcode.rules.context import make_context as make_context  # (shared with the reference)
+from healthcode.rules.regions import PROVINCE_OK
 from healthcode.rules.results import RESULT_SCHEMA, Reason, assemble_packed, error_column
-from healthcode.rules.timebase import day, to_instant
 
 #: Set to a non-empty value other than "0" to run the plain-Python reference instead of the kernel.
 REFERENCE_ENV = "HEALTHCODE_REFERENCE"
@@ -42,54 +44,6 @@ def group_by_code(codes: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarr
 
 def use_reference() -> bool:
     return _kernel is None or os.environ.get(REFERENCE_ENV, "") not in ("", "0")
-
-
-RiskLike = RiskList | str | os.PathLike[str]
-PolicyLike = PolicyTimeline | str | os.PathLike[str] | None
-
-
-@dataclass(frozen=True)
-class Context:
-    """Everything an evaluation fixes before it looks at a row."""
-
-    as_of: int
-    today: int
-    policy: Policy
-    active: bool
-    risk: RiskList
-    risk_table: RiskTable
-    ring: np.ndarray  # bitset of codes inside some ring region
-    kernel_rules: object = None  # the kernel's RuleSet, built on first use
-
-
-_RING_CACHE: dict[tuple[int, ...], np.ndarray] = {}
-
-
-def _ring_bitset(ring_regions: tuple[int, ...]) -> np.ndarray:
-    bits = _RING_CACHE.get(ring_regions)
-    if bits is None:
-        if len(_RING_CACHE) > 16:
-            _RING_CACHE.clear()
-        bits = _RING_CACHE[ring_regions] = code_bitset(ring_regions)
-    return bits
-
-
-def make_context(risk: RiskLike, policy: PolicyLike, as_of: _dt.datetime | int | float | str) -> Context:
-    """Load what needs loading and precompute the per-evaluation tables (SPEC §2, §3)."""
-    timeline = policy if isinstance(policy, PolicyTimeline) else load_policy(policy)
-    risk_list = risk if isinstance(risk, RiskList) else load_risk_list(risk)
-    t = to_instant(as_of)
-    today = day(t)
-    chosen, active = timeline.select(t)
-    return Context(
-        as_of=t,
-        today=today,
-        policy=chosen,
-        active=active,
-        risk=risk_list,
-        risk_table=risk_list.table(today, chosen.risk.lookback_days, chosen.risk.match),
-        ring=_ring_bitset(chosen.commuter_pattern.ring_regions),
-    )
 
 
 def _rules(ctx: Context) -> object:

@@ -12,37 +12,32 @@ written out again from SPEC §2.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from healthcode.rules import regions
+from healthcode.rules.codes import (
+    ERR_COLOR_INVALID,
+    ERR_COLOR_NULL,
+    ERR_ENTRY_NULL,
+    ERR_HOME_INVALID,
+    ERR_HOME_NULL,
+    ERR_PERSON_NULL,
+    ERR_VISIT_DAY_NULL,
+    ERR_VISIT_NULL,
+    ERR_VISIT_REGION_INVALID,
+    ERR_VISIT_REGION_NULL,
+)
+from healthcode.rules.context import Context
 from healthcode.rules.policy import NatWindow, Policy
-from healthcode.rules.results import ERROR_MESSAGES, Reason, assemble
-
-if TYPE_CHECKING:
-    from healthcode.rules.engine import Context
+from healthcode.rules.results import Reason, assemble
 
 # SPEC §2, spelled out again rather than imported, so that a slip in timebase.py shows up as a disagreement.
 _OFFSET = 8 * 3600
 _DAY = 86400
 _UNIT_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
-
-# The error codes of results.ERROR_MESSAGES, by name (the order of that dict is the order of the checks).
-ERR_PERSON_NULL = 1
-ERR_HOME_NULL = 2
-ERR_HOME_INVALID = 3
-ERR_COLOR_NULL = 4
-ERR_COLOR_INVALID = 5
-ERR_ENTRY_NULL = 6
-ERR_VISIT_NULL = 7
-ERR_VISIT_REGION_NULL = 8
-ERR_VISIT_REGION_INVALID = 9
-ERR_VISIT_DAY_NULL = 10
-if list(ERROR_MESSAGES) != list(range(1, 11)):  # pragma: no cover - guards the numbering above
-    raise ImportError("results.ERROR_MESSAGES is no longer numbered 1..10 in checking order; update reference.py")
 
 
 def local_day(t: int) -> int:
@@ -123,7 +118,7 @@ def _validate(
     entries: list[int | None],
     visits: list[_Visit],
 ) -> tuple[int, int]:
-    """``(err_code, err_index)`` of the first failing check in the order of ERROR_MESSAGES, or ``(0, 0)``.
+    """``(err_code, err_index)`` of the first failing check in the order of codes.ERROR_MESSAGES, or ``(0, 0)``.
 
     For a list check the index is that of the first element of the row's list failing that check.
     """

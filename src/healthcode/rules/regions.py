@@ -19,26 +19,30 @@ from typing import Any
 import numpy as np
 
 from healthcode.errors import RiskListError, read_text
+from healthcode.rules.codes import (  # the code range and province prefixes, defined once (shared with the kernel)
+    CODE_MAX,
+    CODE_MIN,
+    N_CODES,
+    N_PREFIXES,
+    PROVINCE_DIVISOR,
+    PROVINCES,
+    SPAN_INVALID,
+)
 from healthcode.rules.timebase import date_to_day, day_to_date
 
-PROVINCES = (11, 12, 13, 14, 15, 21, 22, 23, 31, 32, 33, 34, 35, 36, 37, 41, 42, 43, 44, 45, 46,
-             50, 51, 52, 53, 54, 61, 62, 63, 64, 65, 71, 81, 82)  # fmt: skip
-CODE_MIN, CODE_MAX = 100000, 999999
-N_CODES = CODE_MAX - CODE_MIN + 1  # dense tables are indexed by code - CODE_MIN
 KINDS = ("local_case", "border_port")
 UNBOUNDED_START = np.iinfo(np.int32).min  # an empty start_date
 UNBOUNDED_END = np.iinfo(np.int32).max  # an empty end_date
 RISK_CSV_HEADER = ("region", "start_date", "end_date", "kind")
 
 #: ``PROVINCE_OK[code // 10000]`` is 1 for the 34 province-level prefixes (the kernel's validity test).
-PROVINCE_OK = np.zeros(100, dtype=np.uint8)
+PROVINCE_OK = np.zeros(N_PREFIXES, dtype=np.uint8)
 PROVINCE_OK[list(PROVINCES)] = 1
 
 
-#: ``span``'s hi for codes without a province-level prefix, so one table load tells the kernel both whether a
-#: visit's region is valid and whether it hits.
-SPAN_INVALID = np.iinfo(np.int32).min + 1
-_INVALID_CODE = PROVINCE_OK[np.arange(CODE_MIN, CODE_MAX + 1) // 10000] == 0
+#: ``span``'s hi (:data:`SPAN_INVALID`) marks codes without a province-level prefix, so one table load tells the
+#: kernel both whether a visit's region is valid and whether it hits.
+_INVALID_CODE = PROVINCE_OK[np.arange(CODE_MIN, CODE_MAX + 1) // PROVINCE_DIVISOR] == 0
 
 
 def is_valid_code(code: int) -> bool:

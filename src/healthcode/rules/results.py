@@ -1,4 +1,5 @@
-"""The result schema of SPEC §4, the reason bits, and the per-row error messages."""
+"""The result schema of SPEC §4 and its assembly from the evaluation's buffers; the reason bits (:class:`Reason`)
+and the per-row error messages, whose numbers :mod:`healthcode.rules.codes` defines."""
 
 from __future__ import annotations
 
@@ -8,20 +9,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from healthcode.rules import codes
+
 
 class Reason(enum.IntFlag):
-    """SPEC §4.6: every condition is reported independently of the outcome."""
+    """SPEC §4.6: every condition is reported independently of the outcome (the bits of :mod:`codes`)."""
 
-    POLICY_INACTIVE = 1 << 0
-    CODE_NOT_GREEN = 1 << 1
-    NAT_MISSING = 1 << 2
-    NAT_EXPIRED = 1 << 3
-    ENTRY_NAT_MISSING = 1 << 4
-    RISK_TRAVEL = 1 << 5
-    NOT_ENROLLED = 1 << 6
-    PATTERN_NOT_MET = 1 << 7
-    HOME_OUTSIDE_RING = 1 << 8
-    INVALID_INPUT = 1 << 15
+    POLICY_INACTIVE = codes.POLICY_INACTIVE
+    CODE_NOT_GREEN = codes.CODE_NOT_GREEN
+    NAT_MISSING = codes.NAT_MISSING
+    NAT_EXPIRED = codes.NAT_EXPIRED
+    ENTRY_NAT_MISSING = codes.ENTRY_NAT_MISSING
+    RISK_TRAVEL = codes.RISK_TRAVEL
+    NOT_ENROLLED = codes.NOT_ENROLLED
+    PATTERN_NOT_MET = codes.PATTERN_NOT_MET
+    HOME_OUTSIDE_RING = codes.HOME_OUTSIDE_RING
+    INVALID_INPUT = codes.INVALID_INPUT
 
 
 RESULT_SCHEMA = pa.schema(
@@ -37,21 +40,8 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 
-# Per-row validation failures (SPEC §4.1), by the code the kernel writes; ``{i}`` is the list element's index.
-# Messages name the column and never repeat the row's content.
-ERROR_MESSAGES: dict[int, str] = {
-    1: "person_id is null",
-    2: "home_region is null",
-    3: "home_region is not a valid region code (six digits with a province-level prefix, GB/T 2260)",
-    4: "base_color is null",
-    5: "base_color is not 0 (green), 1 (yellow) or 2 (red)",
-    6: "entry_times[{i}] is null",
-    7: "visits[{i}] is null",
-    8: "visits[{i}].region is null",
-    9: "visits[{i}].region is not a valid region code (six digits with a province-level prefix, GB/T 2260)",
-    10: "visits[{i}].day is null",
-}
-ERR_NONE = 0
+#: Per-row validation failures (SPEC §4.1), by the code the kernel writes (defined in :mod:`codes`).
+ERROR_MESSAGES = codes.ERROR_MESSAGES
 
 
 def error_column(n: int, rows: np.ndarray, err_code: np.ndarray, err_index: np.ndarray) -> pa.Array:

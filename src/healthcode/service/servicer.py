@@ -23,7 +23,7 @@ from healthcode._proto.v1 import healthcode_pb2 as pb
 from healthcode._proto.v1 import healthcode_pb2_grpc as pb_grpc
 from healthcode.errors import BadInput, Exhausted, Expired, Precondition
 from healthcode.live.control import NO_STORE, Change, Control
-from healthcode.live.ingest import IngestQueue, request_table
+from healthcode.live.ingest import IngestQueue
 from healthcode.live.state import Snapshot
 from healthcode.live.statusbook import Summary
 from healthcode.rules import engine
@@ -32,14 +32,13 @@ from healthcode.rules.regions import parse_risk_csv
 from healthcode.service import auth, metrics
 from healthcode.service.config import Settings
 from healthcode.service.interceptors import ROWS
+from healthcode.wire.ingest import request_table
+from healthcode.wire.ipc import changes_ipc, ipc_chunks, read_ipc
 from healthcode.wire.rows import (
-    changes_ipc,
     columns_to_batch,
     decode_request,
     encode_output,
     encode_result,
-    ipc_chunks,
-    read_ipc,
     risk_entries,
     risk_from_entries,
 )

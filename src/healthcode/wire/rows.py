@@ -1,36 +1,32 @@
-"""Conversions between the wire (protobuf messages, Arrow IPC bytes) and Arrow columns.
+"""The protobuf row form (the gateway path) to and from Arrow columns, through the kernel's row-form codec:
+EvaluateRequest bytes to the kernel's column views, results to EvaluateResponse bytes; Person messages from
+population rows, risk entries to and from a risk list.
 
-Row form (the gateway path) converts field by field, which is fine for batches of a few thousand; the bulk path
-never touches rows: Arrow IPC bytes are read zero-copy and written back as IPC bytes.
+Needs the compiled kernel.  The Arrow IPC half of the wire is :mod:`healthcode.wire.ipc` (no kernel).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from healthcode._proto.v1 import healthcode_pb2 as pb
-from healthcode.errors import HealthcodeError, SchemaError
 from healthcode.rules import _kernel  # type: ignore[attr-defined]
 from healthcode.rules.columns import (
     POPULATION_SCHEMA,
     BatchColumns,
     Bits,
     bool_view,
-    check_schema,
     offsets_view,
     validity_view,
     values_view,
 )
 from healthcode.rules.engine import KernelOutput
 from healthcode.rules.regions import RiskList, risk_list_from_rows
-from healthcode.service.limits import check_rows
-
-
-class WireError(HealthcodeError):
-    """A request's bytes or fields cannot be read; the message says what and where."""
+from healthcode.service.limits import check_rows  # upward (wire -> service): see tests/test_layers.py ALLOWED
+from healthcode.wire.ipc import WireError
 
 
 def decode_request(data: bytes) -> tuple[BatchColumns, int | None, str]:
@@ -75,7 +71,7 @@ def decode_request(data: bytes) -> tuple[BatchColumns, int | None, str]:
 
 
 def columns_to_batch(cols: BatchColumns) -> pa.RecordBatch:
-    """Decoded row-form columns as an Arrow population batch (the reference path and :func:`persons_to_batch`)."""
+    """Decoded row-form columns as an Arrow population batch (the reference path)."""
     n = cols.n
     assert cols.person_ids is not None, "decode_request keeps the person ids"
 
@@ -107,11 +103,6 @@ def columns_to_batch(cols: BatchColumns) -> pa.RecordBatch:
         ],
         schema=POPULATION_SCHEMA,
     )
-
-
-def persons_to_batch(persons: Sequence[pb.Person]) -> pa.RecordBatch:
-    """Row-form persons as a population batch in the SPEC schema (absent fields become nulls)."""
-    return columns_to_batch(decode_request(pb.EvaluateRequest(persons=persons).SerializeToString())[0])
 
 
 def _encode(
@@ -195,146 +186,9 @@ def batch_to_persons(batch: pa.RecordBatch | pa.Table) -> list[pb.Person]:
     return out
 
 
-def read_stream(
-    data: bytes, what: str, *, limit_rows: bool = True, validate: bool = True
-) -> tuple[pa.Schema, list[pa.RecordBatch]]:
-    """All batches of a complete Arrow IPC stream, zero-copy; unreadable bytes raise :class:`WireError` naming
-    ``what``.  The one reader of IPC bytes from the wire (bulk requests, results, ingest).  More rows than the
-    rows-per-request limit raise :class:`~healthcode.service.limits.LimitExceeded` (RESOURCE_EXHAUSTED) as soon as the
-    batches read so far pass it (``limit_rows=False``: results, which the server itself wrote).
-
-    The IPC reader checks the framing only: buffers too short for their array, or list offsets out of range, pass
-    it.  ``validate`` (the default) checks every column in full, so nothing downstream reads past a buffer; an
-    invalid column raises :class:`WireError` naming it.  ``validate=False`` is for callers that validate the columns
-    they read themselves (the evaluation path: :func:`healthcode.rules.columns.validate`)."""
-    try:
-        reader = pa.ipc.open_stream(pa.py_buffer(data))
-        batches = []
-        rows = 0
-        for batch in reader:
-            batches.append(batch)
-            rows += batch.num_rows
-            if limit_rows:
-                check_rows(rows, what)
-        schema = reader.schema
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        detail = str(exc).strip() or type(exc).__name__
-        raise WireError(f"{what}: not a readable Arrow IPC stream: {detail}") from None
-    _check_names(schema, what)
-    if validate:
-        _check_types(schema, what)
-        for batch in batches:
-            _validate_batch(batch, what)
-    return schema, batches
-
-
-def _check_names(schema: pa.Schema, what: str) -> None:
-    """Every column and nested field name, and every timestamp time zone, must be UTF-8: pyarrow decodes them on
-    use (``schema.names``, ``type.tz``), and an undecodable one would raise UnicodeDecodeError there."""
-    for i, column in enumerate(schema):
-        try:
-            name = column.name
-        except UnicodeDecodeError:
-            raise WireError(f"{what}: the name of column {i} (from 0) is not UTF-8 text") from None
-        fields = [column]
-        try:
-            while fields:
-                t = fields.pop().type
-                while isinstance(t, (pa.DictionaryType, pa.BaseExtensionType)):
-                    t = t.value_type if isinstance(t, pa.DictionaryType) else t.storage_type
-                if isinstance(t, pa.TimestampType):
-                    t.tz  # noqa: B018 - decodes it
-                for k in range(t.num_fields):
-                    fields.append(t.field(k))
-                    fields[-1].name  # noqa: B018 - decodes it
-        except UnicodeDecodeError:
-            raise WireError(f"{what}: column {name!r} has a field name or time zone that is not UTF-8 text") from None
-
-
-def _check_types(schema: pa.Schema, what: str) -> None:
-    """pyarrow cannot build arrays of a few types (month_interval, unions): touching such a column raises KeyError
-    or ArrowNotImplementedError (``combine_chunks`` of a stream without batches builds an empty one).  Refuse them
-    up front, naming the column.  (Not ``pa.nulls``: it crashes the process on a union without members.)"""
-    for field in schema:
-        try:
-            pa.array([], field.type)
-        except (KeyError, NotImplementedError, TypeError, ValueError, pa.ArrowException):
-            t = field.type
-            raise WireError(f"{what}: column {field.name!r} has type {t}, which this server cannot read") from None
-
-
-def _validate_batch(batch: pa.RecordBatch, what: str) -> None:
-    for i, name in enumerate(batch.schema.names):
-        column = batch.column(i)
-        try:
-            column.validate(full=True)
-        except pa.ArrowException as exc:
-            raise WireError(f"{what}: column {name!r} is not valid Arrow data: {exc}") from None
-    try:
-        batch.validate(full=True)
-    except pa.ArrowException as exc:
-        raise WireError(f"{what}: not a valid Arrow record batch: {exc}") from None
-
-
-def read_ipc(data: bytes, what: str = "arrow_ipc") -> tuple[pa.Schema, list[pa.RecordBatch]]:
-    """A population IPC stream; a schema problem names the column.  The columns are validated by the evaluation
-    (:func:`healthcode.rules.engine.evaluate_batches`), which reads them, so not here too."""
-    schema, batches = read_stream(data, what, validate=False)
-    try:
-        check_schema(schema)
-    except SchemaError as exc:
-        raise WireError(f"{what}: {exc}") from None
-    return schema, batches
-
-
-def read_ipc_results(data: bytes) -> list[pa.RecordBatch]:
-    """Result batches from a response's Arrow IPC stream."""
-    return read_stream(data, "response arrow_ipc", limit_rows=False)[1]
-
-
-def write_ipc(batches: Sequence[pa.RecordBatch], schema: pa.Schema) -> bytes:
-    """Batches as one complete Arrow IPC stream."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, schema) as writer:
-        for b in batches:
-            writer.write_batch(b)
-    return sink.getvalue().to_pybytes()
-
-
-def ipc_chunks(batch: pa.RecordBatch | pa.Table, limit: int) -> Iterator[tuple[bytes, int]]:
-    """``batch`` as IPC streams of at most about ``limit`` bytes each, with their row counts."""
-    rows = batch.num_rows
-    if rows == 0:
-        yield write_ipc(batch.to_batches() if isinstance(batch, pa.Table) else [batch], batch.schema), 0
-        return
-    per_row = max(1.0, batch.nbytes / rows)
-    step = max(1, int(limit * 0.8 / per_row))
-    start = 0
-    while start < rows:
-        piece = batch.slice(start, step)
-        parts = piece.to_batches() if isinstance(piece, pa.Table) else [piece]
-        data = write_ipc(parts, batch.schema)
-        if len(data) > limit and step > 1:
-            step = max(1, step // 2)  # denser rows than estimated: retry this slice smaller
-            continue
-        yield data, piece.num_rows
-        start += piece.num_rows
-
-
 def risk_entries(risk: RiskList) -> list[pb.RiskEntry]:
     return [pb.RiskEntry(region=r, start_date=s, end_date=e, kind=k) for r, s, e, k in risk.rows()]
 
 
 def risk_from_entries(entries: Sequence[pb.RiskEntry]) -> RiskList:
     return risk_list_from_rows((e.region, e.start_date, e.end_date, e.kind) for e in entries)
-
-
-def changes_ipc(page: pa.Table) -> bytes:
-    """Change-log rows (:meth:`healthcode.store.database.Store.changes`) as one Arrow IPC stream (WatchChangesArrow),
-    ``as_of`` as a UTC timestamp."""
-    i = page.schema.get_field_index("as_of")
-    page = page.set_column(i, "as_of", page.column(i).cast(pa.timestamp("s", tz="UTC")))
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, page.schema) as writer:
-        writer.write_table(page)
-    return sink.getvalue().to_pybytes()
