@@ -1,4 +1,4 @@
-"""healthcode: Beijing commuter (通勤) badge and entry evaluation over Arrow columns (see SPEC.md)."""
+"""healthcode: Beijing commuter (通勤) badge and entry evaluation over Arrow columns (the rules: docs/SPEC.md)."""
 
 from healthcode.errors import CorruptDataError, HealthcodeError, PolicyError, RiskListError, SchemaError, StoreError
 from healthcode.rules.engine import evaluate

@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="healthcode",
         description=(
             "Decide who holds Beijing's commuter (通勤) badge and who may enter the city, for millions of people at "
-            "once, following the 2021-22 health-code rules (see SPEC.md)."
+            "once, following the 2021-22 health-code rules (docs/SPEC.md in the repository)."
         ),
     )
     parser.add_argument("--version", action="version", version=f"healthcode {__version__}")

@@ -1,7 +1,7 @@
 """The reference implementation of SPEC §4: one person at a time, in plain Python, straight from the text.
 
 Speed does not matter here; being obviously right does.  The Cython kernel must agree with this module bit for bit
-(``tests/test_kernel_vs_reference.py``), and it is what the engine runs when the kernel is not built or when the
+(``tests/rules/test_kernel_vs_reference.py``), and it is what the engine runs when the kernel is not built or when the
 environment variable ``HEALTHCODE_REFERENCE`` is set.
 
 Deliberately independent of the kernel's precomputed tables: the risk list is read entry by entry (not the folded

@@ -174,7 +174,7 @@ def install_fast_refusal(slots: Slots) -> bool:
     difference under overload.  That refusal cannot exempt health checks, so this wraps grpcio's accept step
     (``grpc._server._handle_call``) to do the same, for the data plane only.  It relies on grpcio internals, so it
     checks their shape first and returns False (the handlers refuse instead, at a higher cost) when they differ;
-    ``tests/test_front.py`` checks that it is installed with the grpcio this project pins."""
+    ``tests/service/test_front.py`` checks that it is installed with the grpcio this project pins."""
     import inspect
 
     from grpc import _server

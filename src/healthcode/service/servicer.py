@@ -139,7 +139,7 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
     # -- gateway path ---------------------------------------------------------------------------------------------
 
     def _evaluate_rows(self, request: bytes, deadline: float | None = None) -> tuple[bytes, int]:
-        """Decode, evaluate and encode one row-form request (bytes in, bytes out: see wire.py)."""
+        """Decode, evaluate and encode one row-form request (bytes in, bytes out: see healthcode.wire.rows)."""
         _check_deadline(deadline)
         cols, as_of, policy = decode_request(request)
         snap = self.control.snapshot
