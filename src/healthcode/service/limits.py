@@ -12,25 +12,19 @@ import asyncio
 import collections
 import threading
 
-import grpc
+from healthcode.errors import Exhausted
 
 #: Rows one request may carry (row-form persons, one Arrow IPC message, one ingest request); 0: no limit.
 _max_request_rows = 0
 
 
-class LimitExceeded(Exception):
+class LimitExceeded(Exhausted):
     """A request is over a configured limit: the call ends with RESOURCE_EXHAUSTED and this message."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def configure(max_request_rows: int) -> None:
     global _max_request_rows
     _max_request_rows = max_request_rows
-
-
-def max_request_rows() -> int:
-    return _max_request_rows
 
 
 def check_rows(rows: int, what: str) -> None:

@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -108,34 +109,41 @@ def _initial_state(settings: Settings) -> State:
     return State(risk, timeline, text)
 
 
-def service_handlers(service: HealthCodeService) -> grpc.GenericRpcHandler:
-    """The healthcode.v1.HealthCode handlers: Evaluate takes and returns raw bytes (the kernel's row-form codec
-    does the protobuf work); the other methods use the generated message classes."""
+#: Every RPC of healthcode.v1.HealthCode: its handler kind and request class.  Every request arrives as raw bytes
+#: and is decoded in one place, by :class:`~healthcode.service.interceptors.ObservedService` (a malformed one is
+#: INVALID_ARGUMENT naming the RPC); None: the servicer reads the bytes itself (Evaluate: the kernel's codec) and
+#: returns bytes.
+METHODS: dict[str, tuple[str, type[Any] | None]] = {
+    "Evaluate": ("unary_unary", None),
+    "EvaluateArrow": ("stream_stream", pb.EvaluateArrowRequest),
+    "PutRiskList": ("unary_unary", pb.PutRiskListRequest),
+    "GetRiskList": ("unary_unary", pb.GetRiskListRequest),
+    "PutPolicy": ("unary_unary", pb.PutPolicyRequest),
+    "GetPolicy": ("unary_unary", pb.GetPolicyRequest),
+    "Reevaluate": ("unary_unary", pb.ReevaluateRequest),
+    "WatchChanges": ("unary_stream", pb.WatchChangesRequest),
+    "WatchChangesArrow": ("unary_stream", pb.WatchChangesRequest),
+    "GetStatus": ("unary_unary", pb.GetStatusRequest),
+    "UpsertPersons": ("unary_unary", pb.UpsertPersonsRequest),
+    "RecordNatResults": ("unary_unary", pb.RecordNatResultsRequest),
+    "RecordEntries": ("unary_unary", pb.RecordEntriesRequest),
+    "RecordVisits": ("unary_unary", pb.RecordVisitsRequest),
+}
+#: What ObservedService decodes each request as.
+REQUEST_CLASSES = {name: request_class for name, (_, request_class) in METHODS.items()}
 
-    def handler(kind, method, request_class):  # type: ignore[no-untyped-def]
+
+def service_handlers(service: HealthCodeService) -> grpc.GenericRpcHandler:
+    """The healthcode.v1.HealthCode handlers of :data:`METHODS`: requests as raw bytes (decoded by ObservedService),
+    responses serialized from the generated message classes (Evaluate: returned as bytes)."""
+
+    def handler(kind: str, method: str, request_class: type[Any] | None) -> grpc.RpcMethodHandler:
         make = getattr(grpc, f"{kind}_rpc_method_handler")
-        deserializer = None if request_class is None else request_class.FromString
         serializer = None if request_class is None else (lambda m: m.SerializeToString())
-        return make(getattr(service, method), request_deserializer=deserializer, response_serializer=serializer)
+        return make(getattr(service, method), request_deserializer=None, response_serializer=serializer)  # type: ignore[no-any-return]
 
     return grpc.method_handlers_generic_handler(
-        SERVICE_NAME,
-        {
-            "Evaluate": handler("unary_unary", "Evaluate", None),
-            "EvaluateArrow": handler("stream_stream", "EvaluateArrow", pb.EvaluateArrowRequest),
-            "PutRiskList": handler("unary_unary", "PutRiskList", pb.PutRiskListRequest),
-            "GetRiskList": handler("unary_unary", "GetRiskList", pb.GetRiskListRequest),
-            "PutPolicy": handler("unary_unary", "PutPolicy", pb.PutPolicyRequest),
-            "GetPolicy": handler("unary_unary", "GetPolicy", pb.GetPolicyRequest),
-            "Reevaluate": handler("unary_unary", "Reevaluate", pb.ReevaluateRequest),
-            "WatchChanges": handler("unary_stream", "WatchChanges", pb.WatchChangesRequest),
-            "WatchChangesArrow": handler("unary_stream", "WatchChangesArrow", pb.WatchChangesRequest),
-            "GetStatus": handler("unary_unary", "GetStatus", pb.GetStatusRequest),
-            "UpsertPersons": handler("unary_unary", "UpsertPersons", pb.UpsertPersonsRequest),
-            "RecordNatResults": handler("unary_unary", "RecordNatResults", pb.RecordNatResultsRequest),
-            "RecordEntries": handler("unary_unary", "RecordEntries", pb.RecordEntriesRequest),
-            "RecordVisits": handler("unary_unary", "RecordVisits", pb.RecordVisitsRequest),
-        },
+        SERVICE_NAME, {name: handler(kind, name, request_class) for name, (kind, request_class) in METHODS.items()}
     )
 
 
@@ -239,7 +247,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="evaluate")
     # ObservedService outermost: calls the guard refuses are logged and counted with their code.
     server = grpc.aio.server(
-        interceptors=[ObservedService(), guard], options=grpc_options(settings, public=not behind_front)
+        interceptors=[ObservedService(REQUEST_CLASSES), guard], options=grpc_options(settings, public=not behind_front)
     )
     server.add_generic_rpc_handlers((service_handlers(HealthCodeService(state, settings, executor, book, ingest)),))
     health = health_aio.HealthServicer()

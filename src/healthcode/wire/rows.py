@@ -217,6 +217,8 @@ def read_stream(
             if limit_rows:
                 check_rows(rows, what)
         schema = reader.schema
+    except HealthcodeError:  # the rows limit (a ValueError too): RESOURCE_EXHAUSTED, not unreadable bytes
+        raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         detail = str(exc).strip() or type(exc).__name__
         raise WireError(f"{what}: not a readable Arrow IPC stream: {detail}") from None
