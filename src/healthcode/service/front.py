@@ -243,9 +243,8 @@ def install_fast_refusal(slots: Slots) -> bool:
                     call.cancel()
                     late += 1
             if late:
-                logs.event(
-                    log, "front_no_request", level=logging.WARNING, cancelled=late, seconds=FIRST_MESSAGE_SECONDS
-                )
+                wait = FIRST_MESSAGE_SECONDS
+                logs.event(log, "front_no_request", level=logging.WARNING, cancelled=late, seconds=wait)
 
     _server._handle_call = handle_call
     slots.on_accept = fast
@@ -259,8 +258,7 @@ def install_fast_refusal(slots: Slots) -> bool:
 
 def _abort(context: grpc.ServicerContext, exc: HealthcodeError) -> NoReturn:
     """End the call with the status :mod:`healthcode.service.status` gives ``exc`` (abort raises)."""
-    code, message = status.of(exc)
-    context.abort(code, message)
+    context.abort(*status.of(exc))
     raise AssertionError("abort returned")
 
 
@@ -381,13 +379,8 @@ def _run(settings: Settings, backend: str, report: Any, counters: Any, parent: i
     limit = settings.max_concurrent_calls
     slots = Slots(limit, counters)
     if limit and not install_fast_refusal(slots):
-        logs.event(
-            log,
-            "front_slow_refusal",
-            level=logging.WARNING,
-            detail="this grpcio is not the shape the front knows; calls past the limit are refused by the handlers, "
-            "at a higher cost",
-        )
+        detail = "grpcio is not the shape the front knows: the handlers refuse calls past the limit, at a higher cost"
+        logs.event(log, "front_slow_refusal", level=logging.WARNING, detail=detail)
     channel = grpc.insecure_channel(
         backend,
         options=[
@@ -415,9 +408,7 @@ def _run(settings: Settings, backend: str, report: Any, counters: Any, parent: i
     last, reported = 0, time.monotonic()
     while not stop.wait(1.0):
         if os.getppid() != parent:  # the server died (kill -9): nothing is left to forward to
-            logs.event(
-                log, "front_orphaned", level=logging.ERROR, detail="the server process is gone; the front stops"
-            )
+            logs.event(log, "front_orphaned", level=logging.ERROR, detail="the server is gone; the front stops")
             break
         refused = int(counters[REFUSED])
         if refused != last and time.monotonic() - reported >= REPORT_SECONDS:
