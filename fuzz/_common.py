@@ -1,9 +1,9 @@
 """Shared by the fuzz harnesses and tests/test_fuzz*.py: the server's own call sequences, and the accepted outcomes.
 
 Every harness exposes ``check(data: bytes) -> None``: it feeds ``data`` through the same calls the server makes on
-request bytes and returns normally when the outcome is acceptable (success, or a :class:`HealthcodeError` /
-deliberate :class:`Refused` status with a non-empty message).  Anything else propagates, and the fuzzer (or the
-corpus replay test) reports it as a crash.
+request bytes and returns normally when the outcome is acceptable (success, or a deliberate
+:class:`HealthcodeError` of the one hierarchy, with a non-empty message).  Anything else propagates, and the
+fuzzer (or the corpus replay test) reports it as a crash.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from healthcode.live.state import State
 from healthcode.rules.policy import default_policy
 from healthcode.rules.regions import parse_risk_csv
 from healthcode.service.config import Settings
-from healthcode.service.interceptors import Refused
 from healthcode.service.servicer import HealthCodeService
 
 FUZZ_DIR = Path(__file__).resolve().parent
@@ -42,8 +41,8 @@ RISK_CSV = (
     "152501,,,border_port\n"
 )
 
-#: The outcomes a caller may get for a bad input: an error this package raises on purpose (INVALID_ARGUMENT).
-ACCEPTED: tuple[type[Exception], ...] = (HealthcodeError, Refused)
+#: The outcomes a caller may get for a bad input: an error this package raises on purpose (its status deliberate).
+ACCEPTED: tuple[type[Exception], ...] = (HealthcodeError,)
 
 E = TypeVar("E", bound=BaseException)
 

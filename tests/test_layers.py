@@ -32,12 +32,7 @@ MAY_IMPORT: dict[str, set[str]] = {
 MAY_IMPORT["cli"] = set(MAY_IMPORT) - {"cli"}  # anything
 
 #: Upward imports the code has today, each (importing module, imported module).  To be emptied after the merge.
-ALLOWED: set[tuple[str, str]] = {
-    # The rows-per-request limit (service.limits.check_rows / LimitExceeded) is read where requests are decoded;
-    # it belongs below the wire (its state is set by service.config), which needs service/limits.py to move.
-    ("healthcode.wire.ipc", "healthcode.service.limits"),
-    ("healthcode.wire.rows", "healthcode.service.limits"),
-}
+ALLOWED: set[tuple[str, str]] = set()  # upward imports allowed on purpose: none
 
 
 def _modules() -> dict[str, Path]:

@@ -22,7 +22,8 @@ from service_helpers import ServerProcess, ipc_bytes, token_channel
 from healthcode._proto.v1 import healthcode_pb2 as pb
 from healthcode._proto.v1 import healthcode_pb2_grpc as pb_grpc
 from healthcode.service.config import ConfigError, Settings, load_settings
-from healthcode.service.limits import Concurrency, LimitExceeded
+from healthcode.service.limits import Concurrency
+from healthcode.wire.limits import LimitExceeded
 
 AS_OF_S = seconds(AS_OF)
 TOKENS = {"gw-a": "tok-gateway-a-0123456789abcdef", "gw-b": "tok-gateway-b-0123456789abcdef",
@@ -370,7 +371,7 @@ def test_overload_guard_sheds_data_plane_calls_while_the_event_loop_stays_late()
                     guard.check(method)
                     seen.append(f"{method} admitted")
                 except LimitExceeded as exc:
-                    assert exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "shed_loop_lag_ms" in str(exc)
+                    assert exc.status == "RESOURCE_EXHAUSTED" and "shed_loop_lag_ms" in str(exc)
                     seen.append(f"{method} shed")
             await asyncio.sleep(0.1)  # the loop catches up
             guard.check("Evaluate")

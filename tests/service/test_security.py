@@ -332,6 +332,7 @@ def test_bad_security_settings_fail_at_start_up_without_quoting_tokens(tmp_path,
 
 def test_caller_identity_is_available_to_the_servicer():
     from healthcode.service import auth
+    from healthcode.service.interceptors import ObservedService
     from healthcode.service.limits import Concurrency
 
     async def scenario() -> list[str]:
@@ -343,7 +344,7 @@ def test_caller_identity_is_available_to_the_servicer():
 
         tokens = auth.parse_tokens(f"gateway-a gateway {GATEWAY}\n", "test")
         guard = auth.Guard(auth.Authenticator(tokens, {}), Concurrency(0, 0))
-        server = grpc.aio.server(interceptors=[guard])
+        server = grpc.aio.server(interceptors=[ObservedService({}), guard])  # it turns the guard's refusals into codes
         handler = grpc.unary_unary_rpc_method_handler(who)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("healthcode.v1.HealthCode",
                                                                               {"GetPolicy": handler}),))  # fmt: skip

@@ -36,10 +36,13 @@ from typing import Any
 
 import grpc
 
+from healthcode.errors import Expired, HealthcodeError, PermissionDenied, Unauthenticated
 from healthcode.service.config import ConfigError, Settings
 from healthcode.service.front import CLIENT_NAME, FIRST_MESSAGE_SECONDS, PEER
-from healthcode.service.interceptors import Refused, ServiceInterceptor
-from healthcode.service.limits import CONTROL_METHODS, Concurrency, LimitExceeded, Overload, check_rows
+from healthcode.service.interceptors import ServiceInterceptor
+from healthcode.service.limits import CONTROL_METHODS, Concurrency, Overload
+from healthcode.service.status import Cancelled
+from healthcode.wire.limits import check_rows
 
 log = logging.getLogger("healthcode.service.auth")
 
@@ -245,7 +248,8 @@ class Guard(ServiceInterceptor):
     """Runs before every healthcode RPC (health and reflection are left alone, so they are never refused):
     authenticates and authorizes the caller, refuses a call whose deadline already passed, checks the row count
     of row-form requests, and takes a concurrency slot for the length of the call.  Refusals abort the call with
-    their code, which :class:`~healthcode.service.interceptors.ObservedService` (outside it) logs and counts."""
+    their error (of :mod:`healthcode.errors`), which :class:`~healthcode.service.interceptors.ObservedService`
+    (outside it) turns into the status code, logs and counts."""
 
     def __init__(
         self,
@@ -267,7 +271,7 @@ class Guard(ServiceInterceptor):
         self.forwarded = forwarded
 
     def identify(self, method: str, context: grpc.aio.ServicerContext) -> str:
-        """The caller's principal name; raises Refused (UNAUTHENTICATED or PERMISSION_DENIED)."""
+        """The caller's principal name; raises :class:`Unauthenticated` or :class:`PermissionDenied`."""
         if not self.auth.enabled:
             names = _certificate_names(context, self.forwarded) if self.certificates else []
             return names[0] if names else ANONYMOUS
@@ -276,28 +280,27 @@ class Guard(ServiceInterceptor):
         if token:
             principal = self.auth.by_token(token)
             if principal is None:
-                raise Refused(grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token")
+                raise Unauthenticated("unknown bearer token")
         elif token == "":
-            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "the authorization header must be 'Bearer <token>'")
+            raise Unauthenticated("the authorization header must be 'Bearer <token>'")
         else:
             names = _certificate_names(context, self.forwarded) if self.certificates else []
             principal = self.auth.by_certificate(names)
             if principal is None:
-                raise Refused(
-                    grpc.StatusCode.UNAUTHENTICATED,
+                raise Unauthenticated(
                     "unknown client certificate identity" if names else
                     "no credentials: send 'authorization: Bearer <token>' metadata or a client certificate",
                 )  # fmt: skip
         if not allowed(principal.roles, method):
             roles = "+".join(sorted(principal.roles))
-            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"{principal.name} ({roles}) may not call {method}")
+            raise PermissionDenied(f"{principal.name} ({roles}) may not call {method}")
         return principal.name
 
     def _enter(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> str:
         name = self.identify(method, context)
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
-            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the call started")
+            raise Expired("the deadline passed before the call started")
         if self.overload is not None:
             self.overload.check(method)
         rows = getattr(request, _ROW_FIELDS.get(method, ""), None)
@@ -309,7 +312,8 @@ class Guard(ServiceInterceptor):
         return key
 
     async def _admit(self, method: str, request: Any, context: grpc.aio.ServicerContext, requests: Any = None) -> str:
-        """:meth:`_enter`, ending the call with the refusal's code (abort: the observer logs it with that code).
+        """:meth:`_enter`; a refusal is raised on to :class:`~healthcode.service.interceptors.ObservedService`,
+        which ends the call with its code (and logs and counts it).
 
         A call that streams its ``requests`` is refused once its first request has arrived (waiting at most
         :data:`FIRST_MESSAGE_SECONDS`): a grpc.aio client still writing its first request when the call ends reads
@@ -317,13 +321,12 @@ class Guard(ServiceInterceptor):
         first answer before sending more (as ours do) reads the real code."""
         try:
             return self._enter(method, request, context)
-        except (Refused, LimitExceeded) as exc:
+        except HealthcodeError as exc:
             refusal = exc
         if requests is not None:
             with contextlib.suppress(Exception):  # the end of the stream, a cancellation, the wait running out
                 await asyncio.wait_for(anext(aiter(requests)), FIRST_MESSAGE_SECONDS)
-        await context.abort(refusal.code, str(refusal))
-        raise AssertionError("abort returned") from None
+        raise refusal
 
     def _leave(self, key: str, context: grpc.aio.ServicerContext) -> None:
         _BY_CONTEXT.pop(id(context), None)
@@ -373,10 +376,10 @@ async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerConte
     client cancelled: no new kernel work starts for an abandoned call."""
     async for request in requests:
         if context.cancelled():
-            await context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
+            raise Cancelled("the call was cancelled")
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while requests were arriving")
+            raise Expired("the deadline passed while requests were arriving")
         yield request
     # The stream ended: a client's half-close, or its cancellation (grpc.aio ends the request stream the same way
     # for both, and tells the call only when its close notice is handled).  Let the loop handle a notice that came

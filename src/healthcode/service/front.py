@@ -16,7 +16,6 @@ by the front.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -27,13 +26,17 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
+from healthcode import logs
+from healthcode.errors import HealthcodeError, Unavailable
+from healthcode.service import status
 from healthcode.service.config import ConfigError, Settings
 from healthcode.service.limits import CONTROL_METHODS
 from healthcode.service.transport import is_loopback
+from healthcode.wire.limits import LimitExceeded
 
 log = logging.getLogger("healthcode.service.front")
 
@@ -140,9 +143,10 @@ class Slots:
         self.active = 0
         self.counters = counters
         self.lock = threading.Lock()
-        self.message = (
+        self.refusal = LimitExceeded(
             f"the server is at its limit of concurrent calls (max_concurrent_calls = {limit}); retry with back-off"
         )
+        self.message = str(self.refusal)
         self.on_accept: frozenset[str] = frozenset()  # methods whose slot install_fast_refusal() takes on accept
         self.started: Callable[[grpc.ServicerContext], None] = lambda context: None  # the request has arrived
 
@@ -195,7 +199,9 @@ def install_fast_refusal(slots: Slots) -> bool:
     # caller still writing when its call ends is told INTERNAL by its gRPC library, not our status (grpc#36066).
     fast = frozenset(path for path, (streaming, _) in method_kinds().items() if path not in EXEMPT and not streaming)
     fast_bytes = {path.encode() for path in fast}
-    message = slots.message.encode()
+    code, text = status.of(slots.refusal)
+    refused = cygrpc.StatusCode(code.value[0])  # the same code, as grpcio's core enum
+    message = text.encode()
 
     # A call admitted here holds its slot while its request arrives.  A caller that sends the headers and never the
     # message would hold it (unauthenticated: the server has not seen the call yet) until its deadline, if any; so
@@ -211,7 +217,7 @@ def install_fast_refusal(slots: Slots) -> bool:
                 release = slots.acquire()
                 if release is None:
                     state = _server._RPCState()
-                    reject(rpc_event, state, cygrpc.StatusCode.resource_exhausted, message)
+                    reject(rpc_event, state, refused, message)
                     return state, None
                 waiting[key] = (time.monotonic() + FIRST_MESSAGE_SECONDS, rpc_event.call)  # before its handler runs
         state, future = handle(rpc_event, method_with_handler, *rest)
@@ -238,8 +244,8 @@ def install_fast_refusal(slots: Slots) -> bool:
                     call.cancel()
                     late += 1
             if late:
-                event = {"event": "front_no_request", "cancelled": late, "seconds": FIRST_MESSAGE_SECONDS}
-                log.warning(json.dumps(event))
+                wait = FIRST_MESSAGE_SECONDS
+                logs.event(log, "front_no_request", level=logging.WARNING, cancelled=late, seconds=wait)
 
     _server._handle_call = handle_call
     slots.on_accept = fast
@@ -249,6 +255,12 @@ def install_fast_refusal(slots: Slots) -> bool:
     slots.started = started
     threading.Thread(target=watch, name="front-watchdog", daemon=True).start()
     return True
+
+
+def _abort(context: grpc.ServicerContext, exc: HealthcodeError) -> NoReturn:
+    """End the call with the status :mod:`healthcode.service.status` gives ``exc`` (abort raises)."""
+    context.abort(*status.of(exc))
+    raise AssertionError("abort returned")
 
 
 class Forwarder(grpc.GenericRpcHandler):
@@ -283,8 +295,7 @@ class Forwarder(grpc.GenericRpcHandler):
             return
         release = self.slots.acquire()
         if release is None:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.slots.message)
-            raise AssertionError("abort returned")
+            _abort(context, self.slots.refusal)
         context.add_callback(release)  # a cancelled call frees its slot even before its thread notices
         try:
             yield
@@ -299,7 +310,7 @@ class Forwarder(grpc.GenericRpcHandler):
             if trailing:
                 context.set_trailing_metadata(tuple(trailing))
             context.abort(error.code(), error.details() or "")
-        context.abort(grpc.StatusCode.UNAVAILABLE, "the server did not answer")
+        _abort(context, Unavailable("the server did not answer"))
 
     def _handler(self, path: str, client_streaming: bool, server_streaming: bool) -> grpc.RpcMethodHandler:
         kind = ("stream" if client_streaming else "unary") + "_" + ("stream" if server_streaming else "unary")
@@ -319,7 +330,7 @@ class Forwarder(grpc.GenericRpcHandler):
                     try:
                         return future.result()
                     except grpc.FutureCancelledError:
-                        context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
+                        _abort(context, status.Cancelled("the call was cancelled"))
                     except grpc.RpcError as error:
                         self._fail(context, error)
 
@@ -358,7 +369,6 @@ def _run(settings: Settings, backend: str, report: Any, counters: Any, parent: i
     """The front process: listen, report the bound port (or the error) to the server, forward until SIGTERM or
     until the server process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops the front in order
-    from healthcode import logs
     from healthcode.service.transport import grpc_options, listen, server_credentials
 
     logs.configure(settings.log_level)
@@ -370,10 +380,8 @@ def _run(settings: Settings, backend: str, report: Any, counters: Any, parent: i
     limit = settings.max_concurrent_calls
     slots = Slots(limit, counters)
     if limit and not install_fast_refusal(slots):
-        log.warning(
-            '{"event": "front_slow_refusal", "detail": "this grpcio is not the shape the front knows; calls past the '
-            'limit are refused by the handlers, at a higher cost"}'
-        )
+        detail = "grpcio is not the shape the front knows: the handlers refuse calls past the limit, at a higher cost"
+        logs.event(log, "front_slow_refusal", level=logging.WARNING, detail=detail)
     channel = grpc.insecure_channel(
         backend,
         options=[
@@ -401,11 +409,11 @@ def _run(settings: Settings, backend: str, report: Any, counters: Any, parent: i
     last, reported = 0, time.monotonic()
     while not stop.wait(1.0):
         if os.getppid() != parent:  # the server died (kill -9): nothing is left to forward to
-            log.error('{"event": "front_orphaned", "detail": "the server process is gone; the front stops"}')
+            logs.event(log, "front_orphaned", level=logging.ERROR, detail="the server is gone; the front stops")
             break
         refused = int(counters[REFUSED])
         if refused != last and time.monotonic() - reported >= REPORT_SECONDS:
-            log.warning(json.dumps({"event": "front_shed", "refused": refused - last, "limit": limit}))
+            logs.event(log, "front_shed", level=logging.WARNING, refused=refused - last, limit=limit)
             last, reported = refused, time.monotonic()
     server.stop(settings.grace_seconds).wait()
     channel.close()

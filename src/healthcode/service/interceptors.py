@@ -1,7 +1,12 @@
-"""One place for what every RPC gets: exception → status code mapping, one structured log line, and metrics.
+"""One place for what every RPC gets: its request decoded, one structured log line, metrics, and its exceptions
+turned into status codes (through :mod:`healthcode.service.status`).
 
-Log lines carry the method, the row count, the duration and the status code, never a person id or row content.
-Servicer methods report their row count through :data:`ROWS`.
+Every method of the service is registered with a raw-bytes request deserializer (see
+:func:`healthcode.service.server.service_handlers`); :class:`ObservedService` decodes the request (each message
+of a request stream) with the method's request class, so a malformed request is :class:`~healthcode.errors.BadInput`
+naming the RPC (and, in a stream, the message number) like any other bad input.  Log lines carry the method, the row
+count, the duration and the status code, never a person id or row content.  Servicer methods report their row
+count through :data:`ROWS`.
 """
 
 from __future__ import annotations
@@ -10,14 +15,14 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
 
-from healthcode.errors import HealthcodeError
-from healthcode.service import metrics
-from healthcode.service.limits import LimitExceeded
+from healthcode import logs
+from healthcode.errors import BadInput
+from healthcode.service import metrics, status
 
 log = logging.getLogger("healthcode.rpc")
 
@@ -25,23 +30,23 @@ log = logging.getLogger("healthcode.rpc")
 ROWS: contextvars.ContextVar[int] = contextvars.ContextVar("rows", default=0)
 
 
-class Refused(Exception):
-    """Raised by servicer code to end a call with ``code`` and a message for the caller."""
+def decode(method: str, request_class: Any, data: bytes, index: int | None = None) -> Any:
+    """``data`` as a ``request_class`` message; bytes that are not one raise :class:`BadInput` naming the RPC (and
+    the message number ``index`` of a request stream, from 0)."""
+    try:
+        return request_class.FromString(data)
+    except MemoryError:
+        raise
+    except Exception:  # DecodeError, or a nesting too deep: whatever protobuf cannot parse is the caller's input
+        where = "the request" if index is None else f"request {index}"
+        raise BadInput(f"{method}: {where} is not a well-formed {request_class.DESCRIPTOR.full_name}") from None
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
-
-def _status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """The status a servicer exception maps to; None for exceptions gRPC handles itself."""
-    if isinstance(exc, (Refused, LimitExceeded)):
-        return exc.code, str(exc)
-    if isinstance(exc, HealthcodeError):
-        return grpc.StatusCode[exc.status], str(exc)
-    if isinstance(exc, MemoryError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this request; send smaller batches"
-    return None
+async def _decoded(method: str, request_class: Any, requests: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+    index = 0
+    async for data in requests:
+        yield decode(method, request_class, data, index)
+        index += 1
 
 
 class _Call:
@@ -53,12 +58,7 @@ class _Call:
         ROWS.set(0)
 
     def fail(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
-        mapped = _status(exc)
-        if mapped is None:
-            # Unexpected: log the type only (a message could quote row content), answer INTERNAL.
-            log.error(f'{{"event": "rpc_error", "method": "{self.method}", "error": "{type(exc).__name__}"}}')
-            return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server log has the time"
-        return mapped
+        return status.of(exc, self.method)
 
     def finish(self, code: grpc.StatusCode) -> None:
         seconds = time.perf_counter() - self.started
@@ -68,12 +68,7 @@ class _Call:
         latency.observe(seconds)
         if rows:
             rows_total.inc(rows)
-        if log.isEnabledFor(logging.INFO):
-            # Method names and codes are identifiers: the line is valid JSON without an encoder.
-            log.info(
-                f'{{"event": "rpc", "method": "{self.method}", "rows": {rows}, "ms": {seconds * 1000:.3f}, '
-                f'"code": "{code.name}"}}'
-            )
+        logs.event(log, "rpc", method=self.method, rows=rows, ms=round(seconds * 1000, 3), code=code.name)
 
     def cancelled_code(self) -> grpc.StatusCode:
         remaining = self.context.time_remaining()
@@ -97,10 +92,14 @@ def _series(method: str, code: grpc.StatusCode) -> tuple[Any, Any, Any]:
     return found
 
 
-def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(
+    method: str, behavior: Callable[..., Awaitable[Any]], request_class: Any = None
+) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = _Call(method, context)
         try:
+            if request_class is not None:
+                request = decode(method, request_class, request)
             response = await behavior(request, context)
         except asyncio.CancelledError:
             call.finish(call.cancelled_code())
@@ -118,7 +117,9 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
     return handler
 
 
-def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(
+    method: str, behavior: Callable[..., AsyncIterator[Any]], request_class: Any = None, streaming_request: bool = False
+) -> Callable[..., AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         call = _Call(method, context)
         outcome: list[grpc.StatusCode] = []
@@ -133,6 +134,12 @@ def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Ca
 
         context.add_done_callback(done)
         try:
+            if request_class is not None:
+                request = (
+                    _decoded(method, request_class, request)
+                    if streaming_request
+                    else decode(method, request_class, request)
+                )
             async for response in behavior(request, context):
                 yield response
             outcome.append(call.cancelled_code() if _expired(context) else grpc.StatusCode.OK)
@@ -191,10 +198,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
 
 class ObservedService(ServiceInterceptor):
-    """Logs, counts and times every healthcode RPC, and maps its exceptions to status codes."""
+    """Decodes the request of every healthcode RPC, logs, counts and times the call, and maps its exceptions to
+    status codes (:func:`healthcode.service.status.of`).
+
+    ``requests``: method name -> request message class, for the methods registered with raw-bytes request
+    deserializers (None, or a method left out: the servicer takes the raw bytes, as Evaluate does)."""
+
+    def __init__(self, requests: Mapping[str, Any], service_prefix: str = "/healthcode.v1.") -> None:
+        super().__init__(service_prefix)
+        self.requests = dict(requests)
 
     def wrap_unary(self, method: str, behavior: Any) -> Any:
-        return _wrap_unary(method, behavior)
+        return _wrap_unary(method, behavior, self.requests.get(method))
 
     def wrap_stream(self, method: str, behavior: Any, streaming_request: bool) -> Any:
-        return _wrap_stream(method, behavior)
+        return _wrap_stream(method, behavior, self.requests.get(method), streaming_request)

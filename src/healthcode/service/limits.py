@@ -1,9 +1,8 @@
-"""Request limits: rows per request (checked where requests are decoded) and concurrent calls (per caller and
-overall, checked by the :class:`~healthcode.service.auth.Guard` interceptor before any work starts).
+"""Call limits: concurrent calls (per caller and overall) and the overload guard, checked by the
+:class:`~healthcode.service.auth.Guard` interceptor before any work starts.
 
-Past a limit the call ends at once with RESOURCE_EXHAUSTED and a message naming the limit; nothing queues.  The
-limits live in this module (one server per process) and are set once at start-up by :func:`configure`; the
-defaults here (no row limit) are what in-process users of :mod:`healthcode.wire.rows` get.
+Past a limit the call ends at once with RESOURCE_EXHAUSTED (:class:`LimitExceeded`) and a message naming the limit;
+nothing queues.  (The rows-per-request limit is checked where requests are decoded: :mod:`healthcode.wire.limits`.)
 """
 
 from __future__ import annotations
@@ -12,35 +11,7 @@ import asyncio
 import collections
 import threading
 
-import grpc
-
-#: Rows one request may carry (row-form persons, one Arrow IPC message, one ingest request); 0: no limit.
-_max_request_rows = 0
-
-
-class LimitExceeded(Exception):
-    """A request is over a configured limit: the call ends with RESOURCE_EXHAUSTED and this message."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-def configure(max_request_rows: int) -> None:
-    global _max_request_rows
-    _max_request_rows = max_request_rows
-
-
-def max_request_rows() -> int:
-    return _max_request_rows
-
-
-def check_rows(rows: int, what: str) -> None:
-    """Raise :class:`LimitExceeded` when ``rows`` is over the rows-per-request limit."""
-    limit = _max_request_rows
-    if limit and rows > limit:
-        raise LimitExceeded(
-            f"{what}: more rows than the server's limit of {limit:,} rows per request (max_request_rows); "
-            "split the work into smaller requests"
-        )
+from healthcode.wire.limits import LimitExceeded
 
 
 class Concurrency:

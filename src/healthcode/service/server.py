@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -31,6 +32,7 @@ from healthcode.service.interceptors import ObservedService
 from healthcode.service.servicer import HealthCodeService
 from healthcode.service.transport import grpc_options, is_loopback, listen, server_credentials
 from healthcode.store.database import Store
+from healthcode.wire import limits as wire_limits
 
 log = logging.getLogger("healthcode.service.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HealthCode"].full_name
@@ -51,34 +53,41 @@ def _open_control(settings: Settings) -> Control:
     )
 
 
-def service_handlers(service: HealthCodeService) -> grpc.GenericRpcHandler:
-    """The healthcode.v1.HealthCode handlers: Evaluate takes and returns raw bytes (the kernel's row-form codec
-    does the protobuf work); the other methods use the generated message classes."""
+#: Every RPC of healthcode.v1.HealthCode: its handler kind and request class.  Every request arrives as raw bytes
+#: and is decoded in one place, by :class:`~healthcode.service.interceptors.ObservedService` (a malformed one is
+#: INVALID_ARGUMENT naming the RPC); None: the servicer reads the bytes itself (Evaluate: the kernel's codec) and
+#: returns bytes.
+METHODS: dict[str, tuple[str, type[Any] | None]] = {
+    "Evaluate": ("unary_unary", None),
+    "EvaluateArrow": ("stream_stream", pb.EvaluateArrowRequest),
+    "PutRiskList": ("unary_unary", pb.PutRiskListRequest),
+    "GetRiskList": ("unary_unary", pb.GetRiskListRequest),
+    "PutPolicy": ("unary_unary", pb.PutPolicyRequest),
+    "GetPolicy": ("unary_unary", pb.GetPolicyRequest),
+    "Reevaluate": ("unary_unary", pb.ReevaluateRequest),
+    "WatchChanges": ("unary_stream", pb.WatchChangesRequest),
+    "WatchChangesArrow": ("unary_stream", pb.WatchChangesRequest),
+    "GetStatus": ("unary_unary", pb.GetStatusRequest),
+    "UpsertPersons": ("unary_unary", pb.UpsertPersonsRequest),
+    "RecordNatResults": ("unary_unary", pb.RecordNatResultsRequest),
+    "RecordEntries": ("unary_unary", pb.RecordEntriesRequest),
+    "RecordVisits": ("unary_unary", pb.RecordVisitsRequest),
+}
+#: What ObservedService decodes each request as.
+REQUEST_CLASSES = {name: request_class for name, (_, request_class) in METHODS.items()}
 
-    def handler(kind, method, request_class):  # type: ignore[no-untyped-def]
+
+def service_handlers(service: HealthCodeService) -> grpc.GenericRpcHandler:
+    """The healthcode.v1.HealthCode handlers of :data:`METHODS`: requests as raw bytes (decoded by ObservedService),
+    responses serialized from the generated message classes (Evaluate: returned as bytes)."""
+
+    def handler(kind: str, method: str, request_class: type[Any] | None) -> grpc.RpcMethodHandler:
         make = getattr(grpc, f"{kind}_rpc_method_handler")
-        deserializer = None if request_class is None else request_class.FromString
         serializer = None if request_class is None else (lambda m: m.SerializeToString())
-        return make(getattr(service, method), request_deserializer=deserializer, response_serializer=serializer)
+        return make(getattr(service, method), request_deserializer=None, response_serializer=serializer)  # type: ignore[no-any-return]
 
     return grpc.method_handlers_generic_handler(
-        SERVICE_NAME,
-        {
-            "Evaluate": handler("unary_unary", "Evaluate", None),
-            "EvaluateArrow": handler("stream_stream", "EvaluateArrow", pb.EvaluateArrowRequest),
-            "PutRiskList": handler("unary_unary", "PutRiskList", pb.PutRiskListRequest),
-            "GetRiskList": handler("unary_unary", "GetRiskList", pb.GetRiskListRequest),
-            "PutPolicy": handler("unary_unary", "PutPolicy", pb.PutPolicyRequest),
-            "GetPolicy": handler("unary_unary", "GetPolicy", pb.GetPolicyRequest),
-            "Reevaluate": handler("unary_unary", "Reevaluate", pb.ReevaluateRequest),
-            "WatchChanges": handler("unary_stream", "WatchChanges", pb.WatchChangesRequest),
-            "WatchChangesArrow": handler("unary_stream", "WatchChangesArrow", pb.WatchChangesRequest),
-            "GetStatus": handler("unary_unary", "GetStatus", pb.GetStatusRequest),
-            "UpsertPersons": handler("unary_unary", "UpsertPersons", pb.UpsertPersonsRequest),
-            "RecordNatResults": handler("unary_unary", "RecordNatResults", pb.RecordNatResultsRequest),
-            "RecordEntries": handler("unary_unary", "RecordEntries", pb.RecordEntriesRequest),
-            "RecordVisits": handler("unary_unary", "RecordVisits", pb.RecordVisitsRequest),
-        },
+        SERVICE_NAME, {name: handler(kind, name, request_class) for name, (kind, request_class) in METHODS.items()}
     )
 
 
@@ -105,13 +114,18 @@ def _serve_metrics(settings: Settings) -> tuple[int, str]:
 
 def _security_warnings(settings: Settings, auth: Authenticator) -> None:
     tls = bool(settings.tls_cert)
-    log.info(
-        f'{{"event": "security", "tls": {str(tls).lower()}, "mutual_tls": {str(bool(settings.tls_client_ca)).lower()}, '
-        f'"token_principals": {len(auth.tokens)}, "certificate_identities": {len(auth.identities)}, '
-        f'"max_concurrent_calls": {settings.max_concurrent_calls}, '
-        f'"max_concurrent_calls_per_caller": {settings.max_concurrent_calls_per_caller}, '
-        f'"max_request_rows": {settings.max_request_rows}, "shed_loop_lag_ms": {settings.shed_loop_lag_ms}, '
-        f'"front": {str(front.enabled(settings)).lower()}}}'
+    logs.event(
+        log,
+        "security",
+        tls=tls,
+        mutual_tls=bool(settings.tls_client_ca),
+        token_principals=len(auth.tokens),
+        certificate_identities=len(auth.identities),
+        max_concurrent_calls=settings.max_concurrent_calls,
+        max_concurrent_calls_per_caller=settings.max_concurrent_calls_per_caller,
+        max_request_rows=settings.max_request_rows,
+        shed_loop_lag_ms=settings.shed_loop_lag_ms,
+        front=front.enabled(settings),
     )
     if is_loopback(settings.listen):
         return
@@ -171,7 +185,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         known=book.knows,
         seen=lambda kind, events: book.stored_events(kind, events, settings.now()),
     )
-    limits.configure(settings.max_request_rows)
+    wire_limits.configure(settings.max_request_rows)
     concurrency = limits.Concurrency(settings.max_concurrent_calls, settings.max_concurrent_calls_per_caller)
     overload = limits.Overload(settings.shed_loop_lag_ms / 1000)
     behind_front = front.enabled(settings)
@@ -181,7 +195,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="evaluate")
     # ObservedService outermost: calls the guard refuses are logged and counted with their code.
     server = grpc.aio.server(
-        interceptors=[ObservedService(), guard], options=grpc_options(settings, public=not behind_front)
+        interceptors=[ObservedService(REQUEST_CLASSES), guard], options=grpc_options(settings, public=not behind_front)
     )
     server.add_generic_rpc_handlers((service_handlers(HealthCodeService(control, settings, executor, ingest)),))
     health = health_aio.HealthServicer()
@@ -214,7 +228,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         front.yield_cpu_to_front(keep=frozenset({shedder.spawner_thread_id}))
         collector = metrics.FrontCollector(shedder)
         metrics.REGISTRY.register(collector)
-        log.info(f'{{"event": "front", "pid": {shedder.process.pid}, "limit": {settings.max_concurrent_calls}}}')
+        logs.event(log, "front", pid=shedder.process.pid, limit=settings.max_concurrent_calls)
     for name in (SERVICE_NAME, ""):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_port, scheme = _serve_metrics(settings) if settings.metrics_listen else (None, "")
@@ -298,11 +312,13 @@ async def _watch_front(shedder: front.Front, address: str, stop: asyncio.Event, 
         await loop.run_in_executor(None, shedder.process.join, 1.0)
         if shedder.process.is_alive() or stop.is_set():
             continue
-        log.error(f'{{"event": "front_exited", "code": {shedder.process.exitcode}, "detail": "starting a new front"}}')
+        logs.event(
+            log, "front_exited", level=logging.ERROR, code=shedder.process.exitcode, detail="starting a new front"
+        )
         try:
             await loop.run_in_executor(shedder.spawner, shedder.restart, address)
         except OSError as exc:
             failed.append(f"the front process exited and a new one could not start: {exc}")
             stop.set()
         else:
-            log.info(f'{{"event": "front", "pid": {shedder.process.pid}, "restarted": true}}')
+            logs.event(log, "front", pid=shedder.process.pid, restarted=True)

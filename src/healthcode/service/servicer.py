@@ -33,7 +33,7 @@ from healthcode.service import auth, metrics
 from healthcode.service.config import Settings
 from healthcode.service.interceptors import ROWS
 from healthcode.wire.ingest import request_table
-from healthcode.wire.ipc import changes_ipc, ipc_chunks, read_ipc
+from healthcode.wire.ipc import WireError, changes_ipc, ipc_chunks, read_ipc
 from healthcode.wire.rows import (
     columns_to_batch,
     decode_request,
@@ -141,7 +141,10 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
     def _evaluate_rows(self, request: bytes, deadline: float | None = None) -> tuple[bytes, int]:
         """Decode, evaluate and encode one row-form request (bytes in, bytes out: see healthcode.wire.rows)."""
         _check_deadline(deadline)
-        cols, as_of, policy = decode_request(request)
+        try:
+            cols, as_of, policy = decode_request(request)
+        except WireError as exc:
+            raise BadInput(f"Evaluate: {exc}") from None
         snap = self.control.snapshot
         ctx = self._context(snap, as_of, policy)
         info = _info(ctx, snap)

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from healthcode.errors import HealthcodeError, SchemaError
 from healthcode.rules.columns import check_schema
-from healthcode.service.limits import check_rows  # upward (wire -> service): see tests/test_layers.py ALLOWED
+from healthcode.wire.limits import check_rows
 
 
 class WireError(HealthcodeError):
@@ -24,7 +24,7 @@ def read_stream(
 ) -> tuple[pa.Schema, list[pa.RecordBatch]]:
     """All batches of a complete Arrow IPC stream, zero-copy; unreadable bytes raise :class:`WireError` naming
     ``what``.  The one reader of IPC bytes from the wire (bulk requests, results, ingest).  More rows than the
-    rows-per-request limit raise :class:`~healthcode.service.limits.LimitExceeded` (RESOURCE_EXHAUSTED) as soon as the
+    rows-per-request limit raise :class:`~healthcode.wire.limits.LimitExceeded` (RESOURCE_EXHAUSTED) as soon as the
     batches read so far pass it (``limit_rows=False``: results, which the server itself wrote).
 
     The IPC reader checks the framing only: buffers too short for their array, or list offsets out of range, pass
@@ -41,6 +41,8 @@ def read_stream(
             if limit_rows:
                 check_rows(rows, what)
         schema = reader.schema
+    except HealthcodeError:  # the rows limit (a ValueError too): RESOURCE_EXHAUSTED, not unreadable bytes
+        raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         detail = str(exc).strip() or type(exc).__name__
         raise WireError(f"{what}: not a readable Arrow IPC stream: {detail}") from None

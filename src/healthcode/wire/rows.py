@@ -25,8 +25,8 @@ from healthcode.rules.columns import (
 )
 from healthcode.rules.engine import KernelOutput
 from healthcode.rules.regions import RiskList, risk_list_from_rows
-from healthcode.service.limits import check_rows  # upward (wire -> service): see tests/test_layers.py ALLOWED
 from healthcode.wire.ipc import WireError
+from healthcode.wire.limits import check_rows
 
 
 def decode_request(data: bytes) -> tuple[BatchColumns, int | None, str]:
@@ -40,7 +40,7 @@ def decode_request(data: bytes) -> tuple[BatchColumns, int | None, str]:
         c, as_of, policy = _kernel.decode_evaluate_request(data)
     except _kernel.WireFormatError as exc:
         raise WireError(str(exc)) from None
-    check_rows(c["n"], "persons")  # the rows-per-request limit (limits.LimitExceeded: RESOURCE_EXHAUSTED)
+    check_rows(c["n"], "persons")  # the rows-per-request limit (wire.limits.LimitExceeded: RESOURCE_EXHAUSTED)
     all_valid = Bits(None, 0)
     nat = {"sample": (c["sample"], Bits(c["sample_ok"], 0), 0), "report": (c["report"], Bits(c["report_ok"], 0), 0)}
     cols = BatchColumns(
