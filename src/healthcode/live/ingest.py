@@ -31,7 +31,8 @@ import pyarrow as pa
 
 from healthcode._proto.v1 import healthcode_pb2 as pb
 from healthcode.errors import StoreError
-from healthcode.store.database import INGEST_KINDS, IngestCounts, Store, _row_error
+from healthcode.store import INGEST_KINDS, IngestCounts, Store
+from healthcode.store import row_error as _row_error
 from healthcode.wire.rows import WireError, read_stream
 
 log = logging.getLogger(__name__)
