@@ -115,10 +115,6 @@ class Connection:
         row = one(self.con.execute(sql, params or []))
         return int(row[0]) if row and row[0] is not None else 0
 
-    def arrow(self, sql: str, params: Any = None) -> pa.Table:
-        """A query's result as Arrow (the caller holds the lock or runs inside :meth:`transaction`)."""
-        return self.con.sql(sql, params=params).to_arrow_table()
-
 
 def _check_magic(path: str) -> None:
     """Refuse an existing file that is not a DuckDB database (DuckDB would otherwise try to open it anyway)."""

@@ -79,9 +79,7 @@ class Journal:
                     cur.execute("COMMIT")
                 except duckdb.Error as exc:
                     cur.execute("ROLLBACK")
-                    raise StoreError(
-                        f"{self.db.path}: cannot write the status checkpoint: {first_line(exc)}"
-                    ) from None
+                    raise StoreError(f"{self.db.path}: cannot write the status checkpoint: {first_line(exc)}") from None
             finally:
                 cur.close()
             return seq

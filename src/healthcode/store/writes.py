@@ -38,7 +38,6 @@ EVENT_KEYS = {
 }
 
 
-
 def _event_inserts(kind: str, view: str, fast: bool, returning: bool = False) -> list[str]:
     """The statements appending the distinct events of ``view`` (columns ``EVENT_KEYS[kind]``) to ``kind``.
 
@@ -98,8 +97,6 @@ def _credit(tagged: pa.Table, new: pa.Table, keys: tuple[str, ...]) -> dict[int,
     joined = new.join(firsts, names, join_type="inner", use_threads=False)
     per = joined.group_by("_sub_first", use_threads=False).aggregate([("_sub_first", "count")])
     return dict(zip(per.column(0).to_pylist(), per.column(1).to_pylist(), strict=True))
-
-
 
 
 def _check_known(db: Connection, view: str) -> None:
@@ -229,9 +226,7 @@ def _group_events(
 ) -> dict[int, IngestCounts | StoreError]:
     """Append the event items of one kind together (inside the open transaction); counts per item."""
     out: dict[int, IngestCounts | StoreError] = {}
-    tagged = pa.concat_tables(
-        [t.append_column("_sub", pa.array(np.full(len(t), i, dtype=np.int64))) for i, t in subs]
-    )
+    tagged = pa.concat_tables([t.append_column("_sub", pa.array(np.full(len(t), i, dtype=np.int64))) for i, t in subs])
     view = db.register(tagged)
     try:
         mask = None if stored is None else stored(tagged.column("person_id").to_numpy())
