@@ -144,4 +144,6 @@ def one(result: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:
 
 
 def first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """The first line of a database error's message, for a :class:`StoreError` (never the exception's class)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "the database gave no detail"
