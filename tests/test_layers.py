@@ -156,7 +156,7 @@ def test_the_client_side_of_the_wire_does_not_import_the_kernel(module: str) -> 
 
 def test_wire_ingest_kinds_are_the_stores() -> None:
     """wire.ingest does not import the store, so it spells the ingest kinds out; they must stay the store's."""
-    from healthcode.store.database import INGEST_KINDS
+    from healthcode.store import INGEST_KINDS
     from healthcode.wire.ingest import KINDS
 
     assert KINDS == INGEST_KINDS

@@ -71,7 +71,7 @@ def test_open_creates_every_table(tmp_path: Path) -> None:
         assert s.schema_version == SCHEMA_VERSION
     with Store(path) as s:  # reopening keeps one version row
         assert s.schema_version == SCHEMA_VERSION
-        assert s._count("SELECT count(*) FROM schema_version") == 1
+        assert s._db.count("SELECT count(*) FROM schema_version") == 1
 
 
 def test_open_refuses_non_database_files(tmp_path: Path) -> None:

@@ -124,7 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from healthcode.store.database import Store, resolve_path
+    from healthcode.store import Store, resolve_path
 
     started = time.perf_counter()
     path = resolve_path(args.store)
@@ -207,7 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from healthcode.service.config import load_settings
     from healthcode.service.server import serve
-    from healthcode.store.database import resolve_path
+    from healthcode.store import resolve_path
 
     if args.store == DEFAULT_STORE:
         args.store = resolve_path(None)

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from healthcode.errors import Exhausted, StoreError, Unavailable
-from healthcode.store.database import INGEST_KINDS, IngestCounts, Store
+from healthcode.store import INGEST_KINDS, IngestCounts, Store
 
 log = logging.getLogger(__name__)
 

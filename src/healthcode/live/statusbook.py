@@ -26,7 +26,7 @@ from healthcode.live.view import PopulationView, ViewState, stored_events
 from healthcode.rules import engine
 from healthcode.rules.policy import PolicyTimeline
 from healthcode.rules.regions import CODE_MIN, RiskList, RiskTable
-from healthcode.store.database import Store, pack_state
+from healthcode.store import Store, pack_state
 
 log = logging.getLogger("healthcode.live.statusbook")
 

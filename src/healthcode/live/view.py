@@ -30,112 +30,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from healthcode.logs import event
 from healthcode.rules import engine
-from healthcode.rules.columns import POPULATION_SCHEMA, VISIT_TYPE
+from healthcode.rules.columns import POPULATION_SCHEMA
+from healthcode.rules.flat import assemble, explode, filled, list_elements, to_numpy, valid_mask
 from healthcode.rules.regions import CODE_MIN, N_CODES
 from healthcode.rules.timebase import day, midnight
 
-_TS = pa.timestamp("s", tz="UTC")
 log = logging.getLogger("healthcode.live.view")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Flat (exploded) form of population rows, and back.
-
-
-@dataclass
-class _Flat:
-    """Population rows exploded: scalars per row, events as (row, value) pairs."""
-
-    ids: np.ndarray  # uint64
-    home: np.ndarray  # int32
-    registered: np.ndarray  # bool
-    color: np.ndarray  # int8
-    nat_sample: np.ndarray  # int64 (0 where null)
-    nat_sample_ok: np.ndarray  # bool
-    nat_report: np.ndarray  # int64 (0 where null)
-    nat_report_ok: np.ndarray  # bool
-    e_row: np.ndarray  # int64
-    e_t: np.ndarray  # int64 epoch seconds
-    v_row: np.ndarray  # int64
-    v_region: np.ndarray  # int32
-    v_day: np.ndarray  # int32 days since 1970-01-01
-
-
-def _np(arr: pa.Array | pa.ChunkedArray, dtype: type | np.dtype) -> np.ndarray:
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
-    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=dtype)
-
-
-def _valid(arr: pa.ChunkedArray) -> np.ndarray:
-    if arr.null_count == 0:
-        return np.ones(len(arr), dtype=bool)
-    return _np(arr.is_valid(), bool)
-
-
-def _ints(arr: pa.ChunkedArray) -> np.ndarray:
-    return _np(pc.fill_null(arr.cast(pa.int64()), 0), np.int64)
-
-
-def _explode(table: pa.Table) -> _Flat:
-    """The flat form of (a few) rows; its scalar arrays are writable copies."""
-    entries = table.column("entry_times").combine_chunks()
-    visits = table.column("visits").combine_chunks()
-    v_values = pc.list_flatten(visits)
-    return _Flat(
-        ids=_np(table.column("person_id"), np.uint64),
-        home=np.array(_np(table.column("home_region"), np.int32)),
-        registered=np.array(_np(table.column("registered_commuter"), bool)),
-        color=np.array(_np(table.column("base_color"), np.int8)),
-        nat_sample=np.array(_ints(table.column("nat_sample_time"))),
-        nat_sample_ok=np.array(_valid(table.column("nat_sample_time"))),
-        nat_report=np.array(_ints(table.column("nat_report_time"))),
-        nat_report_ok=np.array(_valid(table.column("nat_report_time"))),
-        e_row=_np(pc.list_parent_indices(entries), np.int64),
-        e_t=_np(pc.list_flatten(entries).cast(pa.int64()), np.int64),
-        v_row=_np(pc.list_parent_indices(visits), np.int64),
-        v_region=_np(pc.struct_field(v_values, "region"), np.int32),
-        v_day=_np(pc.struct_field(v_values, "day").cast(pa.int32()), np.int32),
-    )
-
-
-def _offsets(rows: np.ndarray, n: int) -> pa.Array:
-    offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(np.bincount(rows, minlength=n)[:n], out=offsets[1:])
-    return pa.array(offsets, pa.int32())
-
-
-def _assemble(f: _Flat) -> pa.Table:
-    """Rows from a flat form: events de-duplicated and sorted (entries by instant, visits by day then region)."""
-    n = len(f.ids)
-    order = np.lexsort((f.e_t, f.e_row))
-    e_row, e_t = f.e_row[order], f.e_t[order]
-    keep = np.ones(len(e_row), dtype=bool)
-    keep[1:] = (e_row[1:] != e_row[:-1]) | (e_t[1:] != e_t[:-1])
-    e_row, e_t = e_row[keep], e_t[keep]
-    order = np.lexsort((f.v_region, f.v_day, f.v_row))
-    v_row, v_region, v_day = f.v_row[order], f.v_region[order], f.v_day[order]
-    keep = np.ones(len(v_row), dtype=bool)
-    keep[1:] = (v_row[1:] != v_row[:-1]) | (v_day[1:] != v_day[:-1]) | (v_region[1:] != v_region[:-1])
-    v_row, v_region, v_day = v_row[keep], v_region[keep], v_day[keep]
-    visit_values = pa.StructArray.from_arrays(
-        [pa.array(v_region, pa.int32()), pa.array(v_day, pa.int32()).cast(pa.date32())],
-        fields=list(VISIT_TYPE),
-    )
-    return pa.table(
-        {
-            "person_id": pa.array(f.ids, pa.uint64()),
-            "home_region": pa.array(f.home, pa.int32()),
-            "registered_commuter": pa.array(f.registered, pa.bool_()),
-            "base_color": pa.array(f.color, pa.int8()),
-            "nat_sample_time": pa.array(f.nat_sample, pa.int64(), mask=~f.nat_sample_ok).cast(_TS),
-            "nat_report_time": pa.array(f.nat_report, pa.int64(), mask=~f.nat_report_ok).cast(_TS),
-            "entry_times": pa.ListArray.from_arrays(_offsets(e_row, n), pa.array(e_t, pa.int64()).cast(_TS)),
-            "visits": pa.ListArray.from_arrays(_offsets(v_row, n), visit_values),
-        },
-        schema=POPULATION_SCHEMA,
-    )
 
 
 def _window(now: int, lookback_days: int) -> tuple[int, int, int]:
@@ -161,8 +63,8 @@ def trim_window(table: pa.Table, now: int, lookback_days: int) -> pa.Table:
     t_first, d_first, _ = _window(now, lookback_days)
     entries = table.column("entry_times").combine_chunks()
     visits = table.column("visits").combine_chunks()
-    e_t = _np(pc.list_flatten(entries).cast(pa.int64()), np.int64)
-    v_day = _np(pc.struct_field(pc.list_flatten(visits), "day").cast(pa.int32()), np.int32)
+    e_t = to_numpy(pc.list_flatten(entries).cast(pa.int64()), np.int64)
+    v_day = to_numpy(pc.struct_field(pc.list_flatten(visits), "day").cast(pa.int32()), np.int32)
     e_keep, v_keep = e_t >= t_first, v_day >= d_first
     if e_keep.all() and v_keep.all():
         return table
@@ -172,9 +74,8 @@ def trim_window(table: pa.Table, now: int, lookback_days: int) -> pa.Table:
 
 def _region_index(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """In-window visits by region: rows of code c are ``rows[offsets[c - CODE_MIN]:offsets[c - CODE_MIN + 1]]``."""
-    visits = table.column("visits").combine_chunks()
-    parents = _np(pc.list_parent_indices(visits), np.int64)
-    regions = _np(pc.struct_field(pc.list_flatten(visits), "region"), np.int32)
+    parents, values = list_elements(table.column("visits"))
+    regions = to_numpy(values.field("region"), np.int32)
     offsets, order = engine.group_by_code(regions - CODE_MIN, N_CODES)
     return offsets, parents[order]
 
@@ -328,17 +229,17 @@ def stored_events(state: ViewState, kind: str, events: pa.Table, now: int, lookb
     if kind not in ("entries", "visits") or n == 0:
         return out
     t_first, d_first, today = _window(now, lookback_days)
-    slots = state.slots_of(_np(events.column("person_id"), np.uint64))
+    slots = state.slots_of(to_numpy(events.column("person_id"), np.uint64))
     if kind == "entries":
-        value = _np(events.column("t"), np.int64)
+        value = to_numpy(events.column("t"), np.int64)
         inside = (slots >= 0) & (value >= t_first) & (value <= now)
     else:
-        value = _np(events.column("day").cast(pa.int32()), np.int32).astype(np.int64)
+        value = to_numpy(events.column("day").cast(pa.int32()), np.int32).astype(np.int64)
         inside = (slots >= 0) & (value >= d_first) & (value <= today)
     if not inside.any():
         return out
     people = np.unique(slots[inside])
-    flat = _explode(state.rows(people))
+    flat = explode(state.rows(people))
     # One uint64 key per (person, event): the person's slot in the high 32 bits, the event's offset in the window
     # (seconds, or day and region) in the low 32 bits.
     if kind == "entries":
@@ -351,7 +252,7 @@ def stored_events(state: ViewState, kind: str, events: pa.Table, now: int, lookb
         keep = flat.v_day >= d_first
         low = ((flat.v_day[keep].astype(np.int64) - d_first) << 20) | (flat.v_region[keep].astype(np.int64) - CODE_MIN)
         have = (people[flat.v_row[keep]].astype(np.uint64) << np.uint64(32)) | low.astype(np.uint64)
-        region = _np(events.column("region"), np.int64)[inside]
+        region = to_numpy(events.column("region"), np.int64)[inside]
         ask = (slots[inside].astype(np.uint64) << np.uint64(32)) | (
             ((value[inside] - d_first) << 20) | (region - CODE_MIN)
         ).astype(np.uint64)
@@ -366,9 +267,9 @@ def _evaluate(
     results = list(engine.evaluate_batches(batches, ctx, n_threads, on_batch=progress))
     if not results:
         return np.zeros(0, dtype=bool), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.uint16)
-    badge = np.concatenate([_np(r.column(1), bool) for r in results])
-    entry = np.concatenate([_np(r.column(2), bool) for r in results])
-    reasons = np.concatenate([_np(r.column(4), np.uint16) for r in results])
+    badge = np.concatenate([to_numpy(r.column(1), bool) for r in results])
+    entry = np.concatenate([to_numpy(r.column(2), bool) for r in results])
+    reasons = np.concatenate([to_numpy(r.column(4), np.uint16) for r in results])
     return badge, entry, reasons
 
 
@@ -378,9 +279,8 @@ def _prepare(table: pa.Table) -> engine.Prepared | None:
 
 
 def _overlay_visits(overlay: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    visits = overlay.column("visits").combine_chunks()
-    rows = _np(pc.list_parent_indices(visits), np.int64)
-    regions = _np(pc.struct_field(pc.list_flatten(visits), "region"), np.int32)
+    rows, values = list_elements(overlay.column("visits"))
+    regions = to_numpy(values.field("region"), np.int32)
     order = np.argsort(regions, kind="stable")
     return regions[order], rows[order]
 
@@ -400,7 +300,7 @@ def make_state(
     return _with_overlay(
         ViewState(
             base=base,
-            base_ids=_np(base.column("person_id"), np.uint64),
+            base_ids=to_numpy(base.column("person_id"), np.uint64),
             region_offsets=offsets,
             region_rows=rows,
             extra_ids=np.zeros(0, dtype=np.uint64) if extra_ids is None else extra_ids,
@@ -523,10 +423,10 @@ class PopulationView:
                 self.on_compacted(current, new, remap)
             self.state = new
             self.compactions += 1
-        log.info(
-            f'{{"event": "view_compacted", "overlay_rows": {len(snapshot.overlay_slots)}, "persons": {new.n_persons}, '
-            f'"seconds": {time.perf_counter() - started:.3f}}}'
-        )
+        event(
+            log, "view_compacted", overlay_rows=len(snapshot.overlay_slots), persons=new.n_persons,
+            seconds=round(time.perf_counter() - started, 3),
+        )  # fmt: skip
         return new
 
 
@@ -557,12 +457,12 @@ def _merge(state: ViewState, items: Sequence[tuple[str, pa.Table]], now: int, lo
     """The state after ingest items (see :meth:`PopulationView.apply`)."""
     if not items:
         return state
-    touched = np.unique(np.concatenate([_np(t.column("person_id"), np.uint64) for _, t in items]))
+    touched = np.unique(np.concatenate([to_numpy(t.column("person_id"), np.uint64) for _, t in items]))
     slots = state.slots_of(touched)
     known = slots >= 0
     # Current rows of the known persons (in `touched` order), then blank rows for the new ones.
     current = state.rows(slots[known]) if known.any() else POPULATION_SCHEMA.empty_table()
-    f = _explode(current)
+    f = explode(current)
     row_of = np.full(len(touched), -1, dtype=np.int64)  # the flat row of each touched person
     row_of[known] = np.arange(int(known.sum()))
     n_new = int((~known).sum())
@@ -583,30 +483,30 @@ def _merge(state: ViewState, items: Sequence[tuple[str, pa.Table]], now: int, lo
     nat_r.append(f.nat_report[nat_rows[0]])
     e_rows, e_ts, v_rows, v_regions, v_days = [f.e_row], [f.e_t], [f.v_row], [f.v_region], [f.v_day]
     for kind, table in items:
-        rows = row_of[np.searchsorted(touched, _np(table.column("person_id"), np.uint64))]
+        rows = row_of[np.searchsorted(touched, to_numpy(table.column("person_id"), np.uint64))]
         if kind == "persons":
-            f.home[rows] = _np(table.column("home_region"), np.int32)
-            f.registered[rows] = _np(table.column("registered_commuter"), bool)
-            f.color[rows] = _np(table.column("base_color"), np.int8)
+            f.home[rows] = to_numpy(table.column("home_region"), np.int32)
+            f.registered[rows] = to_numpy(table.column("registered_commuter"), bool)
+            f.color[rows] = to_numpy(table.column("base_color"), np.int8)
             upserted[rows] = True
         elif kind == "nat_results":
-            report = _np(table.column("report_time"), np.int64)
+            report = to_numpy(table.column("report_time"), np.int64)
             ok = report <= now
             sample = table.column("sample_time")
             nat_rows.append(rows[ok])
-            nat_s.append(_ints(sample)[ok])
-            nat_s_ok.append(_valid(sample)[ok])
+            nat_s.append(filled(sample, np.int64)[ok])
+            nat_s_ok.append(valid_mask(sample)[ok])
             nat_r.append(report[ok])
         elif kind == "entries":
-            t = _np(table.column("t"), np.int64)
+            t = to_numpy(table.column("t"), np.int64)
             ok = (t >= t_first) & (t <= now)
             e_rows.append(rows[ok])
             e_ts.append(t[ok])
         elif kind == "visits":
-            d = _np(table.column("day").cast(pa.int32()), np.int32)
+            d = to_numpy(table.column("day").cast(pa.int32()), np.int32)
             ok = (d >= d_first) & (d <= today)
             v_rows.append(rows[ok])
-            v_regions.append(_np(table.column("region"), np.int32)[ok])
+            v_regions.append(to_numpy(table.column("region"), np.int32)[ok])
             v_days.append(d[ok])
     if n_new and not upserted[len(f.ids) - n_new :].all():
         raise RuntimeError("an ingest item names a person the view does not hold (the view is behind the store)")
@@ -624,7 +524,7 @@ def _merge(state: ViewState, items: Sequence[tuple[str, pa.Table]], now: int, lo
     f.nat_sample_ok[r_rows[pick]] = r_ok[pick]
     f.e_row, f.e_t = np.concatenate(e_rows), np.concatenate(e_ts)
     f.v_row, f.v_region, f.v_day = np.concatenate(v_rows), np.concatenate(v_regions), np.concatenate(v_days)
-    rows_table = _assemble(f)  # rows in `touched` order for the known, then the new persons
+    rows_table = assemble(f)  # rows in `touched` order for the known, then the new persons
     # Slots: the known keep theirs, the new ones get the next free slots.
     new_slots = np.concatenate([slots[known], state.n_persons + np.arange(n_new)])
     extra_ids = np.concatenate([state.extra_ids, touched[~known]]) if n_new else state.extra_ids

@@ -50,6 +50,14 @@ def is_valid_code(code: int) -> bool:
     return CODE_MIN <= code <= CODE_MAX and bool(PROVINCE_OK[code // 10000])
 
 
+def valid_codes(values: np.ndarray) -> np.ndarray:
+    """:func:`is_valid_code` of each of ``values`` (integers), as a bool array."""
+    values = np.asarray(values)
+    in_range = (values >= CODE_MIN) & (values <= CODE_MAX)
+    prefix = np.where(in_range, values // 10000, 0).astype(np.int64)
+    return in_range & (PROVINCE_OK[prefix] == 1)
+
+
 def level(code: int) -> str:
     if code % 10000 == 0:
         return "province"

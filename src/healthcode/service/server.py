@@ -31,7 +31,7 @@ from healthcode.service.config import Settings
 from healthcode.service.interceptors import ObservedService
 from healthcode.service.servicer import HealthCodeService
 from healthcode.service.transport import grpc_options, is_loopback, listen, server_credentials
-from healthcode.store.database import Store
+from healthcode.store import Store
 from healthcode.wire import limits as wire_limits
 
 log = logging.getLogger("healthcode.service.server")

@@ -4,17 +4,13 @@ Data flows in as validated Arrow tables (ingest, bulk load) and out as Arrow tab
 window, the change log); nothing above this package knows the database is DuckDB.
 """
 
-from healthcode.store.database import (
-    INGEST_KINDS,
-    SCHEMA_VERSION,
-    SKIP_REASONS,
-    TABLES,
-    IngestCounts,
-    LoadSummary,
-    Store,
-    pack_state,
-    resolve_path,
-)
+from healthcode.store.connection import resolve_path
+from healthcode.store.database import Store
+from healthcode.store.journal import pack_state
+from healthcode.store.load import SKIP_REASONS, LoadSummary
+from healthcode.store.schema import SCHEMA_VERSION, TABLES
+from healthcode.store.validate import INGEST_KINDS, row_error
+from healthcode.store.writes import IngestCounts
 
 __all__ = [
     "INGEST_KINDS",
@@ -26,4 +22,5 @@ __all__ = [
     "Store",
     "pack_state",
     "resolve_path",
+    "row_error",
 ]

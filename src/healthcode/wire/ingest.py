@@ -98,7 +98,7 @@ _CONVERTERS: dict[str, Callable[[Any], pa.Table]] = {
     "entries": entries_table,
     "visits": visits_table,
 }
-#: The ingest kinds, in the order of :data:`healthcode.store.database.INGEST_KINDS` (a test holds them equal).
+#: The ingest kinds, in the order of :data:`healthcode.store.INGEST_KINDS` (a test holds them equal).
 KINDS = tuple(_CONVERTERS)
 
 

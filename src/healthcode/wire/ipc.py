@@ -148,7 +148,7 @@ def ipc_chunks(batch: pa.RecordBatch | pa.Table, limit: int) -> Iterator[tuple[b
 
 
 def changes_ipc(page: pa.Table) -> bytes:
-    """Change-log rows (:meth:`healthcode.store.database.Store.changes`) as one Arrow IPC stream (WatchChangesArrow),
+    """Change-log rows (:meth:`healthcode.store.Store.changes`) as one Arrow IPC stream (WatchChangesArrow),
     ``as_of`` as a UTC timestamp."""
     i = page.schema.get_field_index("as_of")
     page = page.set_column(i, "as_of", page.column(i).cast(pa.timestamp("s", tz="UTC")))

@@ -1,0 +1,166 @@
+"""The record of published statuses and of who changed what: change log, status checkpoint, admin log, versions.
+
+``change_log`` holds every published status change in ``seq`` order: **the record of the published statuses**; a
+status is stored packed as ``badge | entry << 1 | reasons << 2`` (:func:`pack_state`; ``old_state`` null for a
+first publish).  A publish appends to it and nothing else (one transaction), so its cost is the number of
+changes, not the size of the population.  ``statuses`` is a checkpoint of the last published status per person as
+of change ``checkpoint.seq``; the current statuses are that checkpoint overridden by the later changes
+(:meth:`Journal.published`), and :meth:`Journal.write_checkpoint` rewrites it in the background.  Risk-list and
+policy versions are kept with the publish they produced, and ``admin_log`` says who changed what.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from healthcode.errors import StoreError
+from healthcode.store.connection import Connection, first_line, one
+
+#: The published statuses: the checkpoint overridden by the later changes up to sequence number ``$upto``.
+_PUBLISHED = """
+WITH cp AS (SELECT coalesce(max(seq), 0) AS seq FROM checkpoint),
+tail AS (
+    SELECT person_id, (new_state & 1) = 1 AS commuter_badge, (new_state & 2) = 2 AS entry_permitted,
+           (new_state >> 2)::USMALLINT AS reasons, risk_list_version, as_of
+    FROM change_log WHERE seq > (SELECT seq FROM cp) AND seq <= $upto
+    QUALIFY row_number() OVER (PARTITION BY person_id ORDER BY seq DESC) = 1
+)
+SELECT * FROM (SELECT s.* FROM statuses s ANTI JOIN tail t USING (person_id) UNION ALL SELECT * FROM tail)
+"""
+
+
+def pack_state(badge: np.ndarray, entry: np.ndarray, reasons: np.ndarray) -> np.ndarray:
+    """A status as the change log stores it: ``badge | entry << 1 | reasons << 2`` (int32)."""
+    return (
+        np.asarray(badge, dtype=np.int32) | (np.asarray(entry, dtype=np.int32) << 1)
+        | (np.asarray(reasons, dtype=np.int32) << 2)
+    )  # fmt: skip
+
+
+class Journal:
+    """The change log, checkpoint, admin log and versions of one store connection (see :class:`Store` for each
+    method's contract).  This process is the store's only writer, so the change log's high-water mark is kept in
+    memory and the sequence numbers are made here."""
+
+    def __init__(self, db: Connection) -> None:
+        self.db = db
+        self.checkpoint_lock = threading.Lock()  # one checkpoint at a time; close waits for it
+        self._hwm: int | None = None  # the change log's high-water mark, once read
+
+    def published(self) -> pa.Table:
+        sql = _PUBLISHED.replace("$upto", str(2**62)) + " ORDER BY person_id"
+        with self.db.lock:
+            try:
+                return self.db.con.sql(sql).to_arrow_table()
+            except duckdb.Error as exc:
+                raise StoreError(f"{self.db.path}: cannot read the published statuses: {first_line(exc)}") from None
+
+    def checkpoint_seq(self) -> int:
+        with self.db.lock:
+            return self.db.count("SELECT coalesce(max(seq), 0) FROM checkpoint")
+
+    def write_checkpoint(self) -> int:
+        """On its own cursor, so ingest and publishes go on meanwhile (they write other tables)."""
+        with self.checkpoint_lock:
+            cur = self.db.con.cursor()
+            try:
+                cur.execute("BEGIN")
+                try:
+                    row = one(cur.execute("SELECT coalesce(max(seq), 0) FROM change_log"))
+                    seq = int(row[0]) if row else 0
+                    cur.execute("CREATE TABLE statuses_next AS " + _PUBLISHED.replace("$upto", str(seq)))
+                    cur.execute("DROP TABLE statuses")
+                    cur.execute("ALTER TABLE statuses_next RENAME TO statuses")
+                    cur.execute("INSERT INTO checkpoint VALUES (?, now())", [seq])
+                    cur.execute("COMMIT")
+                except duckdb.Error as exc:
+                    cur.execute("ROLLBACK")
+                    raise StoreError(f"{self.db.path}: cannot write the status checkpoint: {first_line(exc)}") from None
+            finally:
+                cur.close()
+            return seq
+
+    def high_water_mark(self) -> int:
+        with self.db.lock:
+            if self._hwm is None:
+                self._hwm = self.db.count("SELECT coalesce(max(seq), 0) FROM change_log")
+            return self._hwm
+
+    def publish(
+        self, changes: pa.Table, risk_list: tuple[int, str] | None = None, policy: tuple[int, str] | None = None
+    ) -> int:
+        db = self.db
+
+        def work() -> int:
+            if self._hwm is None:
+                self._hwm = db.count("SELECT coalesce(max(seq), 0) FROM change_log")
+            base = self._hwm
+            if changes.num_rows:
+                seq = pa.array(np.arange(base + 1, base + 1 + changes.num_rows, dtype=np.int64))
+                view = db.register(changes.add_column(0, "seq", seq))
+                try:
+                    db.con.execute(
+                        f"INSERT INTO change_log SELECT seq, person_id, old_state, new_state, risk_list_version, "
+                        f"as_of FROM {view}"
+                    )
+                finally:
+                    db.unregister(view)
+            if risk_list is not None:
+                db.con.execute("INSERT OR REPLACE INTO risk_lists VALUES (?, now(), ?)", list(risk_list))
+            if policy is not None:
+                db.con.execute("INSERT OR REPLACE INTO policies VALUES (?, now(), ?)", list(policy))
+            return base + changes.num_rows
+
+        try:
+            hwm = db.transaction(work)
+        except BaseException:
+            self._hwm = None  # re-read after a failed commit
+            raise
+        self._hwm = hwm
+        return hwm  # type: ignore[no-any-return]
+
+    def changes(self, after: int, limit: int) -> pa.Table:
+        with self.db.lock:
+            return self.db.con.sql(
+                "SELECT seq, person_id, (old_state & 1) = 1 AS old_badge, (new_state & 1) = 1 AS new_badge, "
+                "(old_state & 2) = 2 AS old_entry, (new_state & 2) = 2 AS new_entry, "
+                "(old_state >> 2)::USMALLINT AS old_reasons, (new_state >> 2)::USMALLINT AS new_reasons, "
+                "risk_list_version, as_of FROM change_log WHERE seq > ? ORDER BY seq LIMIT ?",
+                params=[after, limit],
+            ).to_arrow_table()
+
+    def record_admin(self, caller: str, action: str, version: int | None, detail: str) -> None:
+        self.db.transaction(
+            lambda: self.db.con.execute(
+                "INSERT INTO admin_log VALUES (now(), ?, ?, ?, ?)", [caller, action, version, detail]
+            )
+        )
+
+    def admin_log(self) -> pa.Table:
+        with self.db.lock:
+            return self.db.con.sql("SELECT * FROM admin_log ORDER BY changed_at").to_arrow_table()
+
+    def record_version(self, table: str, version: int, text: str) -> None:
+        """Keep a risk-list or policy version (``table`` ``risk_lists`` or ``policies``)."""
+        if table not in _VERSIONED:
+            raise ValueError(f"no version table {table!r}")
+        self.db.transaction(
+            lambda: self.db.con.execute(f"INSERT OR REPLACE INTO {table} VALUES (?, now(), ?)", [version, text])
+        )
+
+    def latest_version(self, table: str) -> tuple[int, str] | None:
+        """The newest kept risk-list or policy version and its text."""
+        column = _VERSIONED[table]
+        with self.db.lock:
+            rows = self.db.con.execute(
+                f"SELECT version, {column} FROM {table} ORDER BY version DESC LIMIT 1"
+            ).fetchall()
+        return None if not rows else (int(rows[0][0]), str(rows[0][1]))
+
+
+#: The version tables and the column holding each version's text.
+_VERSIONED = {"risk_lists": "csv", "policies": "toml"}
