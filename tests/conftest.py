@@ -316,3 +316,18 @@ def spread_null_lists(table: pa.Table, seed: int = 0) -> pa.Table:
         assert arr.type == col.type, (arr.type, col.type)
         out = out.set_column(out.schema.get_field_index(name), name, arr)
     return out
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local Spark session (``local[2]``) shared by every Spark test; skipped where pyspark or Java is missing."""
+    import shutil
+
+    pytest.importorskip("pyspark")
+    if shutil.which("java") is None:
+        pytest.skip("Java is not installed (the Spark tests need a JVM: apt-get install openjdk-17-jre-headless)")
+    from healthcode.spark.session import session
+
+    s = session("local[2]", "healthcode-tests", **{"spark.sql.shuffle.partitions": "4"})
+    yield s
+    s.stop()

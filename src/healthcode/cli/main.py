@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from healthcode import __version__
+from healthcode.cli import spark as spark_cli
 from healthcode.errors import HealthcodeError
 from healthcode.rules import columns, engine
 from healthcode.rules.results import RESULT_SCHEMA
@@ -450,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--out", required=True, help="result Parquet file to write")
     ce.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up (default 600)")
     ce.set_defaults(func=cmd_call_evaluate)
+    spark_cli.add_parser(sub)
     return parser
 
 

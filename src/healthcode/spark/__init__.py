@@ -4,3 +4,7 @@
 The rules are not written again here: every Spark task hands Arrow record batches to the one engine
 (:mod:`healthcode.rules.engine`) and its Cython kernel.
 """
+
+from healthcode.spark.dataframe import changes, evaluate_dataframe
+
+__all__ = ["changes", "evaluate_dataframe"]

@@ -39,4 +39,7 @@ def session(master: str | None = None, app_name: str = "healthcode", **conf: str
         builder = builder.master(master)
     for key, value in {**DEFAULTS, **conf}.items():
         builder = builder.config(key, value)
-    return builder.getOrCreate()
+    spark = builder.getOrCreate()
+    # Spark's own INFO/WARN lines drown a command's output; HEALTHCODE_SPARK_LOG_LEVEL=WARN (or INFO) brings them back.
+    spark.sparkContext.setLogLevel(os.environ.get("HEALTHCODE_SPARK_LOG_LEVEL", "ERROR"))
+    return spark
