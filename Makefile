@@ -8,7 +8,7 @@ DEMO   ?= demo
 DEMO_ROWS ?= 200000
 AS_OF  ?= 2021-11-30T12:00:00+08:00
 
-.PHONY: build serve test lint bench bench-full clean
+.PHONY: build serve test lint bench bench-full clean java
 
 build: $(KERNEL)
 
@@ -19,7 +19,7 @@ $(BIN)/python:
 # Build requirements first, then the package (editable) with its dev extras.
 $(STAMP): pyproject.toml setup.py | $(BIN)/python
 	$(BIN)/python -m pip install -q "setuptools>=68" wheel "Cython>=3.0" "numpy>=2.0" "grpcio-tools>=1.60"
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,spark]"
 	touch $@
 
 # Rebuild the Cython kernel in place whenever its source changes.
@@ -41,7 +41,12 @@ lint: build
 	$(BIN)/ruff check src tests benchmarks setup.py
 	$(BIN)/mypy src/healthcode
 
-test: build lint
+# The Spark job's tests need a JVM (Java 17+); say how to get one instead of failing deep inside pyspark.
+java:
+	@command -v java >/dev/null 2>&1 || { echo "Java is missing: the Spark job (healthcode.spark) needs Java 17+." \
+		"Install it, e.g. 'apt-get install openjdk-17-jre-headless' (Debian/Ubuntu), then run make again." >&2; exit 1; }
+
+test: build lint java
 	$(BIN)/python -m pytest -q -m "not slow" tests
 	# The service, security and limit tests again, the server behind its shedding front (an exposed server's setup)
 	HEALTHCODE_TEST_FRONT=on $(BIN)/python -m pytest -q -m "not slow" tests/service/test_service.py tests/service/test_security.py \

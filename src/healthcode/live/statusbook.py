@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from healthcode.live.view import PopulationView, ViewState, stored_events
+from healthcode.live.view import PopulationView
+from healthcode.live.viewstate import ViewState, stored_events
 from healthcode.rules import engine
 from healthcode.rules.policy import PolicyTimeline
 from healthcode.rules.regions import CODE_MIN, RiskList, RiskTable

@@ -1,0 +1,331 @@
+"""One immutable state of the population view: the base table, the ingest overlay, the slots of both, the region
+index, and the window trim; evaluation of chosen slots and the "is this event stored already" test.
+
+Persons have **slots**: the base table's rows are slots ``0 .. n_base - 1`` (sorted by person id), and persons first
+stored after the base was built get slots ``n_base, n_base + 1, ...`` in arrival order.  The overlay holds the whole
+current row (SPEC §3 form) of every person ingest touched since the base was built, so a person's row is its overlay
+row when it has one and its base row otherwise.  Readers take one state and use it throughout; the view
+(:mod:`healthcode.live.view`) builds new states and swaps them.
+
+Region index: in-window visits by region code over the base rows, and over the overlay rows; the persons visiting a
+region are the union (a base row superseded by an overlay row may still be listed: a harmless superset, because
+callers evaluate and diff).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from healthcode.rules import engine
+from healthcode.rules.columns import POPULATION_SCHEMA
+from healthcode.rules.flat import explode, list_elements, to_numpy
+from healthcode.rules.regions import CODE_MIN, N_CODES
+from healthcode.rules.timebase import day, midnight
+
+
+def window(now: int, lookback_days: int) -> tuple[int, int, int]:
+    """(first instant, first day, today) of the window the view keeps (as :meth:`Store.population`)."""
+    today = day(now)
+    first = today - lookback_days + 1
+    return midnight(first), first, today
+
+
+def _trim_list(lst: pa.ListArray, keep: np.ndarray) -> pa.ListArray:
+    """``lst`` with the elements where ``keep`` is false dropped (``keep`` over its flattened values)."""
+    offsets = np.asarray(lst.offsets.to_numpy(), dtype=np.int64)
+    base = offsets[0]
+    kept = np.zeros(len(keep) + 1, dtype=np.int64)
+    np.cumsum(keep, out=kept[1:])
+    new_offsets = kept[offsets - base].astype(np.int32)
+    values = lst.values.slice(int(base), int(offsets[-1] - base)).filter(pa.array(keep))
+    return pa.ListArray.from_arrays(pa.array(new_offsets, pa.int32()), values)
+
+
+def trim_window(table: pa.Table, now: int, lookback_days: int) -> pa.Table:
+    """Drop the events that left the window ``lookback_days`` days up to ``day(now)`` (lists stay sorted)."""
+    t_first, d_first, _ = window(now, lookback_days)
+    entries = table.column("entry_times").combine_chunks()
+    visits = table.column("visits").combine_chunks()
+    e_t = to_numpy(pc.list_flatten(entries).cast(pa.int64()), np.int64)
+    v_day = to_numpy(pc.struct_field(pc.list_flatten(visits), "day").cast(pa.int32()), np.int32)
+    e_keep, v_keep = e_t >= t_first, v_day >= d_first
+    if e_keep.all() and v_keep.all():
+        return table
+    table = table.set_column(6, POPULATION_SCHEMA.field(6), _trim_list(entries, e_keep))
+    return table.set_column(7, POPULATION_SCHEMA.field(7), _trim_list(visits, v_keep))
+
+
+def _region_index(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """In-window visits by region: rows of code c are ``rows[offsets[c - CODE_MIN]:offsets[c - CODE_MIN + 1]]``."""
+    parents, values = list_elements(table.column("visits"))
+    regions = to_numpy(values.field("region"), np.int32)
+    offsets, order = engine.group_by_code(regions - CODE_MIN, N_CODES)
+    return offsets, parents[order]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ViewState:
+    """One consistent state of the view (immutable: readers keep it as long as they like)."""
+
+    base: pa.Table  # SPEC §3 rows by person id (one chunk per column)
+    base_ids: np.ndarray  # uint64, sorted
+    region_offsets: np.ndarray  # base region index (see _region_index)
+    region_rows: np.ndarray
+    extra_ids: np.ndarray  # uint64: persons stored after the base was built, slot n_base + i
+    overlay: pa.Table  # current rows of the persons ingest touched since the base (sorted by slot)
+    overlay_slots: np.ndarray  # int64, sorted
+    overlay_gen: np.ndarray  # int64: the apply generation that wrote each overlay row
+    overlay_visit_regions: np.ndarray  # int32 codes of the overlay's visits, sorted
+    overlay_visit_rows: np.ndarray  # int64 overlay row of each of those visits
+    generation: int = 0
+    prepared_base: engine.Prepared | None = None  # the base as one checked kernel batch (selected-row evaluation)
+
+    @property
+    def n_base(self) -> int:
+        return len(self.base_ids)
+
+    @property
+    def n_persons(self) -> int:
+        return len(self.base_ids) + len(self.extra_ids)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The person id of every slot."""
+        return np.concatenate([self.base_ids, self.extra_ids]) if len(self.extra_ids) else self.base_ids
+
+    def slots_of(self, person_ids: np.ndarray) -> np.ndarray:
+        """The slot of each person id, -1 where the view has no such person."""
+        pids = np.asarray(person_ids, dtype=np.uint64)
+        out = np.full(len(pids), -1, dtype=np.int64)
+        n = self.n_base
+        if n:
+            pos = np.searchsorted(self.base_ids, pids)
+            hit = (pos < n) & (self.base_ids[np.minimum(pos, n - 1)] == pids)
+            out[hit] = pos[hit]
+        if len(self.extra_ids):
+            order = np.argsort(self.extra_ids, kind="stable")
+            sorted_extra = self.extra_ids[order]
+            pos = np.searchsorted(sorted_extra, pids)
+            k = len(sorted_extra)
+            hit = (out < 0) & (pos < k) & (sorted_extra[np.minimum(pos, k - 1)] == pids)
+            out[hit] = n + order[pos[hit]]
+        return out
+
+    def _overlay_rows_of(self, slots: np.ndarray) -> np.ndarray:
+        """The overlay row of each slot, -1 where the slot has none (its row is the base row)."""
+        k = len(self.overlay_slots)
+        if k == 0:
+            return np.full(len(slots), -1, dtype=np.int64)
+        pos = np.searchsorted(self.overlay_slots, slots)
+        hit = (pos < k) & (self.overlay_slots[np.minimum(pos, k - 1)] == slots)
+        return np.where(hit, pos, -1)
+
+    def rows(self, slots: np.ndarray) -> pa.Table:
+        """The current rows of ``slots`` (valid slots), in that order."""
+        slots = np.asarray(slots, dtype=np.int64)
+        ov = self._overlay_rows_of(slots)
+        in_ov = ov >= 0
+        if not in_ov.any():
+            return self.base.take(pa.array(slots, pa.int64()))
+        if in_ov.all():
+            return self.overlay.take(pa.array(ov, pa.int64()))
+        from_base = self.base.take(pa.array(slots[~in_ov], pa.int64()))
+        from_ov = self.overlay.take(pa.array(ov[in_ov], pa.int64()))
+        both = pa.concat_tables([from_base, from_ov]).combine_chunks()
+        position = np.empty(len(slots), dtype=np.int64)  # where each requested slot sits in `both`
+        position[~in_ov] = np.arange(int((~in_ov).sum()))
+        position[in_ov] = len(from_base) + np.arange(int(in_ov.sum()))
+        return both.take(pa.array(position, pa.int64()))
+
+    def table(self) -> pa.Table:
+        """Every person's current row, by slot (a copy when the overlay is not empty)."""
+        if len(self.overlay_slots) == 0:
+            return self.base
+        return self.rows(np.arange(self.n_persons, dtype=np.int64))
+
+    @functools.cached_property
+    def _prepared_overlay(self) -> engine.Prepared | None:
+        return _prepare(self.overlay)
+
+    def slots_visiting(self, regions: np.ndarray) -> np.ndarray:
+        """Slots of persons with an in-window visit to any of ``regions`` (codes), ascending."""
+        codes = np.asarray(regions, dtype=np.int64)
+        idx = codes - CODE_MIN
+        idx = idx[(idx >= 0) & (idx < N_CODES)]
+        parts = [self.region_rows[self.region_offsets[i] : self.region_offsets[i + 1]] for i in idx]
+        if len(self.overlay_visit_regions):
+            lo = np.searchsorted(self.overlay_visit_regions, codes, side="left")
+            hi = np.searchsorted(self.overlay_visit_regions, codes, side="right")
+            parts += [self.overlay_slots[self.overlay_visit_rows[a:b]] for a, b in zip(lo, hi, strict=True)]
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        seen = np.zeros(self.n_persons, dtype=bool)  # a bitmap, not a sort: O(persons) bytes, no O(k log k)
+        for part in parts:
+            seen[part] = True
+        return np.flatnonzero(seen)
+
+    def evaluate(
+        self,
+        slots: np.ndarray | None,
+        ctx: engine.Context,
+        n_threads: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(slots, commuter_badge, entry_permitted, reasons) for ``slots`` (None: every person, in slot order)."""
+        if slots is not None:
+            slots = np.asarray(slots, dtype=np.int64)
+            ov = self._overlay_rows_of(slots)
+            in_ov = ov >= 0
+            badge = np.zeros(len(slots), dtype=bool)
+            entry = np.zeros(len(slots), dtype=bool)
+            reasons = np.zeros(len(slots), dtype=np.uint16)
+            for mask, prepared, rows in ((~in_ov, self.prepared_base, slots), (in_ov, self._prepared_overlay, ov)):
+                if mask.any():
+                    assert prepared is not None
+                    b, e, r = engine.evaluate_selected(ctx, prepared, rows[mask], n_threads)
+                    badge[mask], entry[mask], reasons[mask] = b, e, r
+            if progress is not None:
+                progress(len(slots))
+            return slots, badge, entry, reasons
+        badge, entry, reasons = _evaluate(self.base, ctx, n_threads, progress)
+        if len(self.overlay_slots):
+            n = self.n_persons
+            grow = n - len(badge)
+            if grow:
+                badge = np.concatenate([badge, np.zeros(grow, dtype=bool)])
+                entry = np.concatenate([entry, np.zeros(grow, dtype=bool)])
+                reasons = np.concatenate([reasons, np.zeros(grow, dtype=np.uint16)])
+            ob, oe, orr = _evaluate(self.overlay, ctx, n_threads, progress)
+            badge[self.overlay_slots], entry[self.overlay_slots], reasons[self.overlay_slots] = ob, oe, orr
+        return np.arange(self.n_persons, dtype=np.int64), badge, entry, reasons
+
+
+def stored_events(state: ViewState, kind: str, events: pa.Table, now: int, lookback_days: int) -> np.ndarray:
+    """Which of ``events`` (validated store form of ``entries`` or ``visits``) the view holds already: exact for
+    events inside the window up to ``now`` (the view holds every stored one of those); False for the others and
+    for other kinds, which the store checks itself."""
+    n = events.num_rows
+    out = np.zeros(n, dtype=bool)
+    if kind not in ("entries", "visits") or n == 0:
+        return out
+    t_first, d_first, today = window(now, lookback_days)
+    slots = state.slots_of(to_numpy(events.column("person_id"), np.uint64))
+    if kind == "entries":
+        value = to_numpy(events.column("t"), np.int64)
+        inside = (slots >= 0) & (value >= t_first) & (value <= now)
+    else:
+        value = to_numpy(events.column("day").cast(pa.int32()), np.int32).astype(np.int64)
+        inside = (slots >= 0) & (value >= d_first) & (value <= today)
+    if not inside.any():
+        return out
+    people = np.unique(slots[inside])
+    flat = explode(state.rows(people))
+    # One uint64 key per (person, event): the person's slot in the high 32 bits, the event's offset in the window
+    # (seconds, or day and region) in the low 32 bits.
+    if kind == "entries":
+        keep = flat.e_t >= t_first
+        have = (people[flat.e_row[keep]].astype(np.uint64) << np.uint64(32)) | (flat.e_t[keep] - t_first).astype(
+            np.uint64
+        )
+        ask = (slots[inside].astype(np.uint64) << np.uint64(32)) | (value[inside] - t_first).astype(np.uint64)
+    else:
+        keep = flat.v_day >= d_first
+        low = ((flat.v_day[keep].astype(np.int64) - d_first) << 20) | (flat.v_region[keep].astype(np.int64) - CODE_MIN)
+        have = (people[flat.v_row[keep]].astype(np.uint64) << np.uint64(32)) | low.astype(np.uint64)
+        region = to_numpy(events.column("region"), np.int64)[inside]
+        ask = (slots[inside].astype(np.uint64) << np.uint64(32)) | (
+            ((value[inside] - d_first) << 20) | (region - CODE_MIN)
+        ).astype(np.uint64)
+    out[inside] = np.isin(ask, have)
+    return out
+
+
+def _evaluate(
+    table: pa.Table, ctx: engine.Context, n_threads: int | None, progress: Callable[[int], None] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    batches = table.to_batches(max_chunksize=1_000_000)
+    results = list(engine.evaluate_batches(batches, ctx, n_threads, on_batch=progress))
+    if not results:
+        return np.zeros(0, dtype=bool), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.uint16)
+    badge = np.concatenate([to_numpy(r.column(1), bool) for r in results])
+    entry = np.concatenate([to_numpy(r.column(2), bool) for r in results])
+    reasons = np.concatenate([to_numpy(r.column(4), np.uint16) for r in results])
+    return badge, entry, reasons
+
+
+def _prepare(table: pa.Table) -> engine.Prepared | None:
+    batches = table.to_batches()
+    return engine.Prepared(batches[0]) if len(batches) == 1 else None
+
+
+def _overlay_visits(overlay: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    rows, values = list_elements(overlay.column("visits"))
+    regions = to_numpy(values.field("region"), np.int32)
+    order = np.argsort(regions, kind="stable")
+    return regions[order], rows[order]
+
+
+def make_state(
+    base: pa.Table,
+    extra_ids: np.ndarray | None = None,
+    overlay: pa.Table | None = None,
+    overlay_slots: np.ndarray | None = None,
+    overlay_gen: np.ndarray | None = None,
+    generation: int = 0,
+) -> ViewState:
+    """A state from a base table sorted by person id (indexed here) and an optional overlay."""
+    base = base.combine_chunks()
+    offsets, rows = _region_index(base)
+    empty = POPULATION_SCHEMA.empty_table()
+    return with_overlay(
+        ViewState(
+            base=base,
+            base_ids=to_numpy(base.column("person_id"), np.uint64),
+            region_offsets=offsets,
+            region_rows=rows,
+            extra_ids=np.zeros(0, dtype=np.uint64) if extra_ids is None else extra_ids,
+            overlay=empty,
+            overlay_slots=np.zeros(0, dtype=np.int64),
+            overlay_gen=np.zeros(0, dtype=np.int64),
+            overlay_visit_regions=np.zeros(0, dtype=np.int32),
+            overlay_visit_rows=np.zeros(0, dtype=np.int64),
+            generation=generation,
+            prepared_base=_prepare(base),
+        ),
+        empty if overlay is None else overlay,
+        np.zeros(0, dtype=np.int64) if overlay_slots is None else overlay_slots,
+        np.zeros(0, dtype=np.int64) if overlay_gen is None else overlay_gen,
+    )
+
+
+def with_overlay(
+    state: ViewState, overlay: pa.Table, slots: np.ndarray, gen: np.ndarray, **changes: object
+) -> ViewState:
+    order = np.argsort(slots, kind="stable")
+    if len(order) and not np.array_equal(order, np.arange(len(order))):
+        overlay, slots, gen = overlay.take(pa.array(order, pa.int64())), slots[order], gen[order]
+    overlay = overlay.combine_chunks()
+    regions, rows = _overlay_visits(overlay)
+    fields = dict(
+        overlay=overlay, overlay_slots=slots, overlay_gen=gen, overlay_visit_regions=regions, overlay_visit_rows=rows
+    )
+    fields.update(changes)  # type: ignore[arg-type]
+    return replace_state(state, **fields)
+
+
+def replace_state(state: ViewState, **fields: object) -> ViewState:
+    values = {name: getattr(state, name) for name in ViewState.__dataclass_fields__}
+    values.update(fields)
+    return ViewState(**values)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------------
