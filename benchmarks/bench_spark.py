@@ -41,6 +41,7 @@ from healthcode.rules.regions import load_risk_list
 
 def _data(root: str, rows: int, files: int) -> tuple[str, str]:
     """The partitioned population (``bucket=K/part-0.parquet``, one file per bucket) and its risk list."""
+    os.makedirs(root, exist_ok=True)
     folder = os.path.join(root, f"population-{rows}-{files}")
     risk = os.path.join(root, "risk.csv")
     if not os.path.exists(risk):

@@ -12,6 +12,9 @@ server.  The front terminates TLS and passes the verified client-certificate nam
 ``x-healthcode-*`` metadata, which it strips from what callers send.  Health checks, reflection and the control
 plane (``PutRiskList``, ``PutPolicy``, ``Reevaluate`` and the reads of the list and the policy) are never refused
 by the front.
+
+(A little over 500 lines on purpose: the slots, the refusal on the accept thread, the forwarder and the process's
+start and stop are one process's job and share its private state; split, each part would reach into the others.)
 """
 
 from __future__ import annotations
