@@ -55,6 +55,7 @@ test: build lint java
 	$(BIN)/python benchmarks/bench_service.py --quick
 	$(BIN)/python benchmarks/bench_store.py --quick
 	$(BIN)/python benchmarks/bench_load.py --quick
+	$(BIN)/python benchmarks/bench_spark.py --quick
 
 # The full benchmark figures (docs/benchmarks.md).  The store part defaults to 2M persons (a few minutes);
 # the Beijing scale is `make bench STORE_ROWS=22000000` (45+ minutes, ~22 GB of disk).
@@ -64,6 +65,7 @@ bench: build
 	$(BIN)/python benchmarks/bench_service.py
 	$(BIN)/python benchmarks/bench_store.py --rows $(STORE_ROWS)
 	$(BIN)/python benchmarks/bench_load.py
+	$(BIN)/python benchmarks/bench_spark.py
 
 clean:
 	rm -rf build $(VENV) src/healthcode/rules/*.so src/healthcode/rules/_kernel.c src/healthcode/rules/*.html .pytest_cache .benchmarks
