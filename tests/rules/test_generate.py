@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -12,11 +15,15 @@ import healthcode
 from healthcode.generate import (
     BEIJING,
     DEFAULT_AS_OF,
+    HIVE_DEFAULT_PARTITION,
     RING_HOMES,
+    bucket_of,
     generate_batches,
     generate_risk_csv,
     generate_table,
+    province_of,
     write_demo,
+    write_partitioned,
 )
 from healthcode.rules.columns import POPULATION_SCHEMA, check_schema
 from healthcode.rules.regions import contains, is_valid_code
@@ -40,9 +47,9 @@ def test_schema_and_batches():
 
 
 def test_deterministic_per_seed():
-    a = generate_table(5_000, seed=3, batch_rows=2_000)
-    b = generate_table(5_000, seed=3, batch_rows=2_000)
-    c = generate_table(5_000, seed=4, batch_rows=2_000)
+    a = generate_table(5_000, seed=3, batch_rows=5_000)
+    b = generate_table(5_000, seed=3, batch_rows=5_000)
+    c = generate_table(5_000, seed=4, batch_rows=5_000)
     assert a.equals(b)
     assert not a.equals(c)
     assert generate_risk_csv(3) == generate_risk_csv(3)
@@ -156,3 +163,98 @@ def test_write_demo(tmp_path):
     assert read.cast(POPULATION_SCHEMA).equals(generate_table(3_000, seed=2, batch_rows=1_000))
     with open(written["risk"], encoding="utf-8") as f:
         assert healthcode.parse_risk_csv(f.read())
+
+
+def _read_hive(path: str) -> pa.Table:
+    return ds.dataset(path, format="parquet", partitioning="hive").to_table()
+
+
+def _sorted(table: pa.Table) -> pa.Table:
+    """The population columns in a canonical row order (null ids last; ids are unique otherwise)."""
+    table = table.select(POPULATION_SCHEMA.names).cast(POPULATION_SCHEMA)
+    keys = [("person_id", "ascending"), ("home_region", "ascending"), ("nat_sample_time", "ascending")]
+    return table.sort_by(keys)
+
+
+@pytest.fixture(scope="module")
+def single_file(tmp_path_factory) -> pa.Table:
+    written = write_demo(tmp_path_factory.mktemp("single"), 20_000, seed=7, progress=False, batch_rows=5_000)
+    return pq.read_table(written["population"])
+
+
+@pytest.mark.parametrize("files_per_partition", [1, 3])
+def test_partitioned_by_bucket_holds_the_same_rows(tmp_path, single_file, files_per_partition):
+    out = write_partitioned(
+        tmp_path, 20_000, seed=7, by="bucket", partitions=5, files_per_partition=files_per_partition,
+        progress=False, batch_rows=5_000,
+    )  # fmt: skip
+    assert out.population == os.path.join(tmp_path, "population") and os.path.isfile(out.risk)
+    assert not os.path.exists(out.population + ".partial")
+    assert out.rows == 20_000 and sum(out.partition_rows.values()) == 20_000
+    assert sorted(out.partition_rows) == [f"bucket={k}" for k in range(5)]
+    assert len(out.files) == 5 * files_per_partition and all(os.path.isfile(f) for f in out.files)
+    # the files hold the population columns only: the bucket is in the directory name
+    assert pq.read_schema(out.files[0]).names == POPULATION_SCHEMA.names
+    read = _read_hive(out.population)
+    assert read.schema.field("bucket").type == pa.int32()
+    assert _sorted(read).equals(_sorted(single_file))
+    assert read.column("person_id").null_count > 0  # the invalid rows came along
+    # every row in its bucket, null ids in bucket 0; the buckets are of similar size
+    assert np.array_equal(read.column("bucket").to_numpy(), bucket_of(read.column("person_id"), 5))
+    assert pc.all(pc.equal(pc.filter(read.column("bucket"), pc.is_null(read.column("person_id"))), 0)).as_py()
+    assert min(out.partition_rows.values()) > 0.8 * 20_000 / 5
+    for name, n in out.partition_rows.items():
+        assert pq.read_table(os.path.join(out.population, name)).num_rows == n
+
+
+def test_partitioned_by_province_holds_the_same_rows(tmp_path, single_file):
+    out = write_partitioned(tmp_path, 20_000, seed=7, by="province", progress=False, batch_rows=5_000)
+    read = _read_hive(out.population)
+    assert _sorted(read).equals(_sorted(single_file))
+    province = read.column("province")
+    expected = province_of(read.column("home_region"))
+    assert np.array_equal(pc.fill_null(province, -1).to_numpy(), expected)
+    assert {11, 12, 13} <= set(province.drop_null().to_pylist())
+    # invalid home regions (null or malformed) are in the default partition, read back as a null province
+    assert province.null_count == out.partition_rows[f"province={HIVE_DEFAULT_PARTITION}"] > 0
+    assert out.partition_rows["province=11"] == pc.sum(pc.equal(province, 11)).as_py()
+    assert len(out.files) == len(out.partition_rows)
+
+
+def test_partitioned_is_deterministic_and_replaces_the_old_directory(tmp_path):
+    a = write_partitioned(tmp_path / "a", 3_000, seed=2, partitions=4, progress=False, batch_rows=1_000)
+    b = write_partitioned(tmp_path / "b", 3_000, seed=2, partitions=4, progress=False, batch_rows=1_000)
+    for fa, fb in zip(a.files, b.files, strict=True):
+        assert pq.read_table(fa).equals(pq.read_table(fb))
+    # written again with fewer buckets into the same folder: no file of the old layout is left
+    again = write_partitioned(tmp_path / "a", 3_000, seed=2, partitions=2, progress=False, batch_rows=1_000)
+    assert sorted(os.listdir(again.population)) == ["bucket=0", "bucket=1"]
+    assert _read_hive(again.population).num_rows == 3_000
+
+
+def test_partitioned_progress_and_arguments(tmp_path):
+    seen: list[int] = []
+    write_partitioned(tmp_path, 2_500, partitions=2, progress=seen.append, batch_rows=1_000)
+    assert seen == [1_000, 1_000, 500]
+    empty = write_partitioned(tmp_path / "empty", 0, partitions=3, progress=False)
+    assert empty.rows == 0 and empty.files == () and os.path.isdir(empty.population)
+    with pytest.raises(ValueError, match="partitions >= 1"):
+        write_partitioned(tmp_path, 10, partitions=0, progress=False)
+    with pytest.raises(ValueError, match="partitions >= 1"):
+        write_partitioned(tmp_path, 10, progress=False)
+    with pytest.raises(ValueError, match="leave partitions None"):
+        write_partitioned(tmp_path, 10, by="province", partitions=3, progress=False)
+    with pytest.raises(ValueError, match="files_per_partition"):
+        write_partitioned(tmp_path, 10, partitions=2, files_per_partition=0, progress=False)
+    with pytest.raises(ValueError, match="by must be"):
+        write_partitioned(tmp_path, 10, by="county", partitions=2, progress=False)  # type: ignore[arg-type]
+    assert not os.path.exists(tmp_path / "population.partial")
+
+
+def test_bucket_of_and_province_of():
+    ids = pa.array([0, 1, 2, None, 2**64 - 1], type=pa.uint64())
+    buckets = bucket_of(ids, 7)
+    assert buckets[0] == buckets[3] == 0 and ((buckets >= 0) & (buckets < 7)).all()
+    assert (bucket_of(ids, 1) == 0).all()
+    homes = pa.array([110105, None, 990101, 131082, 12345], type=pa.int32())
+    assert province_of(homes).tolist() == [11, -1, -1, 13, -1]

@@ -107,21 +107,55 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from healthcode.generate import write_demo
+    from healthcode.generate import write_demo, write_partitioned
 
     if args.rows < 1:
         raise CliError(f"--rows must be at least 1, got {args.rows}", EXIT_USAGE)
+    by = args.partition_by
+    partitions = None if args.partitions is None else _count("--partitions", args.partitions)
+    files_per_partition = _count("--files-per-partition", args.files_per_partition)
+    if by == "province" and partitions is not None:
+        raise CliError("--partitions is the number of hash buckets; --partition-by province makes one partition "
+                       "per home province: leave --partitions out", EXIT_USAGE)  # fmt: skip
+    if by == "bucket" and partitions is None:
+        raise CliError("--partition-by bucket needs --partitions N", EXIT_USAGE)
+    if by is None and partitions is not None:
+        by = "bucket"
+    if by is None and args.files_per_partition != "1":
+        raise CliError("--files-per-partition needs --partitions N or --partition-by province", EXIT_USAGE)
     try:
         os.makedirs(args.outdir, exist_ok=True)
     except OSError as exc:
         raise CliError(f"{args.outdir}: cannot create folder: {exc.strerror}") from None
     started = time.perf_counter()
     kwargs = {} if args.as_of is None else {"as_of": _instant(args.as_of)}
-    written = write_demo(args.outdir, args.rows, args.seed, progress=args.progress is not False, **kwargs)
+    with _progress(args.rows, args.progress) as bar:
+        if by is None:
+            written = write_demo(args.outdir, args.rows, args.seed, progress=bar.update, **kwargs)
+            what = f"{written['population']}, {written['risk']}"
+        else:
+            out = write_partitioned(
+                args.outdir, args.rows, args.seed, by=by, partitions=partitions,
+                files_per_partition=files_per_partition, progress=bar.update, **kwargs,
+            )  # fmt: skip
+            what = (
+                f"{out.population}{os.sep} ({len(out.partition_rows):,} partitions by {by}, "
+                f"{len(out.files):,} files), {out.risk}"
+            )
     seconds = time.perf_counter() - started
-    files = ", ".join(str(v) for v in written.values()) if isinstance(written, dict) else args.outdir
-    print(f"generated {args.rows:,} persons (seed {args.seed}) in {seconds:.2f} s: {files}")
+    print(f"generated {args.rows:,} persons (seed {args.seed}) in {seconds:.2f} s: {what}")
     return 0
+
+
+def _count(flag: str, text: str) -> int:
+    """A whole number >= 1 given to ``flag``, or a one-line usage error."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise CliError(f"{flag}: expected a whole number, got {text!r}", EXIT_USAGE) from None
+    if n < 1:
+        raise CliError(f"{flag} must be at least 1, got {n}", EXIT_USAGE)
+    return n
 
 
 def cmd_load(args: argparse.Namespace) -> int:
@@ -339,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate", parents=[progress], help="write a synthetic population and risk list",
         description="Write a realistic synthetic population (ring commuters, Beijing residents, visitors, a few "
-        "invalid rows) as OUTDIR/population.parquet and a risk list as OUTDIR/risk.csv, for demos and benchmarks.",
+        "invalid rows) as OUTDIR/population.parquet and a risk list as OUTDIR/risk.csv, for demos and benchmarks. "
+        "With --partitions or --partition-by province, the same rows go to OUTDIR/population/ instead, as "
+        "hive-partitioned Parquet (OUTDIR/population/bucket=3/part-00000.parquet) for the Spark job.",
     )  # fmt: skip
     gen.add_argument("outdir", help="folder to write into (created if missing)")
     gen.add_argument("--rows", type=int, required=True, help="number of persons")
@@ -349,6 +385,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the instant the data is generated around (default 2021-11-30 12:00 +08:00)",
     )
+    part = gen.add_argument_group("partitioned output (OUTDIR/population/, replaced if it exists)")
+    part.add_argument(
+        "--partitions", metavar="N", default=None,
+        help="write N >= 1 hash buckets bucket=0..N-1 by person_id (rows with a null person_id in bucket=0)",
+    )  # fmt: skip
+    part.add_argument(
+        "--partition-by", choices=("bucket", "province"), default=None,
+        help="bucket (the default with --partitions): N hash buckets; province: one partition province=PP per "
+        "home province (home_region // 10000), invalid home regions in province=__HIVE_DEFAULT_PARTITION__ (read "
+        "back as null); takes no --partitions",
+    )  # fmt: skip
+    part.add_argument(
+        "--files-per-partition", metavar="K", default="1",
+        help="split each partition's rows evenly over K files part-00000.parquet... (default 1)",
+    )  # fmt: skip
     gen.set_defaults(func=cmd_generate)
 
     ld = sub.add_parser(
