@@ -23,6 +23,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "_proto": set(),
     "rules": {"errors", "logs"},
     "generate": {"errors", "logs", "rules"},
+    "demo": {"errors", "logs", "rules", "generate"},
     "wire": {"errors", "logs", "rules", "_proto"},
     "store": {"errors", "logs", "rules"},
     "live": {"errors", "logs", "rules", "wire", "store", "_proto"},

@@ -12,19 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import healthcode
-from healthcode.generate import (
-    BEIJING,
-    DEFAULT_AS_OF,
-    HIVE_DEFAULT_PARTITION,
-    RING_HOMES,
-    bucket_of,
-    generate_batches,
-    generate_risk_csv,
-    generate_table,
-    province_of,
-    write_demo,
-    write_partitioned,
-)
+from healthcode.demo import HIVE_DEFAULT_PARTITION, bucket_of, province_of, write_demo, write_partitioned
+from healthcode.generate import BEIJING, DEFAULT_AS_OF, RING_HOMES, generate_batches, generate_risk_csv, generate_table
 from healthcode.rules.columns import POPULATION_SCHEMA, check_schema
 from healthcode.rules.regions import contains, is_valid_code
 from healthcode.rules.timebase import day, to_instant

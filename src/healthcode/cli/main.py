@@ -6,67 +6,33 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from healthcode import __version__
+from healthcode.cli import call as call_cli
 from healthcode.cli import spark as spark_cli
+from healthcode.cli.common import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    CliError,
+    connection_options,
+    parse_instant,
+    population_reader,
+    progress_bar,
+    progress_options,
+    server_channel,
+    thread_count,
+)
 from healthcode.errors import HealthcodeError
 from healthcode.rules import columns, engine
 from healthcode.rules.results import RESULT_SCHEMA
-from healthcode.rules.timebase import BEIJING
 
 #: ``serve --store`` without a path: the default store file (``store.resolve_path``).
 DEFAULT_STORE = "<default store>"
-
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-
-
-class CliError(Exception):
-    """A message for the user; the command exits with ``code``."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _progress(total: int, enabled: bool | None, unit: str = "rows"):  # type: ignore[no-untyped-def]
-    from tqdm import tqdm
-
-    # Shown on a terminal for large inputs unless forced either way with --progress/--no-progress.
-    disable = (not enabled) if enabled is not None else (total < 500_000 or not sys.stderr.isatty())
-    return tqdm(total=total, unit=unit, unit_scale=True, disable=disable, file=sys.stderr, leave=False)
-
-
-@contextmanager
-def _population_reader(path: str, batch_rows: int) -> Iterator[tuple[pa.Schema, int, Iterator[pa.RecordBatch]]]:
-    """Open a Parquet or Arrow IPC population file: its schema, row count and a stream of batches."""
-    if not os.path.exists(path):
-        raise CliError(f"{path}: no such file")
-    if path.endswith((".arrow", ".feather", ".ipc")):
-        try:
-            reader = pa.ipc.open_file(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise CliError(f"{path}: not an Arrow IPC file: {exc}") from None
-        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-        yield (
-            reader.schema,
-            sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches)),
-            batches,
-        )
-        return
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise CliError(f"{path}: not a Parquet file ({exc}); give a .parquet or an Arrow IPC .arrow file") from None
-    with pf:
-        yield pf.schema_arrow, pf.metadata.num_rows, pf.iter_batches(batch_size=batch_rows)
-
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
@@ -75,7 +41,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except (HealthcodeError, ValueError, TypeError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     counts = {"rows": 0, "badges": 0, "entries": 0, "invalid": 0}
-    with _population_reader(args.population, args.batch_rows) as (schema, total, batches):
+    with population_reader(args.population, args.batch_rows) as (schema, total, batches):
         try:
             columns.check_schema(schema)
         except HealthcodeError as exc:
@@ -85,7 +51,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise CliError(f"{args.out}: folder {out_dir} does not exist")
         tmp = args.out + ".partial"
         try:
-            with _progress(total, args.progress) as bar, pq.ParquetWriter(tmp, RESULT_SCHEMA) as writer:
+            with progress_bar(total, args.progress) as bar, pq.ParquetWriter(tmp, RESULT_SCHEMA) as writer:
                 for result in engine.evaluate_batches(batches, ctx, args.threads, on_batch=bar.update):
                     writer.write_batch(result)
                     counts["rows"] += result.num_rows
@@ -107,7 +73,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from healthcode.generate import write_demo, write_partitioned
+    from healthcode.demo import write_demo, write_partitioned
 
     if args.rows < 1:
         raise CliError(f"--rows must be at least 1, got {args.rows}", EXIT_USAGE)
@@ -128,8 +94,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(f"{args.outdir}: cannot create folder: {exc.strerror}") from None
     started = time.perf_counter()
-    kwargs = {} if args.as_of is None else {"as_of": _instant(args.as_of)}
-    with _progress(args.rows, args.progress) as bar:
+    kwargs = {} if args.as_of is None else {"as_of": parse_instant(args.as_of)}
+    with progress_bar(args.rows, args.progress) as bar:
         if by is None:
             written = write_demo(args.outdir, args.rows, args.seed, progress=bar.update, **kwargs)
             what = f"{written['population']}, {written['risk']}"
@@ -163,12 +129,12 @@ def cmd_load(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     path = resolve_path(args.store)
-    with _population_reader(args.population, args.batch_rows) as (schema, total, batches):
+    with population_reader(args.population, args.batch_rows) as (schema, total, batches):
         try:
             columns.check_schema(schema)
         except HealthcodeError as exc:
             raise CliError(f"{args.population}: {exc}") from None
-        with Store(path) as store, _progress(total, args.progress) as bar:
+        with Store(path) as store, progress_bar(total, args.progress) as bar:
             try:
                 summary = store.load_population(batches, progress=bar.update)
             except (pa.ArrowInvalid, OSError) as exc:
@@ -187,7 +153,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 def cmd_reevaluate(args: argparse.Namespace) -> int:
     """Re-evaluate every stored person: through a running server (--target), or on the store file directly."""
     started = time.perf_counter()
-    as_of = None if args.as_of is None else _instant(args.as_of)
+    as_of = None if args.as_of is None else parse_instant(args.as_of)
     if args.target:
         import grpc
 
@@ -198,7 +164,7 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
         if as_of is not None:
             request.as_of.seconds = as_of
         try:
-            with _channel(args) as channel:
+            with server_channel(args) as channel:
                 reply = pb_grpc.HealthCodeStub(channel).Reevaluate(request, timeout=args.timeout)
         except grpc.RpcError as exc:
             raise CliError(f"{args.target}: {exc.code().name}: {exc.details()}") from None
@@ -223,7 +189,7 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
                 kernel_threads=args.threads, where=str(path),
             )  # fmt: skip
             assert control.book is not None
-            with _progress(len(control.book.ids), args.progress) as bar:
+            with progress_bar(len(control.book.ids), args.progress) as bar:
                 s = control.reevaluate(t, "cli", progress=bar.update).summary
             assert s is not None
         summary = (s.evaluated, s.changed, s.badges_lost, s.badges_gained, s.entries_lost, s.entries_gained,
@@ -260,70 +226,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(settings))
 
 
-def cmd_call_evaluate(args: argparse.Namespace) -> int:
-    import grpc
-
-    from healthcode.client.client import Client
-
-    started = time.perf_counter()
-    as_of = None if args.as_of is None else _instant(args.as_of)
-    with _population_reader(args.population, 1 << 62) as (schema, total, batches):
-        try:
-            columns.check_schema(schema)
-        except HealthcodeError as exc:
-            raise CliError(f"{args.population}: {exc}") from None
-        table = pa.Table.from_batches(list(batches), schema=schema)
-    client = Client(args.target, timeout=args.timeout, channel=_channel(args))
-    try:
-        with client, _progress(total, args.progress) as bar:
-            result, info = client.evaluate_arrow(table, as_of=as_of, policy=args.policy or "", on_rows=bar.update)
-    except grpc.RpcError as exc:
-        raise CliError(f"{args.target}: {exc.code().name}: {exc.details()}") from None
-    pq.write_table(result, args.out)
-    badges = pc.sum(result["commuter_badge"]).as_py() or 0
-    entries = pc.sum(result["entry_permitted"]).as_py() or 0
-    invalid = result.num_rows - result["error"].null_count
-    print(
-        f"{result.num_rows:,} rows, {badges:,} commuter badges, {entries:,} entries permitted, {invalid:,} invalid "
-        f"rows in {time.perf_counter() - started:.2f} s; policy {info.policy}, risk list v{info.risk_list_version}, "
-        f"as_of {info.as_of.ToDatetime(tzinfo=BEIJING).isoformat()}; wrote {args.out}"
-    )
-    return 0
-
-
-def _channel(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """The channel to --target with the connection options (TLS, client certificate, bearer token)."""
-    from healthcode.client.client import DEFAULT_MESSAGE_BYTES, make_channel, read_token
-
-    try:
-        token = read_token(args.token_file)
-        return make_channel(
-            args.target, max_message_bytes=DEFAULT_MESSAGE_BYTES, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-            tls_key=args.tls_key, tls=True if args.tls else None, server_name=args.server_name, token=token,
-        )  # fmt: skip
-    except (OSError, ValueError) as exc:
-        raise CliError(str(exc), EXIT_USAGE) from None
-
-
-def _instant(text: str) -> int:
-    from healthcode.rules.timebase import to_instant
-
-    try:
-        return to_instant(text)
-    except (ValueError, TypeError) as exc:
-        raise CliError(f"--as-of: {exc}", EXIT_USAGE) from None
-
-
-def _threads(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of threads, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="healthcode",
@@ -335,22 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"healthcode {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    progress = argparse.ArgumentParser(add_help=False)
-    progress.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=None,
-        help="show a progress bar (default: on a terminal, for large inputs)",
-    )  # fmt: skip
-
-    connection = argparse.ArgumentParser(add_help=False)
-    conn = connection.add_argument_group("connection (a secured server; see README 'Security and limits')")
-    conn.add_argument("--tls", action="store_true", help="use TLS, checking the server against the system CAs")
-    conn.add_argument("--tls-ca", help="use TLS, checking the server's certificate against this CA bundle (PEM)")
-    conn.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS; with --tls-key")
-    conn.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
-    conn.add_argument("--server-name", help="the name to check the server's certificate for (default: the host)")
-    conn.add_argument(
-        "--token-file", help="file holding a bearer token (default: $HEALTHCODE_TOKEN, when set)"
-    )  # fmt: skip
+    progress, connection = progress_options(), connection_options()
 
     ev = sub.add_parser(
         "evaluate", parents=[progress], help="evaluate a population file and write the results",
@@ -366,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluation instant, ISO-8601 with an offset, e.g. 2021-11-30T12:00:00+08:00",
     )
     ev.add_argument("--out", required=True, help="result Parquet file to write")
-    ev.add_argument("--threads", type=_threads, default=None, help="kernel threads (default: all cores)")
-    ev.add_argument("--batch-rows", type=_threads, default=1_000_000, help=argparse.SUPPRESS)
+    ev.add_argument("--threads", type=thread_count, default=None, help="kernel threads (default: all cores)")
+    ev.add_argument("--batch-rows", type=thread_count, default=1_000_000, help=argparse.SUPPRESS)
     ev.set_defaults(func=cmd_evaluate)
 
     gen = sub.add_parser(
@@ -413,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--store", default=None,
         help="store database file (default: $HEALTHCODE_STORE, else ./data/healthcode.duckdb)",
     )  # fmt: skip
-    ld.add_argument("--batch-rows", type=_threads, default=1_000_000, help=argparse.SUPPRESS)
+    ld.add_argument("--batch-rows", type=thread_count, default=1_000_000, help=argparse.SUPPRESS)
     ld.set_defaults(func=cmd_load)
 
     re_ = sub.add_parser(
@@ -433,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the shipped policy)",
     )
     re_.add_argument("--as-of", help="evaluation instant, ISO-8601 with an offset (default: now)")
-    re_.add_argument("--threads", type=_threads, default=None, help="kernel threads (default: all cores)")
+    re_.add_argument("--threads", type=thread_count, default=None, help="kernel threads (default: all cores)")
     re_.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server (default 600)")
     re_.set_defaults(func=cmd_reevaluate)
 
@@ -489,19 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--demo-as-of", help=argparse.SUPPRESS)
     srv.set_defaults(func=cmd_serve)
 
-    call = sub.add_parser("call", help="call a running server", description="Call a running healthcode server.")
-    call_sub = call.add_subparsers(dest="rpc", metavar="RPC", required=True)
-    ce = call_sub.add_parser(
-        "evaluate", parents=[progress, connection], help="evaluate a population file through the bulk (Arrow) path",
-        description="Send a population file through EvaluateArrow and write the results to a Parquet file.",
-    )  # fmt: skip
-    ce.add_argument("population", help="population file (.parquet, or .arrow/.feather)")
-    ce.add_argument("--target", default="127.0.0.1:50051", help="server host:port (default 127.0.0.1:50051)")
-    ce.add_argument("--as-of", help="evaluation instant, ISO-8601 with an offset (default: the server's clock)")
-    ce.add_argument("--policy", help="evaluate under this named policy of the server's timeline")
-    ce.add_argument("--out", required=True, help="result Parquet file to write")
-    ce.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up (default 600)")
-    ce.set_defaults(func=cmd_call_evaluate)
+    call_cli.add_parser(sub, progress, connection)
     spark_cli.add_parser(sub)
     return parser
 

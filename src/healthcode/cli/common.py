@@ -1,0 +1,115 @@
+"""What the subcommands share: the error a command exits with, progress bars, reading a population file, the
+parsing of instants and thread counts, the options of a connection to a server and the channel they give."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class CliError(Exception):
+    """A message for the user; the command exits with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def progress_bar(total: int, enabled: bool | None, unit: str = "rows"):  # type: ignore[no-untyped-def]
+    from tqdm import tqdm
+
+    # Shown on a terminal for large inputs unless forced either way with --progress/--no-progress.
+    disable = (not enabled) if enabled is not None else (total < 500_000 or not sys.stderr.isatty())
+    return tqdm(total=total, unit=unit, unit_scale=True, disable=disable, file=sys.stderr, leave=False)
+
+
+@contextmanager
+def population_reader(path: str, batch_rows: int) -> Iterator[tuple[pa.Schema, int, Iterator[pa.RecordBatch]]]:
+    """Open a Parquet or Arrow IPC population file: its schema, row count and a stream of batches."""
+    if not os.path.exists(path):
+        raise CliError(f"{path}: no such file")
+    if path.endswith((".arrow", ".feather", ".ipc")):
+        try:
+            reader = pa.ipc.open_file(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise CliError(f"{path}: not an Arrow IPC file: {exc}") from None
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        yield (
+            reader.schema,
+            sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches)),
+            batches,
+        )
+        return
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CliError(f"{path}: not a Parquet file ({exc}); give a .parquet or an Arrow IPC .arrow file") from None
+    with pf:
+        yield pf.schema_arrow, pf.metadata.num_rows, pf.iter_batches(batch_size=batch_rows)
+
+
+def server_channel(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The channel to --target with the connection options (TLS, client certificate, bearer token)."""
+    from healthcode.client.client import DEFAULT_MESSAGE_BYTES, make_channel, read_token
+
+    try:
+        token = read_token(args.token_file)
+        return make_channel(
+            args.target, max_message_bytes=DEFAULT_MESSAGE_BYTES, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+            tls_key=args.tls_key, tls=True if args.tls else None, server_name=args.server_name, token=token,
+        )  # fmt: skip
+    except (OSError, ValueError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
+def parse_instant(text: str) -> int:
+    from healthcode.rules.timebase import to_instant
+
+    try:
+        return to_instant(text)
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"--as-of: {exc}", EXIT_USAGE) from None
+
+
+def thread_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def progress_options() -> argparse.ArgumentParser:
+    """The ``--progress`` option, as a parent parser."""
+    progress = argparse.ArgumentParser(add_help=False)
+    progress.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="show a progress bar (default: on a terminal, for large inputs)",
+    )  # fmt: skip
+    return progress
+
+
+def connection_options() -> argparse.ArgumentParser:
+    """The options of a connection to a (secured) server, as a parent parser."""
+    connection = argparse.ArgumentParser(add_help=False)
+    conn = connection.add_argument_group("connection (a secured server; see README 'Security and limits')")
+    conn.add_argument("--tls", action="store_true", help="use TLS, checking the server against the system CAs")
+    conn.add_argument("--tls-ca", help="use TLS, checking the server's certificate against this CA bundle (PEM)")
+    conn.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS; with --tls-key")
+    conn.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
+    conn.add_argument("--server-name", help="the name to check the server's certificate for (default: the host)")
+    conn.add_argument(
+        "--token-file", help="file holding a bearer token (default: $HEALTHCODE_TOKEN, when set)"
+    )  # fmt: skip
+    return connection
