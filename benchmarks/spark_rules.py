@@ -16,14 +16,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from duckdb_rules import _ANCHOR_COLUMN, _MATCH, _lapse  # the same SQL in both dialects
 
-from healthcode.rules.policy import NatWindow, Policy
+from healthcode.rules.policy import Policy
 from healthcode.rules.regions import PROVINCES, UNBOUNDED_END, UNBOUNDED_START, RiskList
 from healthcode.rules.results import ERROR_MESSAGES, Reason
 from healthcode.rules.timebase import DAY_SECONDS, OFFSET_SECONDS, day, day_to_date, midnight, to_instant
 
 US = 1_000_000
-_ANCHOR_COLUMN = {"report": "nat_report_time", "sample": "nat_sample_time"}
 
 
 def _valid_code(expr: str) -> str:
@@ -44,13 +44,6 @@ def _local_day(us: str) -> str:
     return f"CAST(floor(({us} + {OFFSET_SECONDS * US}) / {DAY_SECONDS * US}.0) AS INT)"
 
 
-def _lapse(anchor: str, w: NatWindow) -> str:
-    if w.unit == "days":
-        return (f"((CAST(floor(({anchor} + {OFFSET_SECONDS}) / {DAY_SECONDS}.0) AS BIGINT) + {w.length})"
-                f" * {DAY_SECONDS} - {OFFSET_SECONDS})")  # fmt: skip
-    return f"({anchor} + {w.length * 3600})"
-
-
 def _text(s: str) -> str:
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -64,10 +57,6 @@ def _error_text() -> str:
     return "CASE err " + " ".join(whens) + " END"
 
 
-_MATCH = {
-    "since_visit": "(rc.start_day IS NULL OR rc.start_day <= {today}) AND (rc.end_day IS NULL OR rc.end_day >= v.day)",
-    "on_visit_day": "(rc.start_day IS NULL OR rc.start_day <= v.day) AND (rc.end_day IS NULL OR v.day <= rc.end_day)",
-}
 
 
 def build_sql(policy: Policy, active: bool, as_of: int, keep: tuple[str, ...] = ()) -> str:

@@ -7,6 +7,7 @@ epoch units here with integer datetime arithmetic, independently of ``healthcode
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
@@ -16,7 +17,15 @@ import pyarrow as pa
 import pytest
 
 from healthcode.rules import engine
-from healthcode.rules.policy import PolicyTimeline, default_policy, load_policy, parse_policy
+from healthcode.rules.policy import (
+    CommuterPattern,
+    NatWindow,
+    PolicyTimeline,
+    RiskRule,
+    default_policy,
+    load_policy,
+    parse_policy,
+)
 from healthcode.rules.regions import RiskList, risk_list_from_rows
 
 BJ = dt.timezone(dt.timedelta(hours=8))
@@ -331,3 +340,20 @@ def spark():
     s = session("local[2]", "healthcode-tests", **{"spark.sql.shuffle.partitions": "4"})
     yield s
     s.stop()
+
+
+def variant_policy() -> PolicyTimeline:
+    """The SQL peers' second policy shape, for the other branches: sample anchors, an hours commuter window, a days
+    entry window, on_visit_day matching."""
+    base = default_policy().policies[0]
+    policy = dataclasses.replace(
+        base,
+        name="variant",
+        commuter_nat=NatWindow(anchor="sample", unit="hours", length=72),
+        entry_nat=NatWindow(anchor="sample", unit="days", length=2),
+        risk=RiskRule(lookback_days=7, match="on_visit_day"),
+        commuter_pattern=CommuterPattern(
+            ring_regions=(120100, 131000, 130681), window_days=10, min_entry_days=3
+        ),
+    )
+    return PolicyTimeline((policy,), "variant")

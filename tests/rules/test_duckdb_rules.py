@@ -7,16 +7,15 @@ policies.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
 import pyarrow as pa
 import pytest
+from conftest import variant_policy
 
 import healthcode
 from healthcode.generate import DEFAULT_AS_OF, generate_risk_csv, generate_table
-from healthcode.rules.policy import CommuterPattern, NatWindow, PolicyTimeline, RiskRule
 from healthcode.rules.results import RESULT_SCHEMA
 from healthcode.rules.timebase import to_instant
 
@@ -30,22 +29,6 @@ AS_OFS = {
     "earlier": to_instant("2021-11-25T07:30:00+08:00"),  # part of the data is in the future
     "inactive": to_instant("2021-11-16T20:00:00+08:00"),  # before the default policy took effect
 }
-
-
-def _variant() -> PolicyTimeline:
-    """The other branches: sample anchors, an hours commuter window, a days entry window, on_visit_day."""
-    base = healthcode.default_policy().policies[0]
-    policy = dataclasses.replace(
-        base,
-        name="variant",
-        commuter_nat=NatWindow(anchor="sample", unit="hours", length=72),
-        entry_nat=NatWindow(anchor="sample", unit="days", length=2),
-        risk=RiskRule(lookback_days=7, match="on_visit_day"),
-        commuter_pattern=CommuterPattern(
-            ring_regions=(120100, 131000, 130681), window_days=10, min_entry_days=3
-        ),
-    )
-    return PolicyTimeline((policy,), "variant")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +63,7 @@ def assert_tables_equal(expected: pa.Table, actual: pa.Table, population: pa.Tab
 @pytest.mark.parametrize("policy_name", ["default", "variant"])
 def test_duckdb_equals_evaluate(population, risk, clock, policy_name):
     as_of = AS_OFS[clock]
-    timeline = healthcode.default_policy() if policy_name == "default" else _variant()
+    timeline = healthcode.default_policy() if policy_name == "default" else variant_policy()
     policy, active = timeline.select(as_of)
     expected = healthcode.evaluate(population, risk, timeline, as_of)
     actual = evaluate_duckdb(population, risk, policy, active, as_of)

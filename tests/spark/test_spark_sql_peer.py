@@ -6,7 +6,6 @@ on_visit_day matching)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -14,11 +13,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from conftest import variant_policy
 
 import healthcode
 from healthcode.generate import DEFAULT_AS_OF, generate_risk_csv, generate_table
 from healthcode.rules import engine
-from healthcode.rules.policy import CommuterPattern, NatWindow, PolicyTimeline, RiskRule
 from healthcode.rules.timebase import to_instant
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "benchmarks"))
@@ -27,19 +26,6 @@ from spark_rules import evaluate_sql
 pytestmark = pytest.mark.skipif(engine._kernel is None, reason="the kernel is not built")
 COLUMNS = ["commuter_badge", "entry_permitted", "enrolled", "reasons", "badge_valid_until", "entry_valid_until",
            "error"]  # fmt: skip
-
-
-def _variant() -> PolicyTimeline:
-    base = healthcode.default_policy().policies[0]
-    policy = dataclasses.replace(
-        base,
-        name="variant",
-        commuter_nat=NatWindow(anchor="sample", unit="hours", length=72),
-        entry_nat=NatWindow(anchor="sample", unit="days", length=2),
-        risk=RiskRule(lookback_days=7, match="on_visit_day"),
-        commuter_pattern=CommuterPattern(ring_regions=(120100, 131000, 130681), window_days=10, min_entry_days=3),
-    )
-    return PolicyTimeline((policy,), "variant")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +48,7 @@ def population(tmp_path_factory):
 )
 def test_the_spark_sql_peer_equals_the_kernel(spark, population, timeline, as_of):
     table, path = population
-    timeline = healthcode.default_policy() if timeline is None else _variant()
+    timeline = healthcode.default_policy() if timeline is None else variant_policy()
     risk = healthcode.parse_risk_csv(generate_risk_csv(12, DEFAULT_AS_OF))
     policy, active = timeline.select(as_of)
     got = evaluate_sql(spark, spark.read.parquet(path), risk, policy, as_of, active, keep=("row",))

@@ -1,4 +1,5 @@
-"""The ``healthcode`` command line: one subcommand per job (evaluate, generate, load, reevaluate, serve, call)."""
+"""The ``healthcode`` command line: one subcommand per job (evaluate, generate, load, reevaluate, serve, call,
+spark)."""
 
 from healthcode.cli.main import main
 
