@@ -7,10 +7,11 @@ extra (``pip install healthcode[spark]``): it is imported only when the command 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 from typing import Any
 
-from healthcode.errors import BadInput
+from healthcode.errors import BadInput, Precondition
 
 
 def add_parser(sub: Any) -> None:
@@ -51,20 +52,20 @@ def cmd_spark_evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if (args.previous is None) != (args.changes is None):
         raise BadInput("--previous and --changes go together: give both, or neither")
-    try:
-        from healthcode.spark import files
-        from healthcode.spark.dataframe import changes
-        from healthcode.spark.session import session
-    except ImportError as exc:
-        raise BadInput(f"the Spark job needs pyspark: pip install 'healthcode[spark]' ({exc})") from None
+    if importlib.util.find_spec("pyspark") is None:
+        raise Precondition("the Spark job needs pyspark (and Java 17+): pip install 'healthcode[spark]'")
     from healthcode.rules.context import make_context
+    from healthcode.rules.regions import load_risk_list
+    from healthcode.spark import files
+    from healthcode.spark.dataframe import changes, policy_of
+    from healthcode.spark.session import session
 
-    make_context(args.risk, args.policy, args.as_of)  # a bad list, policy or instant fails before Spark starts
+    # A bad list, policy, instant or input fails here, before Spark starts; the loaded ones are what the job ships.
+    risk, timeline = load_risk_list(args.risk), policy_of(args.policy)
+    make_context(risk, timeline, args.as_of)
     files.discover(args.input)
     spark = session(args.master, "healthcode spark evaluate")
-    summary = files.run(
-        spark, args.input, args.out, args.risk, args.policy, args.as_of, args.partition_by, args.overwrite
-    )
+    summary = files.run(spark, args.input, args.out, risk, timeline, args.as_of, args.partition_by, args.overwrite)
     changed = ""
     if args.previous is not None:
         previous = spark.read.parquet(args.previous)

@@ -105,7 +105,10 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
         self.executor = executor
         self.ingest = ingest
         self._published = asyncio.Condition()  # notified after each commit to the change log
-        self._loop: asyncio.AbstractEventLoop | None = None
+        try:  # the loop the server runs on: change notifications come from worker threads and wake it
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # built outside a loop (in-process tests, the fuzz harnesses): nobody to wake
+            self._loop = None
         self.kernel_threads = settings.kernel_threads or engine.default_threads()
         self._versions(control.snapshot)
         control.subscribe(self._changed)
@@ -133,8 +136,7 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
         return engine.make_context(snap.risk, _timeline(snap, policy), self.settings.now() if as_of is None else as_of)
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
-        self._loop = asyncio.get_running_loop()
-        return await self._loop.run_in_executor(self.executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # -- gateway path ---------------------------------------------------------------------------------------------
 

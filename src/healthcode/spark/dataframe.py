@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from healthcode.rules import engine
 from healthcode.rules.context import Context, PolicyLike, RiskLike, make_context
+from healthcode.rules.policy import PolicyTimeline, load_policy
 from healthcode.spark import boundary
 
 #: Per Python worker: the context (folded region table) of each broadcast it has seen, by the broadcast's key.
@@ -43,10 +44,8 @@ def prepare(spark: Any, risk: RiskLike, policy: PolicyLike, as_of: _dt.datetime 
     return spark.sparkContext.broadcast((uuid.uuid4().hex, ctx.risk, timeline, ctx.as_of))
 
 
-def policy_of(policy: PolicyLike) -> Any:
+def policy_of(policy: PolicyLike) -> PolicyTimeline:
     """The timeline itself (a loaded one travels as it is; a path is loaded here, on the driver)."""
-    from healthcode.rules.policy import PolicyTimeline, load_policy
-
     return policy if isinstance(policy, PolicyTimeline) else load_policy(policy)
 
 
