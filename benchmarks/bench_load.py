@@ -63,8 +63,8 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MESSAGE_BYTES),
     ("grpc.max_send_message_length", MESSAGE_BYTES),
 ]
-EVALUATE = "/healthcode.v1.HealthCode/Evaluate"
-EVALUATE_ARROW = "/healthcode.v1.HealthCode/EvaluateArrow"
+EVALUATE = "/healthcode.v1.HealthCodeService/Evaluate"
+EVALUATE_ARROW = "/healthcode.v1.HealthCodeService/EvaluateArrow"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 BATCH = 100  # persons per gateway call
 PAYLOADS = 16  # distinct gateway requests cycled by each process

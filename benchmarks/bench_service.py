@@ -74,7 +74,7 @@ def _bulk_requests(table: pa.Table) -> list[bytes]:
 
 def _evaluate_arrow(channel: grpc.Channel, chunks: list[bytes]) -> tuple[float, int, int]:
     """One EvaluateArrow call on an open channel (a bulk client keeps its channel, as a gateway does)."""
-    stub = pb_grpc.HealthCodeStub(channel)
+    stub = pb_grpc.HealthCodeServiceStub(channel)
 
     def requests():  # type: ignore[no-untyped-def]
         options = pb.EvaluateOptions()
@@ -181,7 +181,7 @@ def bench_gateway(server: str, echo: str, concurrencies: Sequence[int], seconds:
     payload = request.SerializeToString()
     out = []
     for c in concurrencies:
-        ev = _run_load(server, "/healthcode.v1.HealthCode/Evaluate", payload, c, seconds)
+        ev = _run_load(server, "/healthcode.v1.HealthCodeService/Evaluate", payload, c, seconds)
         empty = _run_load(echo, "/bench.Echo/Empty", b"", c, seconds)
         out.append(
             {
@@ -204,7 +204,7 @@ def bench_forms(server: str, rows: int, batch_sizes: Sequence[int] = (100, 1000)
     chunks = _bulk_requests(table)
     out: dict = {"rows": rows}
     with grpc.insecure_channel(server, options=CHANNEL_OPTIONS) as channel:
-        stub = pb_grpc.HealthCodeStub(channel)
+        stub = pb_grpc.HealthCodeServiceStub(channel)
         t_arrow = float(np.median([_evaluate_arrow(channel, chunks)[0] for _ in range(5)]))
         out["arrow_form_rows_per_s"] = round(rows / t_arrow)
         for size in batch_sizes:

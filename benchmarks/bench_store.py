@@ -228,20 +228,20 @@ def _summary(s: pb.ReevaluationSummary) -> dict:
     }  # fmt: skip
 
 
-def reevaluate(stub: pb_grpc.HealthCodeStub) -> dict:
+def reevaluate(stub: pb_grpc.HealthCodeServiceStub) -> dict:
     request = pb.ReevaluateRequest()
     request.as_of.seconds = AS_OF
     started = time.perf_counter()
-    reply = stub.Reevaluate(request, timeout=LONG)
+    reply = stub.Reevaluate(request, timeout=LONG).reevaluation
     return {"seconds": round(time.perf_counter() - started, 3), **_summary(reply)}
 
 
-def bench_change_stream(stub: pb_grpc.HealthCodeStub, total: int) -> dict:
+def bench_change_stream(stub: pb_grpc.HealthCodeServiceStub, total: int) -> dict:
     """A subscriber reading the whole change log of the first publish: WatchChangesArrow (bulk) for all of it,
-    and WatchChanges (one message per change) for the first 200,000."""
+    and WatchChanges (up to 1,000 changes per message) for the first 200,000."""
     started = time.perf_counter()
     got = 0
-    call = stub.WatchChangesArrow(pb.WatchChangesRequest(from_sequence=0), timeout=LONG)
+    call = stub.WatchChangesArrow(pb.WatchChangesArrowRequest(from_sequence=0), timeout=LONG)
     for batch in call:
         got = batch.last_sequence
         if got >= total:
@@ -251,8 +251,8 @@ def bench_change_stream(stub: pb_grpc.HealthCodeStub, total: int) -> dict:
     rows = min(total, 200_000)
     started = time.perf_counter()
     call = stub.WatchChanges(pb.WatchChangesRequest(from_sequence=0), timeout=LONG)
-    for change in call:
-        if change.sequence >= rows:
+    for message in call:
+        if message.changes and message.changes[-1].sequence >= rows:
             break
     call.cancel()
     row_s = time.perf_counter() - started
@@ -279,7 +279,9 @@ def pick_counties(risk_csv: str, n: int = 10) -> list[int]:
     return out[:n]
 
 
-def bench_risk(stub: pb_grpc.HealthCodeStub, risk_csv: str, counties: list[int], repeats: int, full_s: float) -> dict:
+def bench_risk(
+    stub: pb_grpc.HealthCodeServiceStub, risk_csv: str, counties: list[int], repeats: int, full_s: float
+) -> dict:
     start = day_to_date(day(AS_OF) - 3).isoformat()  # listed 3 days ago, still in force: inside the window
     added = risk_csv.rstrip("\n") + "\n" + "".join(f"{c},{start},,local_case\n" for c in counties)
     rounds = []
@@ -301,7 +303,7 @@ def bench_risk(stub: pb_grpc.HealthCodeStub, risk_csv: str, counties: list[int],
 # -- 5. ingest ------------------------------------------------------------------------------------------------------
 
 
-def bench_bulk_ingest(stub: pb_grpc.HealthCodeStub, ids: np.ndarray, events: int, in_flight: int) -> dict:
+def bench_bulk_ingest(stub: pb_grpc.HealthCodeServiceStub, ids: np.ndarray, events: int, in_flight: int) -> dict:
     rng = np.random.default_rng(11)
     # Entry scans of stored persons at 06:00-10:00 local on the last 13 days (inside the window).
     local_midnight = (day(AS_OF) - rng.integers(1, 14, events)) * DAY_SECONDS - 8 * 3600
@@ -362,7 +364,7 @@ async def _single_load(target: str, ids: list[int], concurrency: int, seconds: f
 
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         call = channel.unary_unary(
-            "/healthcode.v1.HealthCode/RecordEntries", request_serializer=None, response_deserializer=None
+            "/healthcode.v1.HealthCodeService/RecordEntries", request_serializer=None, response_deserializer=None
         )
         await call(payload(), timeout=60)  # warm the channel
         stop_at = time.perf_counter() + seconds
@@ -373,7 +375,7 @@ async def _single_load(target: str, ids: list[int], concurrency: int, seconds: f
                 t0 = time.perf_counter()
                 reply = await call(data, timeout=60)
                 latencies.append(time.perf_counter() - t0)
-                inserted[0] += pb.IngestResponse.FromString(reply).inserted
+                inserted[0] += pb.RecordEntriesResponse.FromString(reply).inserted
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -462,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server, target, startup, log_path = start_server(workdir, store, LONG)
         report["startup"] = {"seconds": round(startup, 2), **_proc_memory(server.pid)}
         with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-            stub = pb_grpc.HealthCodeStub(channel)
+            stub = pb_grpc.HealthCodeServiceStub(channel)
             first = reevaluate(stub)
             steady = reevaluate(stub)
             report["reevaluate"] = {

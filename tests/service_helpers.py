@@ -139,6 +139,12 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def changes(responses: Iterable[pb.WatchChangesResponse]) -> Iterator[pb.StatusChange]:
+    """The StatusChange messages of a WatchChanges stream, one by one."""
+    for response in responses:
+        yield from response.changes
+
+
 def free_port() -> int:
     """A local TCP port with nothing listening on it (bound, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -72,7 +72,7 @@ class Stub:
             yield pb.EvaluateArrowResponse(arrow_ipc=data, rows=rows)
 
 
-client_module.pb_grpc.HealthCodeStub = Stub
+client_module.pb_grpc.HealthCodeServiceStub = Stub
 population, out = sys.argv[1], sys.argv[2]
 pq.write_table(generate_table(300, seed=5), population)
 assert main(["call", "evaluate", population, "--out", out, "--target", "127.0.0.1:1", "--no-progress"]) == 0

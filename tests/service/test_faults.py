@@ -101,23 +101,23 @@ def test_kill_9_during_re_evaluation_commits_leaves_a_consistent_store(tmp_path,
     rng = np.random.default_rng(3)
     server = _serve(tmp_path, path, _risk(0), name="s0")
     with grpc.insecure_channel(server.address) as channel:
-        pb_grpc.HealthCodeStub(channel).Reevaluate(pb.ReevaluateRequest(), timeout=60)
+        pb_grpc.HealthCodeServiceStub(channel).Reevaluate(pb.ReevaluateRequest(), timeout=60)
     server.stop()
     for attempt in range(6):
         server = _serve(tmp_path, path, name=f"s{attempt + 1}")
         channel = grpc.insecure_channel(server.address)
-        stub = pb_grpc.HealthCodeStub(channel)
+        stub = pb_grpc.HealthCodeServiceStub(channel)
         before = stub.GetRiskList(pb.GetRiskListRequest(), timeout=10).version
         if attempt % 2 == 0:
             csv = _risk(int(rng.integers(1, len(COUNTIES) + 1)))
 
-            def call(csv: str = csv, stub: pb_grpc.HealthCodeStub = stub) -> None:
+            def call(csv: str = csv, stub: pb_grpc.HealthCodeServiceStub = stub) -> None:
                 stub.PutRiskList(pb.PutRiskListRequest(csv=csv), timeout=30)
         else:
             request = pb.ReevaluateRequest()
             request.as_of.seconds = AS_OF + int(rng.integers(1, 5)) * 86400  # time moved on: NATs lapse
 
-            def call(request: pb.ReevaluateRequest = request, stub: pb_grpc.HealthCodeStub = stub) -> None:
+            def call(request: pb.ReevaluateRequest = request, stub: pb_grpc.HealthCodeServiceStub = stub) -> None:
                 stub.Reevaluate(request, timeout=30)
 
         _kill_during(server, call, float(rng.uniform(0.0, 0.25)))
@@ -129,10 +129,10 @@ def test_kill_9_during_re_evaluation_commits_leaves_a_consistent_store(tmp_path,
         # settles everything, and a second one changes nothing.
         server = _serve(tmp_path, path, name=f"r{attempt}")
         with grpc.insecure_channel(server.address) as channel:
-            stub = pb_grpc.HealthCodeStub(channel)
+            stub = pb_grpc.HealthCodeServiceStub(channel)
             assert stub.GetRiskList(pb.GetRiskListRequest(), timeout=10).version == kept
             stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
-            assert stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).changed == 0
+            assert stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).reevaluation.changed == 0
         server.stop()
         _check_consistent(path)
 
@@ -141,19 +141,20 @@ def test_a_restart_with_a_new_risk_list_reevaluates_the_persons_it_affects(tmp_p
     path = _store(tmp_path, population)
     server = _serve(tmp_path, path, _risk(0), name="a")
     with grpc.insecure_channel(server.address) as channel:
-        stub = pb_grpc.HealthCodeStub(channel)
+        stub = pb_grpc.HealthCodeServiceStub(channel)
         stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
         assert stub.GetRiskList(pb.GetRiskListRequest(), timeout=10).version == 1
     server.stop()
     server = _serve(tmp_path, path, _risk(0), name="b")  # the same list again: no new version
     with grpc.insecure_channel(server.address) as channel:
-        assert pb_grpc.HealthCodeStub(channel).GetRiskList(pb.GetRiskListRequest(), timeout=10).version == 1
+        assert pb_grpc.HealthCodeServiceStub(channel).GetRiskList(pb.GetRiskListRequest(), timeout=10).version == 1
     server.stop()
     server = _serve(tmp_path, path, _risk(4), name="c")
     with grpc.insecure_channel(server.address) as channel:
-        stub = pb_grpc.HealthCodeStub(channel)
+        stub = pb_grpc.HealthCodeServiceStub(channel)
         assert stub.GetRiskList(pb.GetRiskListRequest(), timeout=10).version == 2
-        assert stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).changed == 0  # already re-evaluated at start
+        # already re-evaluated at start
+        assert stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).reevaluation.changed == 0
     server.stop()
     _hwm, kept = _check_consistent(path)
     assert kept == 2 and '"event": "risk_list_replaced_at_start"' in server.stderr()
@@ -164,7 +165,7 @@ def test_a_store_that_cannot_write_fails_ingest_clearly_and_evaluation_goes_on(t
     server = _serve(tmp_path, path, _risk(0))
     try:
         with grpc.insecure_channel(server.address) as channel:
-            stub = pb_grpc.HealthCodeStub(channel)
+            stub = pb_grpc.HealthCodeServiceStub(channel)
             person = int(population.column("person_id")[5].as_py())
             entry = pb.RecordEntriesRequest(entries=[pb.EntryEvent(person_id=person)])
             entry.entries[0].time.seconds = AS_OF - 3600

@@ -81,7 +81,7 @@ def server(tmp_path_factory) -> Iterator[ServerProcess]:
 class Holder:
     """An EvaluateArrow stream that has been admitted (its first reply arrived) and stays open until released."""
 
-    def __init__(self, stub: pb_grpc.HealthCodeStub, timeout: float = 60) -> None:
+    def __init__(self, stub: pb_grpc.HealthCodeServiceStub, timeout: float = 60) -> None:
         self.release = threading.Event()
 
         def requests() -> Iterator[pb.EvaluateArrowRequest]:
@@ -100,7 +100,7 @@ class Holder:
             pass
 
 
-def _all_admitted(stub: pb_grpc.HealthCodeStub, n: int, within: float = 10) -> None:
+def _all_admitted(stub: pb_grpc.HealthCodeServiceStub, n: int, within: float = 10) -> None:
     """``n`` Evaluate calls at once all succeed, within ``within`` s (a slot comes back a moment after its call)."""
     deadline = time.monotonic() + within
     while True:
@@ -138,15 +138,15 @@ def test_fast_refusal_fits_this_grpcio(monkeypatch):
     monkeypatch.setattr(_server, "_handle_call", _server._handle_call)  # put back after the test
     slots = Slots(1, [0, 0])
     assert install_fast_refusal(slots), f"grpcio {grpc.__version__}: the accept-thread refusal does not fit"
-    assert "/healthcode.v1.HealthCode/Evaluate" in slots.on_accept
-    assert "/healthcode.v1.HealthCode/GetStatus" in slots.on_accept
-    assert "/healthcode.v1.HealthCode/EvaluateArrow" not in slots.on_accept  # a request stream: in the handler
+    assert "/healthcode.v1.HealthCodeService/Evaluate" in slots.on_accept
+    assert "/healthcode.v1.HealthCodeService/GetStatus" in slots.on_accept
+    assert "/healthcode.v1.HealthCodeService/EvaluateArrow" not in slots.on_accept  # a request stream: in the handler
     assert not slots.on_accept & EXEMPT
 
 
 def test_calls_go_through_the_front_unchanged(server):
     with grpc.insecure_channel(server.address) as channel:
-        stub = pb_grpc.HealthCodeStub(channel)
+        stub = pb_grpc.HealthCodeServiceStub(channel)
         assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
         reply = stub.Evaluate(_evaluate_request(), timeout=10)
         assert [s.person_id for s in reply.statuses] == [7] and reply.info.risk_list_version == 1
@@ -155,7 +155,7 @@ def test_calls_go_through_the_front_unchanged(server):
         code, message = _error(lambda: stub.PutRiskList(pb.PutRiskListRequest(csv=bad), timeout=10))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "line 2" in message, message
         # A method nobody serves.
-        code, _ = _error(lambda: channel.unary_unary("/healthcode.v1.HealthCode/Nope")(b"", timeout=10))
+        code, _ = _error(lambda: channel.unary_unary("/healthcode.v1.HealthCodeService/Nope")(b"", timeout=10))
         assert code == grpc.StatusCode.UNIMPLEMENTED
         # The caller's deadline travels with the call: streams that outlive it end with DEADLINE_EXCEEDED, and their
         # slots, in the front and in the server, come back (the release may trail the end by a moment).
@@ -171,7 +171,7 @@ def test_calls_go_through_the_front_unchanged(server):
 
 def test_front_sheds_past_the_limit_but_never_health_or_control_plane(server):
     with grpc.insecure_channel(server.address) as channel:
-        stub = pb_grpc.HealthCodeStub(channel)
+        stub = pb_grpc.HealthCodeServiceStub(channel)
         holders = [Holder(stub) for _ in range(LIMIT)]
         try:
             for _ in range(5):
@@ -207,16 +207,16 @@ def test_certificate_names_are_forwarded_and_forged_ones_dropped(tmp_path, pki):
     try:
         forged = [("x-healthcode-client-name", "ops-1"), ("x-healthcode-peer", "ipv4:10.0.0.1:1")]
         with pki.channel(srv.address, client="trusted") as channel:  # the gw-1 certificate: gateway
-            stub = pb_grpc.HealthCodeStub(channel)
+            stub = pb_grpc.HealthCodeServiceStub(channel)
             assert len(stub.Evaluate(_evaluate_request(), timeout=10).statuses) == 1
             code, message = _error(
                 lambda: stub.PutRiskList(pb.PutRiskListRequest(csv=RISK_CSV), timeout=10, metadata=forged)
             )
             assert code == grpc.StatusCode.PERMISSION_DENIED and "gw-1" in message, message
         with pki.channel(srv.address, client="admin-cert") as channel:
-            assert pb_grpc.HealthCodeStub(channel).PutRiskList(pb.PutRiskListRequest(csv=RISK_CSV)).version == 2
+            assert pb_grpc.HealthCodeServiceStub(channel).PutRiskList(pb.PutRiskListRequest(csv=RISK_CSV)).version == 2
         with pki.channel(srv.address, client="untrusted") as channel:  # refused in the front's handshake
-            code, _ = _error(lambda: pb_grpc.HealthCodeStub(channel).Evaluate(_evaluate_request(), timeout=10))
+            code, _ = _error(lambda: pb_grpc.HealthCodeServiceStub(channel).Evaluate(_evaluate_request(), timeout=10))
             assert code == grpc.StatusCode.UNAVAILABLE
     finally:
         srv.stop()
@@ -242,7 +242,7 @@ def test_a_killed_front_is_replaced_and_a_killed_server_takes_its_front_along(tm
         assert '"event": "front_exited"' in srv.stderr()
         with grpc.insecure_channel(srv.address) as channel:  # the same address answers again
             assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
-            assert len(pb_grpc.HealthCodeStub(channel).Evaluate(_evaluate_request(), timeout=10).statuses) == 1
+            assert len(pb_grpc.HealthCodeServiceStub(channel).Evaluate(_evaluate_request(), timeout=10).statuses) == 1
         second = _front_pids(srv)[-1]
         assert _nice(second) == first_nice, "the new front lost the priority the first one had"
         srv.proc.kill()
@@ -306,7 +306,7 @@ def test_a_stream_that_never_sends_is_cancelled_by_the_front(server):
 
     with grpc.insecure_channel(server.address) as channel:
         started = time.monotonic()
-        call = pb_grpc.HealthCodeStub(channel).EvaluateArrow(nothing(), timeout=60)
+        call = pb_grpc.HealthCodeServiceStub(channel).EvaluateArrow(nothing(), timeout=60)
         try:
             code, _ = _error(lambda: list(call))
         finally:
@@ -323,14 +323,14 @@ def test_calls_that_never_send_their_request_lose_their_slot(server):
     from healthcode.service.front import FIRST_MESSAGE_SECONDS
 
     with grpc.insecure_channel(server.address) as channel:
-        stub = pb_grpc.HealthCodeStub(channel)
+        stub = pb_grpc.HealthCodeServiceStub(channel)
         _all_admitted(stub, LIMIT)  # warm
         # The silent calls must hold every slot.  A slot comes back a moment after its call ended, and a silent call
         # that found none was refused at once: add silent calls until the data plane is refused.
         raw = RawGrpc(server.address)
         for _attempt in range(20):
             for _ in range(LIMIT):
-                raw.call("/healthcode.v1.HealthCode/Evaluate")
+                raw.call("/healthcode.v1.HealthCodeService/Evaluate")
             deadline = time.monotonic() + 0.5
             try:
                 while time.monotonic() < deadline:

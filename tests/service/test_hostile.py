@@ -1,6 +1,6 @@
 """Hostile input against a real server with a store: random bytes and mutated valid requests for every RPC.
 
-Every RPC of ``healthcode.v1.HealthCode`` (unary, server-streaming and bidirectional) gets random bytes and
+Every RPC of ``healthcode.v1.HealthCodeService`` (unary, server-streaming and bidirectional) gets random bytes and
 mutations of valid requests (bit flips, truncation, duplication, field-tag changes, varint overflows, nested
 messages mutated inside valid ones) over a raw channel, with deterministic seeds and a bounded count.  Only
 deliberate status codes may come back, never UNKNOWN or INTERNAL; no message names an exception class or carries a
@@ -33,7 +33,7 @@ from healthcode.store import Store
 
 AS_OF = 1638244800
 CLOCK = "2021-11-30T12:00:00+08:00"
-SERVICE = "/healthcode.v1.HealthCode/"
+SERVICE = "/healthcode.v1.HealthCodeService/"
 #: The codes a hostile request may get (CANCELLED: a watch stream ended by the client's own deadline).
 DELIBERATE = {
     grpc.StatusCode.OK,
@@ -128,7 +128,7 @@ def seeds() -> dict[str, tuple[type[Any], list[Any]]]:
             ],
         ),
         "WatchChanges": (pb.WatchChangesRequest, [pb.WatchChangesRequest(from_sequence=0)]),
-        "WatchChangesArrow": (pb.WatchChangesRequest, [pb.WatchChangesRequest(from_sequence=0)]),
+        "WatchChangesArrow": (pb.WatchChangesArrowRequest, [pb.WatchChangesArrowRequest(from_sequence=0)]),
     }
 
 
@@ -225,7 +225,7 @@ def extreme_requests() -> dict[str, list[Any]]:
             )
         ],
         "WatchChanges": [pb.WatchChangesRequest(from_sequence=-(2**63))],
-        "WatchChangesArrow": [pb.WatchChangesRequest(from_sequence=2**63 - 1)],
+        "WatchChangesArrow": [pb.WatchChangesArrowRequest(from_sequence=2**63 - 1)],
     }
 
 
@@ -306,7 +306,7 @@ def _outcome(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
 
 
 def _still_serving(channel: grpc.Channel) -> None:
-    stub = pb_grpc.HealthCodeStub(channel)
+    stub = pb_grpc.HealthCodeServiceStub(channel)
     reply = stub.Evaluate(pb.EvaluateRequest(persons=[pb.Person(person_id=1, home_region=110105)]), timeout=10)
     assert len(reply.statuses) == 1 and reply.statuses[0].person_id == 1
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)

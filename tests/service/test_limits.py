@@ -63,9 +63,9 @@ def limited(tmp_path_factory) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(scope="module")
-def stubs(limited) -> Iterator[dict[str, pb_grpc.HealthCodeStub]]:
+def stubs(limited) -> Iterator[dict[str, pb_grpc.HealthCodeServiceStub]]:
     channels = {name: token_channel(limited.address, token) for name, token in TOKENS.items()}
-    yield {name: pb_grpc.HealthCodeStub(c) for name, c in channels.items()}
+    yield {name: pb_grpc.HealthCodeServiceStub(c) for name, c in channels.items()}
     for c in channels.values():
         c.close()
 
@@ -128,7 +128,7 @@ def test_too_many_rows_in_ingest_and_status_requests(limited, stubs):
 class Held:
     """An EvaluateArrow call kept in flight: the first request is sent, the rest waits for :meth:`release`."""
 
-    def __init__(self, stub: pb_grpc.HealthCodeStub) -> None:
+    def __init__(self, stub: pb_grpc.HealthCodeServiceStub) -> None:
         self.go = threading.Event()
 
         def requests() -> Iterator[pb.EvaluateArrowRequest]:
@@ -212,7 +212,7 @@ def test_refused_request_streams_read_the_refusal_not_internal(limited, stubs):
     async def refusals() -> tuple[dict[str, int], grpc.StatusCode]:
         codes: dict[str, int] = {}
         async with grpc.aio.insecure_channel(limited.address) as channel:
-            stub = pb_grpc.HealthCodeStub(channel)
+            stub = pb_grpc.HealthCodeServiceStub(channel)
 
             async def one() -> None:
                 answered = asyncio.Event()

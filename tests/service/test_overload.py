@@ -35,8 +35,8 @@ LIMIT = 4
 MESSAGE_BYTES = 4 * 1024 * 1024
 BULK_ROWS = 300_000
 OVERLOAD_SECONDS = 4.0
-EVALUATE = "/healthcode.v1.HealthCode/Evaluate"
-EVALUATE_ARROW = "/healthcode.v1.HealthCode/EvaluateArrow"
+EVALUATE = "/healthcode.v1.HealthCodeService/Evaluate"
+EVALUATE_ARROW = "/healthcode.v1.HealthCodeService/EvaluateArrow"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 OPTIONS = [("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", MESSAGE_BYTES)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,7 +167,7 @@ async def _overload_then_recover(address: str, payloads: dict[str, Any]) -> dict
 
         async def health_checker() -> None:
             while time.monotonic() < stop_at:
-                for service in ("", "healthcode.v1.HealthCode"):
+                for service in ("", "healthcode.v1.HealthCodeService"):
                     try:
                         reply = await check(health_pb2.HealthCheckRequest(service=service), timeout=5)
                         health[health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)] += 1

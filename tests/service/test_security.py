@@ -97,7 +97,7 @@ def mtls_server(tmp_path_factory, pki) -> Iterator[ServerProcess]:
 
 def stub_for(pki: Pki, srv: ServerProcess, token: str | None = None, client: str | None = None):  # type: ignore[no-untyped-def]
     channel = pki.channel(srv.address, client=client, token=token)
-    return channel, pb_grpc.HealthCodeStub(channel)
+    return channel, pb_grpc.HealthCodeServiceStub(channel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_plaintext_client_against_tls_port_fails(tls_server):
     with grpc.insecure_channel(tls_server.address) as channel:
         code, _ = code_of(lambda: health_status(channel))
         assert code == grpc.StatusCode.UNAVAILABLE
-        stub = pb_grpc.HealthCodeStub(channel)
+        stub = pb_grpc.HealthCodeServiceStub(channel)
         code, _ = code_of(lambda: stub.Evaluate(_evaluate_request(), timeout=10))
         assert code == grpc.StatusCode.UNAVAILABLE
 
@@ -145,7 +145,7 @@ def test_missing_or_unknown_token_is_unauthenticated(tls_server, pki, token):
 
 def test_not_a_bearer_header_is_unauthenticated(tls_server, pki):
     with pki.channel(tls_server.address) as channel:
-        stub = pb_grpc.HealthCodeStub(channel)
+        stub = pb_grpc.HealthCodeServiceStub(channel)
         code, message = code_of(
             lambda: stub.Evaluate(_evaluate_request(), timeout=10, metadata=[("authorization", f"Basic {GATEWAY}")])
         )
@@ -197,7 +197,7 @@ def test_reflection_is_open(tls_server, pki):
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         (response,) = list(reflection.ServerReflectionInfo(iter([request]), timeout=10))
         names = {s.name for s in response.list_services_response.service}
-        assert "healthcode.v1.HealthCode" in names
+        assert "healthcode.v1.HealthCodeService" in names
 
 
 def test_cli_call_with_tls_and_token_file(tls_server, pki, tmp_path, monkeypatch):
@@ -283,7 +283,7 @@ def test_reflection_can_be_switched_off(tmp_path):
             assert code == grpc.StatusCode.UNIMPLEMENTED
             assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
             # No auth configured: open, as before.
-            assert len(pb_grpc.HealthCodeStub(channel).Evaluate(_evaluate_request(), timeout=10).statuses) == 1
+            assert len(pb_grpc.HealthCodeServiceStub(channel).Evaluate(_evaluate_request(), timeout=10).statuses) == 1
         assert "WITHOUT TLS" not in srv.stderr()  # loopback: no warning
     finally:
         srv.stop()
@@ -346,13 +346,13 @@ def test_caller_identity_is_available_to_the_servicer():
         guard = auth.Guard(auth.Authenticator(tokens, {}), Concurrency(0, 0))
         server = grpc.aio.server(interceptors=[ObservedService({}), guard])  # it turns the guard's refusals into codes
         handler = grpc.unary_unary_rpc_method_handler(who)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("healthcode.v1.HealthCode",
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("healthcode.v1.HealthCodeService",
                                                                               {"GetPolicy": handler}),))  # fmt: skip
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                call = channel.unary_unary("/healthcode.v1.HealthCode/GetPolicy")
+                call = channel.unary_unary("/healthcode.v1.HealthCodeService/GetPolicy")
                 got = await call(b"", metadata=[("authorization", f"Bearer {GATEWAY}")], timeout=10)
                 seen.append(got.decode())
                 with pytest.raises(grpc.aio.AioRpcError) as info:

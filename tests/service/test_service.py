@@ -198,10 +198,10 @@ def admin_server(tmp_path_factory) -> Iterator[ServerProcess]:
     srv.stop()
 
 
-def _stub(srv: ServerProcess) -> Iterator[pb_grpc.HealthCodeStub]:
+def _stub(srv: ServerProcess) -> Iterator[pb_grpc.HealthCodeServiceStub]:
     channel = grpc.insecure_channel(srv.address, options=CHANNEL_OPTIONS)
     try:
-        yield pb_grpc.HealthCodeStub(channel)
+        yield pb_grpc.HealthCodeServiceStub(channel)
     finally:
         channel.close()
 
@@ -231,7 +231,7 @@ def generated_expected(generated) -> pa.Table:
     return healthcode.evaluate(generated, parse_risk_csv(generate_risk_csv(GEN_SEED)), None, as_of=AS_OF_S)
 
 
-def assert_serving(srv: ServerProcess, stub: pb_grpc.HealthCodeStub) -> None:
+def assert_serving(srv: ServerProcess, stub: pb_grpc.HealthCodeServiceStub) -> None:
     """The process is alive and a good call still gives the right answer."""
     assert srv.proc.poll() is None, f"server died: {srv.stderr()[-2000:]}"
     request = pb.EvaluateRequest(persons=persons(ROWS[:3]))
@@ -275,13 +275,19 @@ def test_evaluate_named_reasons_match_the_mask(stub):
     response = evaluate(stub, ROWS)
     for s in response.statuses:
         names = [pb.Reason.Name(r) for r in s.reasons]
-        assert names == [r.name for r in Reason if s.reasons_mask & r.value], s
-        assert all(r == (1 << (r - 1)).bit_length() for r in s.reasons)  # value = bit index + 1
+        assert names == [f"REASON_{r.name}" for r in Reason if s.reasons_mask & r.value], s
+        assert sum(s.reasons) == s.reasons_mask  # one numbering: each Reason's value is its bit
     assert [pb.Reason.Name(r) for r in response.statuses[0].reasons] == [
-        "NAT_EXPIRED", "ENTRY_NAT_MISSING", "PATTERN_NOT_MET",
+        "REASON_NAT_EXPIRED", "REASON_ENTRY_NAT_MISSING", "REASON_PATTERN_NOT_MET",
     ]  # fmt: skip
-    assert [pb.Reason.Name(r) for r in response.statuses[1].reasons] == ["PATTERN_NOT_MET"]
-    assert [pb.Reason.Name(r) for r in response.statuses[8].reasons] == ["INVALID_INPUT"]
+    assert [pb.Reason.Name(r) for r in response.statuses[1].reasons] == ["REASON_PATTERN_NOT_MET"]
+    assert [pb.Reason.Name(r) for r in response.statuses[8].reasons] == ["REASON_INVALID_INPUT"]
+
+
+def test_the_proto_reasons_are_the_python_reasons_name_for_name():
+    """One numbering: proto Reason REASON_X has the value of healthcode.Reason.X, the bit in every reasons mask."""
+    proto = {name.removeprefix("REASON_"): value for name, value in pb.Reason.items() if value}
+    assert proto == {r.name: r.value for r in Reason}
 
 
 def test_evaluate_invalid_rows_next_to_valid_ones(stub):
@@ -340,7 +346,7 @@ def test_evaluate_example_5_policy_inactive(stub):
     first, second = response.statuses
     assert not first.commuter_badge and first.entry_permitted and first.reasons_mask & 1
     assert not second.commuter_badge and not second.entry_permitted and second.reasons_mask & 1
-    assert pb.Reason.Name(first.reasons[0]) == "POLICY_INACTIVE"
+    assert pb.Reason.Name(first.reasons[0]) == "REASON_POLICY_INACTIVE"
 
 
 def test_evaluate_visit_day_iso_and_impossible_dates(stub):
@@ -569,7 +575,7 @@ def test_evaluate_arrow_stream_protocol_errors(server, stub):
 
 def _raw_evaluate(channel: grpc.Channel):  # type: ignore[no-untyped-def]
     """Evaluate with the request given as raw bytes (what a broken or hostile client can send)."""
-    return channel.unary_unary("/healthcode.v1.HealthCode/Evaluate", request_serializer=None,
+    return channel.unary_unary("/healthcode.v1.HealthCodeService/Evaluate", request_serializer=None,
                                response_deserializer=pb.EvaluateResponse.FromString)  # fmt: skip
 
 
@@ -593,7 +599,7 @@ def test_evaluate_malformed_request_bytes(server, hex_bytes):
         code, details = code_of(lambda: _raw_evaluate(channel)(data, timeout=10))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, details
         assert "EvaluateRequest" in details
-        assert_serving(server, pb_grpc.HealthCodeStub(channel))
+        assert_serving(server, pb_grpc.HealthCodeServiceStub(channel))
 
 
 @pytest.mark.parametrize(
@@ -671,7 +677,7 @@ def test_evaluate_arrow_corrupt_offsets_are_refused(tmp_path):
     outcomes = {}
     try:
         with grpc.insecure_channel(srv.address) as channel:
-            stub = pb_grpc.HealthCodeStub(channel)
+            stub = pb_grpc.HealthCodeServiceStub(channel)
             for name, data in _corrupt_ipc_cases().items():
                 if srv.proc.poll() is not None:
                     outcomes[name] = "server already dead"
@@ -744,7 +750,8 @@ def test_stream_ended_by_the_server_deadline_is_logged_deadline_exceeded(server)
     before = len(server.rpc_log_lines())
     raw = RawGrpc(server.address)
     try:
-        raw.call("/healthcode.v1.HealthCode/EvaluateArrow", [("grpc-timeout", "400m")], first.SerializeToString())
+        method = "/healthcode.v1.HealthCodeService/EvaluateArrow"
+        raw.call(method, [("grpc-timeout", "400m")], first.SerializeToString())
         (record,) = _new_records(server, before)
     finally:
         raw.close()
@@ -810,7 +817,11 @@ def test_over_size_row_form_response_is_logged_as_refused(server, stub):
 # Risk list and policy
 
 
-def _risk_text(rl: pb.RiskList) -> str:
+def _policy_of(reply: pb.GetPolicyResponse | pb.PutPolicyResponse) -> tuple[str, list[str], int]:
+    return reply.toml, list(reply.names), reply.version
+
+
+def _risk_text(rl: pb.GetRiskListResponse) -> str:
     return HEADER + "".join(f"{e.region},{e.start_date},{e.end_date},{e.kind}\n" for e in rl.entries)
 
 
@@ -957,7 +968,7 @@ def test_get_and_put_policy(admin_server, admin_stub):
     put = admin_stub.PutPolicy(pb.PutPolicyRequest(toml=text), timeout=10)
     assert put.version == current.version + 1 and list(put.names) == ["short-nat", "later"] and put.toml == text
     got = admin_stub.GetPolicy(pb.GetPolicyRequest(), timeout=10)
-    assert got == put
+    assert _policy_of(got) == _policy_of(put)
     # Evaluations use it now (a 9-day-old NAT: valid under 14 days, lapsed under 7).
     rows = [dict(LI, person_id=PID + 70, nat_report_time=bj(2021, 11, 21, 9))]
     response = evaluate(admin_stub, rows)
@@ -982,7 +993,7 @@ def test_get_and_put_policy(admin_server, admin_stub):
         code, details = code_of(lambda bad=bad: admin_stub.PutPolicy(pb.PutPolicyRequest(toml=bad), timeout=10))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, key
         assert key in details, (key, details)
-        assert admin_stub.GetPolicy(pb.GetPolicyRequest(), timeout=10) == put  # the old policy stays
+        assert _policy_of(admin_stub.GetPolicy(pb.GetPolicyRequest(), timeout=10)) == _policy_of(put)  # kept
     assert evaluate(admin_stub, rows).info.policy == "short-nat"
     # Restore the 2022 timeline for any later test.
     admin_stub.PutPolicy(pb.PutPolicyRequest(toml=current.toml), timeout=10)
@@ -1005,7 +1016,7 @@ def test_sigterm_finishes_the_in_flight_call_and_exits_0(tmp_path, generated, ge
                 yield r
 
         with grpc.insecure_channel(srv.address, options=CHANNEL_OPTIONS) as channel:
-            stub = pb_grpc.HealthCodeStub(channel)
+            stub = pb_grpc.HealthCodeServiceStub(channel)
             started = time.monotonic()
             responses = stub.EvaluateArrow(slow_requests(), timeout=60)
             first = next(responses)
@@ -1031,7 +1042,7 @@ def test_sigterm_when_idle_exits_0_and_refuses_new_calls(tmp_path):
         srv.sigterm()
         assert srv.proc.wait(15) == 0
         with grpc.insecure_channel(srv.address) as channel:
-            code, _ = code_of(lambda: evaluate(pb_grpc.HealthCodeStub(channel), ROWS[:1], timeout=3))
+            code, _ = code_of(lambda: evaluate(pb_grpc.HealthCodeServiceStub(channel), ROWS[:1], timeout=3))
         assert code == grpc.StatusCode.UNAVAILABLE
     finally:
         srv.stop()
@@ -1069,7 +1080,7 @@ def test_second_server_on_a_busy_port_fails_to_start(server, tmp_path):
 def test_health_check(server):
     with grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "healthcode.v1.HealthCode"):
+        for service in ("", "healthcode.v1.HealthCodeService"):
             response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert response.status == health_pb2.HealthCheckResponse.SERVING, service
         code, _ = code_of(lambda: health.Check(health_pb2.HealthCheckRequest(service="no.Such"), timeout=10))
@@ -1082,8 +1093,8 @@ def test_reflection_lists_services(server):
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         (response,) = list(reflection.ServerReflectionInfo(iter([request]), timeout=10))
         names = {s.name for s in response.list_services_response.service}
-        assert {"healthcode.v1.HealthCode", "grpc.health.v1.Health"} <= names
-        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="healthcode.v1.HealthCode")
+        assert {"healthcode.v1.HealthCodeService", "grpc.health.v1.Health"} <= names
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="healthcode.v1.HealthCodeService")
         (response,) = list(reflection.ServerReflectionInfo(iter([request]), timeout=10))
         assert response.file_descriptor_response.file_descriptor_proto
 
@@ -1182,10 +1193,10 @@ def _run_grpcurl(grpcurl: str, *args: str) -> subprocess.CompletedProcess[str]:
 def test_grpcurl_list_and_health(server, grpcurl):
     out = _run_grpcurl(grpcurl, server.address, "list")
     assert out.returncode == 0, out.stderr
-    assert {"healthcode.v1.HealthCode", "grpc.health.v1.Health"} <= set(out.stdout.split())
-    out = _run_grpcurl(grpcurl, server.address, "list", "healthcode.v1.HealthCode")
-    assert "healthcode.v1.HealthCode.EvaluateArrow" in out.stdout
-    out = _run_grpcurl(grpcurl, "-d", '{"service": "healthcode.v1.HealthCode"}', server.address,
+    assert {"healthcode.v1.HealthCodeService", "grpc.health.v1.Health"} <= set(out.stdout.split())
+    out = _run_grpcurl(grpcurl, server.address, "list", "healthcode.v1.HealthCodeService")
+    assert "healthcode.v1.HealthCodeService.EvaluateArrow" in out.stdout
+    out = _run_grpcurl(grpcurl, "-d", '{"service": "healthcode.v1.HealthCodeService"}', server.address,
                        "grpc.health.v1.Health/Check")  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"status": "SERVING"}
@@ -1207,13 +1218,13 @@ def test_grpcurl_evaluate_json(server, grpcurl):
              "natReportTime": "2021-11-29T12:00:00Z", "visits": [{"region": 130102, "dayIso": "2021-11-20"}]},
         ],
     }  # fmt: skip
-    out = _run_grpcurl(grpcurl, "-d", json.dumps(body), server.address, "healthcode.v1.HealthCode/Evaluate")
+    out = _run_grpcurl(grpcurl, "-d", json.dumps(body), server.address, "healthcode.v1.HealthCodeService/Evaluate")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     zhao, invalid, risky = doc["statuses"]
     assert _field(zhao, "commuterBadge", "commuter_badge") is True
     assert _field(zhao, "reasonsMask", "reasons_mask") == 16
-    assert zhao["reasons"] == ["ENTRY_NAT_MISSING"]
+    assert zhao["reasons"] == ["REASON_ENTRY_NAT_MISSING"]
     assert _field(zhao, "badgeValidUntil", "badge_valid_until") == "2021-12-05T16:00:00Z"
     assert _field(zhao, "personId", "person_id") == str(PID + 2)
     assert _field(invalid, "reasonsMask", "reasons_mask") == INVALID_INPUT and "home_region" in invalid["error"]
@@ -1225,7 +1236,7 @@ def test_grpcurl_evaluate_json(server, grpcurl):
     assert _field(info, "asOf", "as_of") == "2021-11-30T04:00:00Z"
     # Bad JSON is rejected by grpcurl/the server without harming it.
     out = _run_grpcurl(grpcurl, "-d", '{"persons": [{"baseColor": "green"}]}', server.address,
-                       "healthcode.v1.HealthCode/Evaluate")  # fmt: skip
+                       "healthcode.v1.HealthCodeService/Evaluate")  # fmt: skip
     assert out.returncode != 0
 
 

@@ -8,7 +8,7 @@ import itertools
 import grpc
 import pyarrow as pa
 import pytest
-from service_helpers import ServerProcess
+from service_helpers import ServerProcess, changes
 
 from healthcode import evaluate
 from healthcode._proto.v1 import healthcode_pb2 as pb
@@ -39,26 +39,26 @@ def served(tmp_path, population):
     )
     try:
         with grpc.insecure_channel(server.address) as channel:
-            yield server, pb_grpc.HealthCodeStub(channel)
+            yield server, pb_grpc.HealthCodeServiceStub(channel)
     finally:
         server.stop()
 
 
 def test_reevaluate_publishes_everyone_once_then_nothing(served, population):
     _server, stub = served
-    first = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    first = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).reevaluation
     result = evaluate(population, parse_risk_csv(generate_risk_csv(8, AS_OF)), as_of=AS_OF)
     valid = result["error"].null_count  # the store skips invalid rows at load
     assert first.evaluated == first.changed == valid
     assert first.high_water_mark == first.changed and first.as_of.seconds == AS_OF
     assert first.badges_gained > 0 and first.badges_lost == 0
-    again = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    again = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).reevaluation
     assert again.changed == 0 and again.high_water_mark == first.high_water_mark
 
 
 def test_put_risk_list_reevaluates_the_affected_and_reports_counts(served):
     _server, stub = served
-    base = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    base = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).reevaluation
     csv = generate_risk_csv(8, AS_OF) + "131082,2021-11-20,,local_case\n110108,2021-11-25,,local_case\n"
     reply = stub.PutRiskList(pb.PutRiskListRequest(csv=csv), timeout=60)
     summary = reply.reevaluation
@@ -67,7 +67,7 @@ def test_put_risk_list_reevaluates_the_affected_and_reports_counts(served):
     assert summary.changed > 0 and summary.badges_lost > 0 and summary.badges_gained == 0
     assert summary.high_water_mark == base.high_water_mark + summary.changed
     # The published statuses agree with a full evaluation under the new list.
-    after = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    after = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).reevaluation
     assert after.changed == 0
     # Lifting the new entries again restores the old statuses: the same persons change back.
     back = stub.PutRiskList(pb.PutRiskListRequest(csv=generate_risk_csv(8, AS_OF)), timeout=60).reevaluation
@@ -76,13 +76,13 @@ def test_put_risk_list_reevaluates_the_affected_and_reports_counts(served):
 
 def test_a_subscriber_that_drops_and_resumes_sees_every_change_once(served):
     _server, stub = served
-    total = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).high_water_mark
+    total = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).reevaluation.high_water_mark
     seen: list[int] = []
     position = 0
     while position < total:
         # Read a little, drop the stream, reconnect from the last sequence number received.
         call = stub.WatchChanges(pb.WatchChangesRequest(from_sequence=position), timeout=30)
-        for change in itertools.islice(call, min(700, total - position)):
+        for change in itertools.islice(changes(call), min(700, total - position)):
             seen.append(change.sequence)
             position = change.sequence
         call.cancel()
@@ -92,7 +92,7 @@ def test_a_subscriber_that_drops_and_resumes_sees_every_change_once(served):
     put = stub.PutRiskList(
         pb.PutRiskListRequest(csv=generate_risk_csv(8, AS_OF) + "120104,2021-11-26,,local_case\n"), timeout=60
     )
-    got = list(itertools.islice(live, put.reevaluation.changed))
+    got = list(itertools.islice(changes(live), put.reevaluation.changed))
     live.cancel()
     assert [c.sequence for c in got] == list(range(total + 1, put.reevaluation.high_water_mark + 1))
     assert all(c.risk_list_version == 2 for c in got)
@@ -117,7 +117,7 @@ def test_store_rpcs_without_a_store_say_how_to_enable_them(tmp_path):
     server = ServerProcess(tmp_path, risk_csv="region,start_date,end_date,kind\n")
     try:
         with grpc.insecure_channel(server.address) as channel:
-            stub = pb_grpc.HealthCodeStub(channel)
+            stub = pb_grpc.HealthCodeServiceStub(channel)
             with pytest.raises(grpc.RpcError) as info:
                 stub.Reevaluate(pb.ReevaluateRequest(), timeout=10)
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -141,7 +141,7 @@ def test_acknowledged_ingest_survives_kill_9(tmp_path, population):
     acknowledged: list[int] = []
     try:
         with grpc.insecure_channel(server.address) as channel:
-            stub = pb_grpc.HealthCodeStub(channel)
+            stub = pb_grpc.HealthCodeServiceStub(channel)
 
             def record(i: int) -> int:
                 event = pb.EntryEvent(person_id=person)
@@ -183,12 +183,14 @@ def test_ingested_events_reach_the_next_reevaluation_and_lookup(served, populati
     assert stub.RecordVisits(pb.RecordVisitsRequest(visits=[visit]), timeout=30).inserted == 1
     after = stub.GetStatus(pb.GetStatusRequest(person_ids=[person]), timeout=30).statuses[0]
     assert after.reasons_mask & 32 and not after.commuter_badge and not after.entry_permitted
-    summary = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60)
+    summary = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).reevaluation
     assert summary.changed == 1
     (change,) = itertools.islice(
-        stub.WatchChanges(pb.WatchChangesRequest(from_sequence=summary.high_water_mark - 1), timeout=30), 1
+        changes(stub.WatchChanges(pb.WatchChangesRequest(from_sequence=summary.high_water_mark - 1), timeout=30)), 1
     )
-    assert change.person_id == person and change.new_reasons & 32 and not change.old_reasons & 32
+    assert change.person_id == person and change.new_reasons_mask & 32 and not change.old_reasons_mask & 32
+    assert pb.REASON_RISK_TRAVEL in change.new_reasons and pb.REASON_RISK_TRAVEL not in change.old_reasons
+    assert sum(change.new_reasons) == change.new_reasons_mask  # one numbering: a reason's value is its bit
 
 
 def test_gateway_calls_continue_during_reevaluation_and_never_see_a_half_applied_list(served, population):
@@ -243,16 +245,18 @@ def test_gateway_calls_continue_during_reevaluation_and_never_see_a_half_applied
 
 def test_bulk_change_stream_equals_the_row_stream_and_resumes_by_sequence(served):
     _server, stub = served
-    total = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).high_water_mark
-    rows = list(itertools.islice(stub.WatchChanges(pb.WatchChangesRequest(from_sequence=0), timeout=30), total))
-    call = stub.WatchChangesArrow(pb.WatchChangesRequest(from_sequence=17), timeout=30)
+    total = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).reevaluation.high_water_mark
+    stream = stub.WatchChanges(pb.WatchChangesRequest(from_sequence=0), timeout=30)
+    rows = list(itertools.islice(changes(stream), total))
+    assert not rows[0].HasField("old_badge") and not rows[0].HasField("old_reasons_mask")  # a first publish
+    call = stub.WatchChangesArrow(pb.WatchChangesArrowRequest(from_sequence=17), timeout=30)
     first = next(call)
     call.cancel()
     table = pa.ipc.open_stream(first.arrow_ipc).read_all()
     assert first.first_sequence == 18 and first.last_sequence == total == table.column("seq")[-1].as_py()
     assert table.column("seq").to_pylist() == [c.sequence for c in rows[17:]]
     assert table.column("person_id").to_pylist() == [c.person_id for c in rows[17:]]
-    assert table.column("new_reasons").to_pylist() == [c.new_reasons for c in rows[17:]]
+    assert table.column("new_reasons").to_pylist() == [c.new_reasons_mask for c in rows[17:]]
     assert table.column("old_badge").null_count == table.num_rows  # a first publish has no old status
     assert str(table.schema.field("as_of").type) == "timestamp[s, tz=UTC]"
 

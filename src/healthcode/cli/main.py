@@ -165,7 +165,7 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
             request.as_of.seconds = as_of
         try:
             with server_channel(args) as channel:
-                reply = pb_grpc.HealthCodeStub(channel).Reevaluate(request, timeout=args.timeout)
+                reply = pb_grpc.HealthCodeServiceStub(channel).Reevaluate(request, timeout=args.timeout).reevaluation
         except grpc.RpcError as exc:
             raise CliError(f"{args.target}: {exc.code().name}: {exc.details()}") from None
         summary = (reply.evaluated, reply.changed, reply.badges_lost, reply.badges_gained, reply.entries_lost,
@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser(
         "serve", help="run the gRPC server",
-        description="Run the gRPC server (healthcode.v1.HealthCode, health, reflection) until SIGTERM/SIGINT. "
+        description="Run the gRPC server (healthcode.v1.HealthCodeService, health, reflection) until SIGTERM/SIGINT. "
         "Settings come from --config (a [server] table), then HEALTHCODE_* environment variables "
         "(e.g. HEALTHCODE_LISTEN, HEALTHCODE_RISK, HEALTHCODE_MAX_MESSAGE_BYTES), then these flags.",
     )  # fmt: skip

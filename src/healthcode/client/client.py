@@ -163,7 +163,7 @@ class Client:
             server_name=server_name,
             token=token,
         )
-        self.stub = pb_grpc.HealthCodeStub(self.channel)
+        self.stub = pb_grpc.HealthCodeServiceStub(self.channel)
 
     def __enter__(self) -> Client:
         return self
@@ -233,11 +233,11 @@ class Client:
         request = pb.PutRiskListRequest(entries=pb.RiskEntries(entries=entries))
         return self.stub.PutRiskList(request, timeout=self.timeout)
 
-    def get_risk_list(self) -> pb.RiskList:
+    def get_risk_list(self) -> pb.GetRiskListResponse:
         return self.stub.GetRiskList(pb.GetRiskListRequest(), timeout=self.timeout)
 
-    def put_policy(self, toml_text: str) -> pb.PolicyTimeline:
+    def put_policy(self, toml_text: str) -> pb.PutPolicyResponse:
         return self.stub.PutPolicy(pb.PutPolicyRequest(toml=toml_text), timeout=self.timeout)
 
-    def get_policy(self) -> pb.PolicyTimeline:
+    def get_policy(self) -> pb.GetPolicyResponse:
         return self.stub.GetPolicy(pb.GetPolicyRequest(), timeout=self.timeout)

@@ -449,14 +449,14 @@ def encode_statuses(person_id, pid_valid, badge, entry, enrolled, reasons, badge
                 q += 2
             m = mask[i]
             if m != 0:
-                nreasons = hc_popcount64(m)
+                # Packed Reason values: each value is its bit (1 << k), a varint of 1 (k < 7), 2 (k < 14) or 3 bytes.
+                nreasons = hc_popcount64(m & 0x7f) + 2 * hc_popcount64(m & 0x3f80) + 3 * hc_popcount64(m & 0xc000)
                 q[0] = 0x2a
                 q[1] = <uint8_t>nreasons
                 q += 2
                 for k in range(16):
                     if (m >> k) & 1:
-                        q[0] = <uint8_t>(k + 1)
-                        q += 1
+                        q = put_varint(q, <uint64_t>1 << k)
                 q[0] = 0x30
                 q = put_varint(q + 1, m)
             if bit(bb, i):

@@ -57,7 +57,7 @@ EXEMPT = frozenset(
         "/grpc.health.v1.Health/Check",
         "/grpc.health.v1.Health/Watch",
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-        *(f"/healthcode.v1.HealthCode/{name}" for name in CONTROL_METHODS),
+        *(f"/healthcode.v1.HealthCodeService/{name}" for name in CONTROL_METHODS),
     }
 )
 FORWARDED, REFUSED = 0, 1  # indexes of the shared counters

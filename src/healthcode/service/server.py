@@ -35,7 +35,7 @@ from healthcode.store import Store
 from healthcode.wire import limits as wire_limits
 
 log = logging.getLogger("healthcode.service.server")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HealthCode"].full_name
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HealthCodeService"].full_name
 
 
 def _open_control(settings: Settings) -> Control:
@@ -53,7 +53,7 @@ def _open_control(settings: Settings) -> Control:
     )
 
 
-#: Every RPC of healthcode.v1.HealthCode: its handler kind and request class.  Every request arrives as raw bytes
+#: Every RPC of healthcode.v1.HealthCodeService: its handler kind and request class.  Every request arrives as raw bytes
 #: and is decoded in one place, by :class:`~healthcode.service.interceptors.ObservedService` (a malformed one is
 #: INVALID_ARGUMENT naming the RPC); None: the servicer reads the bytes itself (Evaluate: the kernel's codec) and
 #: returns bytes.
@@ -66,7 +66,7 @@ METHODS: dict[str, tuple[str, type[Any] | None]] = {
     "GetPolicy": ("unary_unary", pb.GetPolicyRequest),
     "Reevaluate": ("unary_unary", pb.ReevaluateRequest),
     "WatchChanges": ("unary_stream", pb.WatchChangesRequest),
-    "WatchChangesArrow": ("unary_stream", pb.WatchChangesRequest),
+    "WatchChangesArrow": ("unary_stream", pb.WatchChangesArrowRequest),
     "GetStatus": ("unary_unary", pb.GetStatusRequest),
     "UpsertPersons": ("unary_unary", pb.UpsertPersonsRequest),
     "RecordNatResults": ("unary_unary", pb.RecordNatResultsRequest),
@@ -78,8 +78,8 @@ REQUEST_CLASSES = {name: request_class for name, (_, request_class) in METHODS.i
 
 
 def service_handlers(service: HealthCodeService) -> grpc.GenericRpcHandler:
-    """The healthcode.v1.HealthCode handlers of :data:`METHODS`: requests as raw bytes (decoded by ObservedService),
-    responses serialized from the generated message classes (Evaluate: returned as bytes)."""
+    """The healthcode.v1.HealthCodeService handlers of :data:`METHODS`: requests as raw bytes (decoded by
+    ObservedService), responses serialized from the generated message classes (Evaluate: returned as bytes)."""
 
     def handler(kind: str, method: str, request_class: type[Any] | None) -> grpc.RpcMethodHandler:
         make = getattr(grpc, f"{kind}_rpc_method_handler")

@@ -1,4 +1,5 @@
-"""The healthcode.v1.HealthCode RPCs: thin glue, each RPC decoded, handed to the layer that does the work, encoded.
+"""The healthcode.v1.HealthCodeService RPCs: thin glue, each RPC decoded, handed to the layer that does the work,
+encoded.
 
 Evaluation runs in the rules (:mod:`healthcode.rules.engine`); every change of the risk list or the policy and
 every re-evaluation goes through the control layer (:mod:`healthcode.live.control`); ingest through the ingest
@@ -49,6 +50,10 @@ INLINE_REQUEST_BYTES = 128 * 1024
 PIPELINE = 2
 #: Changes per WatchChangesArrow message (~3 MB of Arrow IPC).
 CHANGE_BATCH_ROWS = 100_000
+#: Changes per WatchChanges message.
+CHANGES_PER_MESSAGE = 1_000
+
+_Counts = pb.UpsertPersonsResponse | pb.RecordNatResultsResponse | pb.RecordEntriesResponse | pb.RecordVisitsResponse
 
 
 def _timeline(snap: Snapshot, name: str) -> PolicyTimeline:
@@ -96,7 +101,7 @@ def _check_deadline(deadline: float | None) -> None:
         raise Expired("the deadline passed before the evaluation finished")
 
 
-class HealthCodeService(pb_grpc.HealthCodeServicer):
+class HealthCodeService(pb_grpc.HealthCodeServiceServicer):
     def __init__(
         self, control: Control, settings: Settings, executor: Executor, ingest: IngestQueue | None = None
     ) -> None:
@@ -247,95 +252,88 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
             response.reevaluation.CopyFrom(_summary(change.summary))
         return response
 
-    async def PutPolicy(self, request: pb.PutPolicyRequest, context: grpc.aio.ServicerContext) -> pb.PolicyTimeline:
+    async def PutPolicy(
+        self, request: pb.PutPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PutPolicyResponse:
         timeline = await self._run(parse_policy, request.toml, "toml")
         change = await self._run(
             self.control.put_policy, timeline, request.toml, self.settings.now(), auth.caller(context)
         )
         self._rows(change)
-        response = _policy(change.snapshot)
+        snap = change.snapshot
+        response = pb.PutPolicyResponse(toml=snap.policy_text, names=_names(snap), version=snap.policy_version)
         if change.summary is not None:
             response.reevaluation.CopyFrom(_summary(change.summary))
         return response
 
     async def Reevaluate(
         self, request: pb.ReevaluateRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReevaluationSummary:
+    ) -> pb.ReevaluateResponse:
         as_of = request.as_of.seconds if request.HasField("as_of") else self.settings.now()
         change = await self._run(self.control.reevaluate, as_of, auth.caller(context))
         self._rows(change)
         assert change.summary is not None
-        return _summary(change.summary)
+        return pb.ReevaluateResponse(reevaluation=_summary(change.summary))
 
-    async def GetRiskList(self, request: pb.GetRiskListRequest, context: grpc.aio.ServicerContext) -> pb.RiskList:
+    async def GetRiskList(
+        self, request: pb.GetRiskListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRiskListResponse:
         snap = self.control.snapshot
-        return pb.RiskList(version=snap.risk_version, entries=risk_entries(snap.risk))
+        return pb.GetRiskListResponse(version=snap.risk_version, entries=risk_entries(snap.risk))
 
-    async def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext) -> pb.PolicyTimeline:
-        return _policy(self.control.snapshot)
+    async def GetPolicy(
+        self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetPolicyResponse:
+        snap = self.control.snapshot
+        return pb.GetPolicyResponse(toml=snap.policy_text, names=_names(snap), version=snap.policy_version)
 
     # -- the store: mass re-evaluation, change stream, status lookup ----------------------------------------------
 
-    async def _ingest(self, kind: str, request: object) -> pb.IngestResponse:
+    async def _ingest(self, kind: str, request: object, response: type[_Counts]) -> _Counts:
         if self.ingest is None:
             raise Precondition(NO_STORE)
         table = request_table(kind, request)
         ROWS.set(table.num_rows)
         counts = await self.ingest.submit(kind, table)
-        return pb.IngestResponse(
-            inserted=counts.inserted, already_present=counts.already_present, updated=counts.updated
-        )
+        return response(inserted=counts.inserted, already_present=counts.already_present, updated=counts.updated)
 
     async def UpsertPersons(
         self, request: pb.UpsertPersonsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.IngestResponse:
-        return await self._ingest("persons", request)
+    ) -> pb.UpsertPersonsResponse:
+        return await self._ingest("persons", request, pb.UpsertPersonsResponse)
 
     async def RecordNatResults(
         self, request: pb.RecordNatResultsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.IngestResponse:
-        return await self._ingest("nat_results", request)
+    ) -> pb.RecordNatResultsResponse:
+        return await self._ingest("nat_results", request, pb.RecordNatResultsResponse)
 
     async def RecordEntries(
         self, request: pb.RecordEntriesRequest, context: grpc.aio.ServicerContext
-    ) -> pb.IngestResponse:
-        return await self._ingest("entries", request)
+    ) -> pb.RecordEntriesResponse:
+        return await self._ingest("entries", request, pb.RecordEntriesResponse)
 
     async def RecordVisits(
         self, request: pb.RecordVisitsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.IngestResponse:
-        return await self._ingest("visits", request)
+    ) -> pb.RecordVisitsResponse:
+        return await self._ingest("visits", request, pb.RecordVisitsResponse)
 
     async def WatchChanges(
         self, request: pb.WatchChangesRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StatusChange]:
+    ) -> AsyncIterator[pb.WatchChangesResponse]:
         sent = 0
-        async for page in self._change_pages(request.from_sequence, 10_000):
-            cols = [
-                page.column(name).fill_null(False if page.schema.field(name).type == pa.bool_() else 0).to_pylist()
-                for name in (
-                    "seq", "person_id", "old_badge", "new_badge", "old_entry", "new_entry", "old_reasons",
-                    "new_reasons", "risk_list_version", "as_of",
-                )
-            ]  # fmt: skip
-            for seq, pid, ob, nb, oe, ne, orr, nr, version, as_of in zip(*cols, strict=True):
-                change = pb.StatusChange(
-                    sequence=seq, person_id=pid, old_badge=ob, new_badge=nb, old_entry=oe, new_entry=ne,
-                    old_reasons=orr, new_reasons=nr, risk_list_version=version,
-                )  # fmt: skip
-                change.as_of.seconds = as_of
-                yield change
+        async for page in self._change_pages(request.from_sequence, CHANGES_PER_MESSAGE):
+            yield await self._run(_change_message, page)
             sent += page.num_rows
             ROWS.set(sent)
 
     async def WatchChangesArrow(
-        self, request: pb.WatchChangesRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ChangeBatch]:
+        self, request: pb.WatchChangesArrowRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchChangesArrowResponse]:
         sent = 0
         async for page in self._change_pages(request.from_sequence, CHANGE_BATCH_ROWS):
             first, last = page.column("seq")[0].as_py(), page.column("seq")[-1].as_py()
             data = await self._run(changes_ipc, page)
-            yield pb.ChangeBatch(first_sequence=first, last_sequence=last, arrow_ipc=data)
+            yield pb.WatchChangesArrowResponse(first_sequence=first, last_sequence=last, arrow_ipc=data)
             sent += page.num_rows
             ROWS.set(sent)
 
@@ -352,7 +350,9 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
             after = page.column("seq")[-1].as_py()
             yield page
 
-    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetStatusResponse:
         book = self.control.need_book()
         if book.stale:
             await self._run(self.control.refresh, self.settings.now())
@@ -362,11 +362,11 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
         rows, result = await self._run(book.lookup, ids, snap.risk, snap.policy, as_of)
         found = rows >= 0
         ctx = self._context(snap, as_of, "")
-        response = pb.EvaluateResponse(info=_info(ctx, snap))
+        response = pb.GetStatusResponse(info=_info(ctx, snap), not_found=int((~found).sum()))
         statuses: list[pb.Status] = []
-        if found.any():
+        if found.any():  # the kernel's EvaluateResponse bytes: GetStatusResponse has the same layout
             encoded = encode_result(result.combine_chunks().to_batches()[0], response.info)
-            statuses = list(pb.EvaluateResponse.FromString(encoded).statuses)
+            statuses = list(pb.GetStatusResponse.FromString(encoded).statuses)
         known = iter(statuses)
         for pid, ok in zip(ids.tolist(), found.tolist(), strict=True):
             if ok:
@@ -377,7 +377,36 @@ class HealthCodeService(pb_grpc.HealthCodeServicer):
         return response
 
 
-def _policy(snap: Snapshot) -> pb.PolicyTimeline:
-    return pb.PolicyTimeline(
-        toml=snap.policy_text, names=[p.name for p in snap.policy.policies], version=snap.policy_version
-    )
+def _names(snap: Snapshot) -> list[str]:
+    return [p.name for p in snap.policy.policies]
+
+
+def _reason_list(mask: int, cache: dict[int, list[int]]) -> list[int]:
+    """The Reason values of a mask (each value is its bit), lowest first."""
+    names = cache.get(mask)
+    if names is None:
+        names = cache[mask] = [1 << k for k in range(16) if mask >> k & 1]
+    return names
+
+
+def _change_message(page: pa.Table) -> pb.WatchChangesResponse:
+    """One page of the change log as a WatchChangesResponse (the old_* fields absent on a first publish)."""
+    cols = [
+        page.column(name).to_pylist()
+        for name in (
+            "seq", "person_id", "old_badge", "new_badge", "old_entry", "new_entry", "old_reasons", "new_reasons",
+            "risk_list_version", "as_of",
+        )
+    ]  # fmt: skip
+    message = pb.WatchChangesResponse()
+    cache: dict[int, list[int]] = {}
+    for seq, pid, ob, nb, oe, ne, orr, nr, version, as_of in zip(*cols, strict=True):
+        change = message.changes.add(
+            sequence=seq, person_id=pid, new_badge=nb, new_entry=ne, new_reasons_mask=nr, risk_list_version=version,
+            new_reasons=_reason_list(nr, cache),
+        )  # fmt: skip
+        if orr is not None:
+            change.old_badge, change.old_entry, change.old_reasons_mask = ob, oe, orr
+            change.old_reasons.extend(_reason_list(orr, cache))
+        change.as_of.seconds = as_of
+    return message
