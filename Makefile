@@ -92,6 +92,20 @@ serve: build
 lint: build
 	$(BIN)/ruff check src tests benchmarks setup.py
 	$(BIN)/mypy src/healthcode
+	$(BIN)/buf lint proto
+	@if [ -n "$$(find $(RELEASED) -name '*.proto' 2>/dev/null)" ]; then \
+		echo "$(BIN)/buf breaking proto --against $(RELEASED)"; $(BIN)/buf breaking proto --against $(RELEASED); \
+	else \
+		echo "buf breaking: skipped, $(RELEASED)/ holds no released proto yet (make release-proto puts one there)"; \
+	fi
+
+# When cutting a release: the current proto (which must pass buf lint) becomes the baseline of buf breaking.
+release-proto: build
+	$(BIN)/buf lint proto
+	rm -rf $(RELEASED)/healthcode
+	cd proto && find . -name '*.proto' -exec cp --parents {} ../$(RELEASED)/ \;
+	$(BIN)/buf build $(RELEASED) -o /dev/null
+	@echo "$(RELEASED)/ now holds the proto of this release: commit it with the release"
 
 # The Spark job's tests need a JVM (Java 17+); say how to get one instead of failing deep inside pyspark.
 java:
