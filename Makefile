@@ -59,20 +59,22 @@ export LOCK_CHECK
 
 # Refresh requirements.lock: resolve pyproject.toml's dev and spark extras (which hold the build requirements) to
 # the newest versions allowed, with hashes, for CPython 3.11 on Linux x86_64 whatever machine runs it; nothing is
-# installed.  `make lock LOCK_UPGRADE=` keeps the current pins that still fit (after adding a dependency, say).
-# The file is replaced only when the resolution succeeds.  Then run make test and make bench: figures move with versions.
+# installed.  `make lock LOCK_UPGRADE=` keeps the current pins that still fit (after adding a dependency, say): uv
+# starts from the pins alone, without their hashes, which it would otherwise take on trust.
+# The file is replaced only when the resolution succeeds and changes it.  After a refresh, run make test and
+# make bench: the figures move with the versions.
 LOCK_UPGRADE ?= --upgrade
 lock: | $(BIN)/python
 	@test -x $(BIN)/uv || $(BIN)/python -m pip install -q "$$(grep -o '^uv==[^ ]*' $(LOCK) || echo uv)"
-	@rm -f $(LOCK).new; test ! -f $(LOCK) || cp $(LOCK) $(LOCK).new
+	@rm -f $(LOCK).new; test ! -f $(LOCK) || sed -nE 's/^([A-Za-z0-9][^ ]*==[^ ]*).*/\1/p' $(LOCK) > $(LOCK).new
 	$(BIN)/uv pip compile pyproject.toml --extra dev --extra spark --generate-hashes --quiet $(LOCK_UPGRADE) \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
 		--output-file $(LOCK).new
 	@{ echo "# The exact versions (with their hashes) that make installs: the versions the tests and the figures in"; \
 	   echo "# docs/ ran with.  For CPython 3.11 on Linux x86_64.  'make lock' refreshes it; 'pip install .' stays"; \
-	   echo "# unpinned (pyproject.toml's ranges)."; cat $(LOCK).new; } > $(LOCK)
-	@rm -f $(LOCK).new
-	@echo "wrote $(LOCK): $$(grep -c '^[A-Za-z0-9]' $(LOCK)) packages"
+	   echo "# unpinned (pyproject.toml's ranges)."; cat $(LOCK).new; } > $(LOCK).tmp && rm -f $(LOCK).new
+	@if cmp -s $(LOCK).tmp $(LOCK); then rm -f $(LOCK).tmp; echo "$(LOCK) is unchanged"; \
+	else mv $(LOCK).tmp $(LOCK); echo "wrote $(LOCK): $$(grep -c '^[A-Za-z0-9]' $(LOCK)) packages"; fi
 
 # Rebuild the Cython kernel in place whenever its source changes.
 $(KERNEL): $(STAMP) $(wildcard src/healthcode/rules/*.pyx src/healthcode/rules/*.pxi src/healthcode/rules/*.pxd proto/healthcode/v1/*.proto)
