@@ -145,6 +145,20 @@ def changes(responses: Iterable[pb.WatchChangesResponse]) -> Iterator[pb.StatusC
         yield from response.changes
 
 
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample ``name`` with these ``labels`` in a Prometheus text page (None: not there)."""
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            return float(m.group(3))
+    return None
+
+
 def free_port() -> int:
     """A local TCP port with nothing listening on it (bound, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -22,8 +22,8 @@ from healthcode.rules.columns import POPULATION_SCHEMA
 from healthcode.rules.regions import valid_codes
 from healthcode.rules.timebase import to_instant
 
-#: A progress report: ``True`` for a bar of its own on stderr, ``False`` for none, or a callable told how many
-#: more rows have been written (the command line passes its bar's ``update``).
+#: A progress report: ``True`` for a bar of its own on stderr when it is a terminal, ``False`` for none, or a
+#: callable told how many more rows have been written (the command line passes its bar's ``update``).
 Progress = bool | Callable[[int], None]
 
 
@@ -36,7 +36,8 @@ def _progress(progress: Progress, rows: int) -> Iterator[Callable[[int], None]]:
     else:
         from tqdm import tqdm
 
-        with tqdm(total=rows, unit="rows", unit_scale=True, desc="generate", leave=False) as bar:
+        # disable=None: no bar when stderr is not a terminal (a log file, a pipe)
+        with tqdm(total=rows, unit="rows", unit_scale=True, desc="generate", leave=False, disable=None) as bar:
             yield bar.update
 
 

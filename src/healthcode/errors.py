@@ -3,12 +3,14 @@
 Each message names what is wrong and where (file, line, key, column, row, RPC) and never quotes row content.
 :class:`HealthcodeError` is the base of them all; its :attr:`~HealthcodeError.status` (a gRPC status code name,
 kept as a string so this module needs no gRPC) says which kind of failure it is.  The service turns an error into
-that status in one place (:mod:`healthcode.service.status`); the command line prints the message and exits 1.
+that status in one place (:mod:`healthcode.service.status`); the command line prints the message and exits 1
+(2 for a :class:`UsageError`: the command was given wrongly, not its input).
 
 =====================  =====================  =============================================================
 class                  status                 meaning
 =====================  =====================  =============================================================
 :class:`BadInput`      INVALID_ARGUMENT       the input is wrong (a file, a column, a field, a request)
+:class:`UsageError`    INVALID_ARGUMENT       a flag or setting is of the wrong form, or flags that do not go together
 :class:`NotFound`      NOT_FOUND              what the call names does not exist
 :class:`Precondition`  FAILED_PRECONDITION    the call cannot work in this setup (e.g. a server without store)
 :class:`Exhausted`     RESOURCE_EXHAUSTED     over a limit, or a queue is full: retry later with back-off
@@ -34,6 +36,12 @@ class HealthcodeError(ValueError):
 
 class BadInput(HealthcodeError):
     """The input is wrong: the message says what and where."""
+
+
+class UsageError(BadInput):
+    """How a command or the server was started is wrong: a flag, an environment variable or a config key of the
+    wrong form (an instant without an offset, a negative count), or settings that do not go together.  The
+    message names the flag or setting; the command line exits 2 for it."""
 
 
 class NotFound(HealthcodeError):
@@ -104,6 +112,11 @@ class StoreError(BadInput):
 class StoreUnavailable(Unavailable, StoreError):
     """The store could not carry out a write or read that was otherwise fine (disk full, a read-only or damaged
     file, an I/O error): not the caller's fault; retry later or elsewhere (UNAVAILABLE)."""
+
+
+class StoreInUse(StoreUnavailable):
+    """Another process has the store file open (one process at a time may: a running server, another command):
+    names the file and, when known, the process."""
 
 
 def read_text(path: str | os.PathLike[str], error: type[HealthcodeError], what: str) -> str:

@@ -89,3 +89,20 @@ def test_the_command(tmp_path):
     )  # fmt: skip
     assert bad.returncode == EXIT_USAGE
     assert bad.stderr == "healthcode generate: error: --partitions must be at least 1, got -1\n"
+
+
+def test_no_progress_bar_into_a_log(tmp_path):
+    """A bar is drawn only on a terminal (or with --progress): stderr going to a pipe or a log file gets none, even
+    for as many rows as would show one on a terminal."""
+    run = subprocess.run(
+        [*healthcode_cmd(), "generate", str(tmp_path), "--rows", "500000"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, check=False,  # stderr: a pipe
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "it/s" not in run.stderr and "rows/s" not in run.stderr and "%|" not in run.stderr
+    assert run.stderr == ""
+    forced = subprocess.run(
+        [*healthcode_cmd(), "generate", str(tmp_path), "--rows", "1000", "--progress"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert forced.returncode == 0 and "%|" in forced.stderr, forced.stderr

@@ -56,11 +56,11 @@ def test_reevaluate_a_store_file(store_path):
 
 def test_reevaluate_errors_are_one_line(tmp_path, store_path):
     missing = _run("reevaluate", "--store", str(tmp_path / "nope.duckdb"))
-    assert missing.returncode != 0 and "no such store" in missing.stderr and "Traceback" not in missing.stderr
+    assert missing.returncode == 1 and "no such store" in missing.stderr and "Traceback" not in missing.stderr
     no_risk = _run("reevaluate", "--store", str(store_path), "--as-of", CLOCK)
-    assert no_risk.returncode != 0 and "--risk" in no_risk.stderr and "Traceback" not in no_risk.stderr
+    assert no_risk.returncode == 1 and "--risk" in no_risk.stderr and "Traceback" not in no_risk.stderr
     unreachable = _run("reevaluate", "--target", "127.0.0.1:1", "--timeout", "2")
-    assert unreachable.returncode != 0 and "UNAVAILABLE" in unreachable.stderr
+    assert unreachable.returncode == 1 and "UNAVAILABLE" in unreachable.stderr
 
 
 def test_reevaluate_through_a_server(tmp_path, store_path):
@@ -72,5 +72,11 @@ def test_reevaluate_through_a_server(tmp_path, store_path):
         assert done.returncode == 0, done.stderr
         evaluated, changed = _counts(done.stdout)
         assert evaluated == changed > 2900
+        # The server holds the store file: opening it directly says so and what to run instead.
+        held = _run("reevaluate", "--store", str(store_path), "--as-of", CLOCK)
+        assert held.returncode == 1 and held.stdout == ""
+        assert held.stderr.count("\n") == 1, held.stderr
+        assert f"the store is in use by another process (PID {server.proc.pid})" in held.stderr
+        assert "healthcode reevaluate --target HOST:PORT" in held.stderr
     finally:
         server.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,7 +130,8 @@ def test_help():
         assert command in out.stdout
     out = run("serve", "--help")
     assert out.returncode == 0
-    for flag in ("--listen", "--risk", "--policy", "--metrics-listen", "--config", "HEALTHCODE_MAX_MESSAGE_BYTES"):
+    for flag in ("--listen", "--risk", "--policy", "--metrics-listen", "--config", "HEALTHCODE_MAX_MESSAGE_BYTES",
+                 "--demo-population", "--demo-as-of"):  # fmt: skip
         assert flag in out.stdout, flag
     out = run("call", "evaluate", "--help")
     assert out.returncode == 0 and "--target" in out.stdout and "--as-of" in out.stdout
@@ -145,6 +147,7 @@ def test_evaluate_bad_risk_file(data, tmp_path):
     out = run("evaluate", str(data["population"]), "--risk", str(bad), "--as-of", AS_OF_TEXT,
               "--out", str(tmp_path / "r.parquet"))  # fmt: skip
     assert_one_line_error(out, "line 3", "region")
+    assert out.returncode == 1  # bad input, not a usage error
     assert not (tmp_path / "r.parquet").exists()
 
 
@@ -156,6 +159,7 @@ def test_evaluate_bad_policy(data, tmp_path):
     out = run("evaluate", str(data["population"]), "--risk", str(data["risk"]), "--policy", str(bad),
               "--as-of", AS_OF_TEXT, "--out", str(tmp_path / "r.parquet"))  # fmt: skip
     assert_one_line_error(out, "window_days")
+    assert out.returncode == 1
     assert not (tmp_path / "r.parquet").exists()
 
 
@@ -169,6 +173,7 @@ def test_evaluate_missing_files(data, tmp_path, missing):
         args += ["--policy", paths["policy"]]
     out = run(*args)
     assert_one_line_error(out, f"missing-{missing}.file")
+    assert out.returncode == 1
 
 
 def test_evaluate_naive_timestamps_name_the_column(data, tmp_path):
@@ -184,16 +189,70 @@ def test_evaluate_naive_timestamps_name_the_column(data, tmp_path):
 def test_evaluate_as_of_without_offset(data, tmp_path):
     out = run("evaluate", str(data["population"]), "--risk", str(data["risk"]), "--as-of", "2021-11-30T12:00:00",
               "--out", str(tmp_path / "r.parquet"))  # fmt: skip
-    assert_one_line_error(out, "offset")
+    assert_one_line_error(out, "--as-of: 2021-11-30T12:00:00 has no UTC offset; write 2021-11-30T12:00:00+08:00")
+    assert out.returncode == 2
+
+
+NAIVE = "2021-11-30T12:00"
+SERVE = ("serve", "--listen", "127.0.0.1:0", "--metrics-listen", "")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "option"),
+    [
+        (("evaluate", "{population}", "--risk", "{risk}", "--out", "{out}", "--as-of", NAIVE), None, "--as-of"),
+        (("generate", "{dir}/g", "--rows", "10", "--as-of", NAIVE), None, "--as-of"),
+        (("reevaluate", "--store", "{dir}/s.duckdb", "--as-of", NAIVE), None, "--as-of"),
+        (("reevaluate", "--target", "127.0.0.1:1", "--as-of", NAIVE), None, "--as-of"),
+        (("call", "evaluate", "{population}", "--target", "127.0.0.1:1", "--out", "{out}", "--as-of", NAIVE), None,
+         "--as-of"),
+        ((*SERVE, "--clock", NAIVE), None, "--clock"),
+        ((*SERVE, "--demo-as-of", NAIVE), None, "--demo-as-of"),
+        (SERVE, {"HEALTHCODE_CLOCK": NAIVE}, "HEALTHCODE_CLOCK: clock"),
+        ((*SERVE, "--config", "{dir}/clock.toml"), None, "clock.toml: clock"),
+    ],
+)  # fmt: skip
+def test_every_instant_option_refuses_a_missing_offset_up_front(data, tmp_path, args, env, option):
+    """Never read as local time or UTC, and never accepted to fail later: `serve --clock` without an offset used to
+    start and then answer INTERNAL to every call without as_of."""
+    (tmp_path / "clock.toml").write_text(f'[server]\nclock = "{NAIVE}"\n', encoding="utf-8")
+    where = {"population": data["population"], "risk": data["risk"], "out": tmp_path / "r.parquet", "dir": tmp_path}
+    started = time.monotonic()
+    out = run(*(a.format(**where) for a in args), env=env, timeout=30)
+    assert time.monotonic() - started < 20  # refused before anything is loaded, bound or generated
+    assert_one_line_error(out, f"{option}: {NAIVE} has no UTC offset; write 2021-11-30T12:00:00+08:00")
+    assert out.returncode == 2 and out.stdout == ""
+    assert not (tmp_path / "r.parquet").exists() and not (tmp_path / "g").exists()
+    assert not (tmp_path / "s.duckdb").exists()
 
 
 def test_serve_bad_settings_fail_fast(tmp_path):
     out = run("serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--risk",
               str(tmp_path / "none.csv"), timeout=30)  # fmt: skip
     assert_one_line_error(out, "none.csv")
+    assert out.returncode == 1  # a file: bad input
     out = run("serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
               env={"HEALTHCODE_MAX_MESSAGE_BYTES": "lots"}, timeout=30)  # fmt: skip
     assert_one_line_error(out, "HEALTHCODE_MAX_MESSAGE_BYTES")
+    assert out.returncode == 2  # a setting of the wrong form: usage
+    bad = tmp_path / "policy.toml"
+    bad.write_text("[[policy]]\nname = 1\n", encoding="utf-8")
+    out = run(*SERVE, "--policy", str(bad), timeout=30)
+    assert_one_line_error(out, "policy.toml")
+    assert out.returncode == 1
+
+
+def test_evaluate_result_file_says_what_it_was_evaluated_at_and_under(data, tmp_path):
+    out_path = tmp_path / "r.parquet"
+    out = run("evaluate", str(data["population"]), "--risk", str(data["risk"]), "--as-of", "2021-11-30T04:00:00Z",
+              "--out", str(out_path))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    metadata = pq.read_schema(out_path).metadata
+    assert metadata[b"healthcode.as_of"] == b"2021-11-30T12:00:00+08:00"  # Beijing time, whatever offset was given
+    assert metadata[b"healthcode.policy"] == b"beijing-commuter-2021-11-17"
+    assert metadata[b"healthcode.risk_list_version"] == b"0"  # a list read from a file has no server version
+    assert metadata[b"healthcode.version"] == healthcode.__version__.encode()
+    assert read_result(out_path).num_rows == ROWS  # the metadata changes nothing else
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import json
-import re
 import shutil
 import subprocess
 import threading
@@ -47,6 +46,7 @@ from service_helpers import (
     arrow_requests,
     collect_arrow,
     ipc_bytes,
+    metric,
     persons,
     result_rows,
     status_as_row,
@@ -1099,37 +1099,24 @@ def test_reflection_lists_services(server):
         assert response.file_descriptor_response.file_descriptor_proto
 
 
-def _metric(text: str, name: str, **labels: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            return float(m.group(3))
-    return None
-
-
 def test_metrics_endpoint(server, stub):
-    before = _metric(server.metrics(), "healthcode_requests_total", method="Evaluate", code="OK") or 0
-    rows_before = _metric(server.metrics(), "healthcode_rows_evaluated_total", method="Evaluate") or 0
+    before = metric(server.metrics(), "healthcode_requests_total", method="Evaluate", code="OK") or 0
+    rows_before = metric(server.metrics(), "healthcode_rows_evaluated_total", method="Evaluate") or 0
     evaluate(stub, ROWS)
     code_of(lambda: evaluate(stub, ROWS[:1], policy="no-such-policy"))
     text = server.metrics()
     assert "healthcode_requests" in text and "healthcode_risk_list_version" in text
-    assert _metric(text, "healthcode_requests_total", method="Evaluate", code="OK") == before + 1
-    assert (_metric(text, "healthcode_requests_total", method="Evaluate", code="INVALID_ARGUMENT") or 0) >= 1
-    assert _metric(text, "healthcode_rows_evaluated_total", method="Evaluate") == rows_before + len(ROWS)
-    assert _metric(text, "healthcode_risk_list_version") == 1
-    assert (_metric(text, "healthcode_request_seconds_count", method="Evaluate") or 0) >= before + 1
-    assert _metric(text, "healthcode_request_seconds_bucket", method="Evaluate", le="+Inf") is not None
+    assert metric(text, "healthcode_requests_total", method="Evaluate", code="OK") == before + 1
+    assert (metric(text, "healthcode_requests_total", method="Evaluate", code="INVALID_ARGUMENT") or 0) >= 1
+    assert metric(text, "healthcode_rows_evaluated_total", method="Evaluate") == rows_before + len(ROWS)
+    assert metric(text, "healthcode_risk_list_version") == 1
+    assert (metric(text, "healthcode_request_seconds_count", method="Evaluate") or 0) >= before + 1
+    assert metric(text, "healthcode_request_seconds_bucket", method="Evaluate", le="+Inf") is not None
 
 
 def test_metrics_risk_list_version_follows_put(admin_server, admin_stub):
     put = admin_stub.PutRiskList(pb.PutRiskListRequest(csv=SERVER_RISK), timeout=10)
-    assert _metric(admin_server.metrics(), "healthcode_risk_list_version") == put.version
+    assert metric(admin_server.metrics(), "healthcode_risk_list_version") == put.version
 
 
 def test_log_lines_are_structured_and_never_carry_person_ids(server, stub, generated):

@@ -4,11 +4,12 @@ a change stream that a subscriber can drop and resume without gaps or repeats, a
 from __future__ import annotations
 
 import itertools
+import time
 
 import grpc
 import pyarrow as pa
 import pytest
-from service_helpers import ServerProcess, changes
+from service_helpers import ServerProcess, changes, metric
 
 from healthcode import evaluate
 from healthcode._proto.v1 import healthcode_pb2 as pb
@@ -277,3 +278,50 @@ def test_put_policy_reevaluates_everyone_and_admin_changes_are_kept_with_their_c
         assert set(log.column("caller").to_pylist()) == {"anonymous"}
         assert log.column("version").to_pylist()[1] == 2
         assert store.latest_policy() == (2, stricter)
+
+
+def _stream_until_deadline(call) -> list:  # type: ignore[no-untyped-def]
+    """Every message of a change stream until its deadline ends it (the subscriber then waits for news)."""
+    got = []
+    with pytest.raises(grpc.RpcError) as info:
+        for message in call:
+            got.append(message)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    return got
+
+
+def test_metrics_count_persons_evaluated_changes_streamed_and_rows_ingested(served, population):
+    """healthcode_rows_evaluated_total counts the persons each call evaluated, the re-evaluations of PutRiskList,
+    PutPolicy and Reevaluate included; the change streams count changes sent and the ingest RPCs rows given, each
+    under a name of its own."""
+    server, stub = served
+    full = stub.Reevaluate(pb.ReevaluateRequest(), timeout=60).reevaluation
+    csv = generate_risk_csv(8, AS_OF) + "131082,2021-11-20,,local_case\n"
+    put = stub.PutRiskList(pb.PutRiskListRequest(csv=csv), timeout=60).reevaluation
+    toml = stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).toml
+    policy = stub.PutPolicy(pb.PutPolicyRequest(toml=toml.replace("length = 14", "length = 2", 1)), timeout=60)
+    assert 0 < put.evaluated < full.evaluated and policy.reevaluation.evaluated == full.evaluated
+    messages = _stream_until_deadline(stub.WatchChanges(pb.WatchChangesRequest(from_sequence=0), timeout=3))
+    arrow = stub.WatchChangesArrow(pb.WatchChangesArrowRequest(from_sequence=10), timeout=3)
+    batches = _stream_until_deadline(arrow)
+    total = policy.reevaluation.high_water_mark
+    assert sum(len(m.changes) for m in messages) == total
+    assert sum(b.last_sequence - b.first_sequence + 1 for b in batches) == total - 10
+    person = next(pid for pid in population["person_id"].to_pylist() if pid is not None)
+    visits = [pb.VisitEvent(person_id=person, region=110101, day=pb.LocalDate(year=2021, month=11, day=d))
+              for d in (27, 28, 29)]  # fmt: skip
+    stub.RecordVisits(pb.RecordVisitsRequest(visits=visits), timeout=30)
+    deadline = time.monotonic() + 10  # the server counts a stream when it has seen its deadline pass, too
+    while (text := server.metrics()) and time.monotonic() < deadline:
+        if metric(text, "healthcode_changes_streamed_total", method="WatchChangesArrow") is not None:
+            break
+        time.sleep(0.1)
+    evaluated = {m: metric(text, "healthcode_rows_evaluated_total", method=m) for m in
+                 ("Reevaluate", "PutRiskList", "PutPolicy", "WatchChanges", "WatchChangesArrow", "RecordVisits")}
+    assert evaluated == {
+        "Reevaluate": full.evaluated, "PutRiskList": put.evaluated, "PutPolicy": policy.reevaluation.evaluated,
+        "WatchChanges": None, "WatchChangesArrow": None, "RecordVisits": None,
+    }  # fmt: skip
+    assert metric(text, "healthcode_changes_streamed_total", method="WatchChanges") == total
+    assert metric(text, "healthcode_changes_streamed_total", method="WatchChangesArrow") == total - 10
+    assert metric(text, "healthcode_rows_ingested_total", method="RecordVisits") == 3

@@ -224,6 +224,9 @@ def test_the_command_line_refuses_bad_input_before_spark_starts(tmp_path, lake, 
     assert main(["spark", "evaluate", str(tmp_path / "none"), "--risk", str(root / "risk.csv"), "--as-of",
                  "2021-11-30T12:00:00+08:00", "--out", str(tmp_path / "o"), "--master", bogus]) == 1  # fmt: skip
     assert "no such file or directory" in capsys.readouterr().err
-    assert main([*base, "--risk", str(root / "risk.csv"), "--out", str(tmp_path / "o"), "--previous", "x"]) == 1
+    assert main([*base, "--risk", str(root / "risk.csv"), "--out", str(tmp_path / "o"), "--previous", "x"]) == 2
     assert "--previous and --changes go together" in capsys.readouterr().err
+    naive = ["spark", "evaluate", str(root / "population"), "--as-of", "2021-11-30T12:00", "--master", bogus]
+    assert main([*naive, "--risk", str(root / "risk.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "--as-of: 2021-11-30T12:00 has no UTC offset" in capsys.readouterr().err
     assert RESULT_SCHEMA.names[0] == "person_id"

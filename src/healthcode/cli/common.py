@@ -1,5 +1,6 @@
 """What the subcommands share: the error a command exits with, progress bars, reading a population file, the
-parsing of instants and thread counts, the options of a connection to a server and the channel they give."""
+parsing of instants and thread counts, the options of a connection to a server and the channel they give, and the
+metadata a result file carries."""
 
 from __future__ import annotations
 
@@ -61,23 +62,43 @@ def server_channel(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The channel to --target with the connection options (TLS, client certificate, bearer token)."""
     from healthcode.client.client import DEFAULT_MESSAGE_BYTES, make_channel, read_token
 
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise CliError("--tls-cert and --tls-key go together (the client certificate and its key)", EXIT_USAGE)
     try:
         token = read_token(args.token_file)
         return make_channel(
             args.target, max_message_bytes=DEFAULT_MESSAGE_BYTES, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
             tls_key=args.tls_key, tls=True if args.tls else None, server_name=args.server_name, token=token,
         )  # fmt: skip
-    except (OSError, ValueError) as exc:
-        raise CliError(str(exc), EXIT_USAGE) from None
+    except OSError as exc:  # a certificate or key file that cannot be read: bad input
+        raise CliError(f"{exc.filename}: cannot read: {exc.strerror or exc}" if exc.filename else str(exc)) from None
+    except ValueError as exc:  # the token file
+        raise CliError(str(exc)) from None
 
 
-def parse_instant(text: str) -> int:
-    from healthcode.rules.timebase import to_instant
+def parse_instant(text: str, option: str = "--as-of") -> int:
+    """The instant given to ``option``: ISO-8601 with an offset, or a usage error naming the option."""
+    from healthcode.rules.timebase import parse_given_instant
 
     try:
-        return to_instant(text)
-    except (ValueError, TypeError) as exc:
-        raise CliError(f"--as-of: {exc}", EXIT_USAGE) from None
+        return parse_given_instant(text)
+    except ValueError as exc:
+        raise CliError(f"{option}: {exc}", EXIT_USAGE) from None
+
+
+def result_metadata(as_of: int, policy: str, risk_list_version: int) -> dict[bytes, bytes]:
+    """The key-value metadata of a result Parquet file: what it was evaluated at and under (``as_of`` as ISO-8601
+    Beijing time, the policy's name, the risk list's version, 0 for a list read from a file) and by which version
+    of healthcode."""
+    from healthcode import __version__
+    from healthcode.rules.timebase import to_datetime
+
+    return {
+        b"healthcode.as_of": to_datetime(as_of).isoformat().encode(),
+        b"healthcode.policy": policy.encode(),
+        b"healthcode.risk_list_version": str(risk_list_version).encode(),
+        b"healthcode.version": __version__.encode(),
+    }
 
 
 def thread_count(text: str) -> int:

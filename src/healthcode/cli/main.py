@@ -24,10 +24,11 @@ from healthcode.cli.common import (
     population_reader,
     progress_bar,
     progress_options,
+    result_metadata,
     server_channel,
     thread_count,
 )
-from healthcode.errors import HealthcodeError
+from healthcode.errors import HealthcodeError, StoreInUse, UsageError
 from healthcode.rules import columns, engine
 from healthcode.rules.results import RESULT_SCHEMA
 
@@ -36,10 +37,7 @@ DEFAULT_STORE = "<default store>"
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    try:
-        ctx = engine.make_context(args.risk, args.policy, args.as_of)
-    except (HealthcodeError, ValueError, TypeError) as exc:
-        raise CliError(str(exc), EXIT_USAGE) from None
+    ctx = engine.make_context(args.risk, args.policy, parse_instant(args.as_of))  # a bad list or policy: exit 1
     counts = {"rows": 0, "badges": 0, "entries": 0, "invalid": 0}
     with population_reader(args.population, args.batch_rows) as (schema, total, batches):
         try:
@@ -50,8 +48,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not os.path.isdir(out_dir):
             raise CliError(f"{args.out}: folder {out_dir} does not exist")
         tmp = args.out + ".partial"
+        schema = RESULT_SCHEMA.with_metadata(result_metadata(ctx.as_of, ctx.policy.name, ctx.risk.version or 0))
         try:
-            with progress_bar(total, args.progress) as bar, pq.ParquetWriter(tmp, RESULT_SCHEMA) as writer:
+            with progress_bar(total, args.progress) as bar, pq.ParquetWriter(tmp, schema) as writer:
                 for result in engine.evaluate_batches(batches, ctx, args.threads, on_batch=bar.update):
                     writer.write_batch(result)
                     counts["rows"] += result.num_rows
@@ -89,12 +88,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         by = "bucket"
     if by is None and args.files_per_partition != "1":
         raise CliError("--files-per-partition needs --partitions N or --partition-by province", EXIT_USAGE)
+    kwargs = {} if args.as_of is None else {"as_of": parse_instant(args.as_of)}
     try:
         os.makedirs(args.outdir, exist_ok=True)
     except OSError as exc:
         raise CliError(f"{args.outdir}: cannot create folder: {exc.strerror}") from None
     started = time.perf_counter()
-    kwargs = {} if args.as_of is None else {"as_of": parse_instant(args.as_of)}
     with progress_bar(args.rows, args.progress) as bar:
         if by is None:
             written = write_demo(args.outdir, args.rows, args.seed, progress=bar.update, **kwargs)
@@ -178,7 +177,11 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
         if not os.path.exists(path):
             raise CliError(f"{path}: no such store; create it with 'healthcode load'")
         t = as_of if as_of is not None else int(time.time())
-        with Store(path) as store:
+        try:
+            store = Store(path)
+        except StoreInUse as exc:
+            raise CliError(f"{exc}; ask the server instead: healthcode reevaluate --target HOST:PORT") from None
+        with store:
             if not args.risk and store.latest_risk_list() is None:
                 raise CliError(f"{path}: the store has no risk list yet; give one with --risk")
             given = initial_state(args.policy, args.risk)
@@ -372,8 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a shedding front process owns the port and refuses calls past --max-concurrent-calls with "
         "RESOURCE_EXHAUSTED before they reach the server (default auto: on for a non-loopback address)",
     )  # fmt: skip
-    srv.add_argument("--demo-population", help=argparse.SUPPRESS)
-    srv.add_argument("--demo-as-of", help=argparse.SUPPRESS)
+    demo = srv.add_argument_group("demo (what 'make serve' uses)")
+    demo.add_argument(
+        "--demo-population", metavar="FILE",
+        help="a population file (Parquet) to evaluate once at start-up, printing a summary and the commands to "
+        "call the server with",
+    )  # fmt: skip
+    demo.add_argument(
+        "--demo-as-of", metavar="INSTANT",
+        help="the instant the demo population is evaluated at, ISO-8601 with an offset (default: the server's clock)",
+    )  # fmt: skip
     srv.set_defaults(func=cmd_serve)
 
     call_cli.add_parser(sub, progress, connection)
@@ -392,9 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"healthcode {args.command}: error: {exc}", file=sys.stderr)
         return exc.code
-    except HealthcodeError as exc:
+    except HealthcodeError as exc:  # bad input (a file, a store, a server's answer), or a setting of the wrong form
         print(f"healthcode {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE if args.command == "serve" else EXIT_FAILED
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
     except KeyboardInterrupt:
         print(f"healthcode {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -11,7 +11,8 @@ import importlib.util
 import time
 from typing import Any
 
-from healthcode.errors import BadInput, Precondition
+from healthcode.cli.common import parse_instant
+from healthcode.errors import Precondition, UsageError
 
 
 def add_parser(sub: Any) -> None:
@@ -51,7 +52,8 @@ def add_parser(sub: Any) -> None:
 def cmd_spark_evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if (args.previous is None) != (args.changes is None):
-        raise BadInput("--previous and --changes go together: give both, or neither")
+        raise UsageError("--previous and --changes go together: give both, or neither")
+    as_of = parse_instant(args.as_of)
     if importlib.util.find_spec("pyspark") is None:
         raise Precondition("the Spark job needs pyspark (and Java 17+): pip install 'healthcode[spark]'")
     from healthcode.rules.context import make_context
@@ -62,10 +64,10 @@ def cmd_spark_evaluate(args: argparse.Namespace) -> int:
 
     # A bad list, policy, instant or input fails here, before Spark starts; the loaded ones are what the job ships.
     risk, timeline = load_risk_list(args.risk), policy_of(args.policy)
-    make_context(risk, timeline, args.as_of)
+    make_context(risk, timeline, as_of)
     files.discover(args.input)
     spark = session(args.master, "healthcode spark evaluate")
-    summary = files.run(spark, args.input, args.out, risk, timeline, args.as_of, args.partition_by, args.overwrite)
+    summary = files.run(spark, args.input, args.out, risk, timeline, as_of, args.partition_by, args.overwrite)
     changed = ""
     if args.previous is not None:
         previous = spark.read.parquet(args.previous)

@@ -66,6 +66,21 @@ def to_instant(value: _dt.datetime | int | float | str) -> int:
     )
 
 
+def parse_given_instant(text: str) -> int:
+    """Epoch seconds of an instant a person typed (a flag, a setting): ISO-8601 with an offset (``Z`` or
+    ``+08:00``).  Raises ValueError saying what to write instead, quoting the text as given; the caller names
+    the option."""
+    stripped = text.strip()
+    try:
+        parsed = _dt.datetime.fromisoformat(stripped[:-1] + "+00:00" if stripped.endswith("Z") else stripped)
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as an instant; write ISO-8601 with an offset, e.g. "
+                         "2021-11-30T12:00:00+08:00") from None  # fmt: skip
+    if parsed.utcoffset() is None:
+        raise ValueError(f"{stripped} has no UTC offset; write {parsed.replace(tzinfo=BEIJING).isoformat()}")
+    return to_instant(parsed)
+
+
 def to_datetime(t: int) -> _dt.datetime:
     """Instant ``t`` as an aware datetime in Beijing time (for messages and display)."""
     return _dt.datetime.fromtimestamp(t, BEIJING)

@@ -37,7 +37,7 @@ from typing import Any
 import grpc
 
 from healthcode.errors import Expired, HealthcodeError, PermissionDenied, Unauthenticated
-from healthcode.service.config import ConfigError, Settings
+from healthcode.service.config import ConfigError, SettingError, Settings
 from healthcode.service.front import CLIENT_NAME, FIRST_MESSAGE_SECONDS, PEER
 from healthcode.service.interceptors import ServiceInterceptor
 from healthcode.service.limits import CONTROL_METHODS, Concurrency, Overload
@@ -195,9 +195,12 @@ def load_authenticator(settings: Settings, environ: Mapping[str, str] | None = N
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warning("%s: the tokens file can be read by other users: chmod 600 it", path)
         tokens += parse_tokens(text, path)
-    if environ.get(TOKENS_ENV):
-        tokens += parse_tokens(environ[TOKENS_ENV], TOKENS_ENV, env_form=True)
-    identities = parse_identities(settings.client_roles) if settings.client_roles else {}
+    try:
+        if environ.get(TOKENS_ENV):
+            tokens += parse_tokens(environ[TOKENS_ENV], TOKENS_ENV, env_form=True)
+        identities = parse_identities(settings.client_roles) if settings.client_roles else {}
+    except ConfigError as exc:  # a variable or a setting of the wrong form, not a file: a usage error
+        raise SettingError(str(exc)) from None
     return Authenticator(tokens, identities)
 
 

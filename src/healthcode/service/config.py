@@ -1,5 +1,7 @@
 """Server settings: defaults, then a TOML file (``[server]`` table), then ``HEALTHCODE_*`` environment variables,
-then command-line flags.  Every bad value names its source and key."""
+then command-line flags.  Every bad value names its source and key: a value of the wrong form (an instant without an
+offset, a negative count) or settings that do not go together are a :class:`SettingError` (a usage error, exit 2);
+a config file that cannot be read is a :class:`ConfigError` (bad input, exit 1)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,16 @@ from typing import Any
 
 import tomllib
 
-from healthcode.errors import HealthcodeError
+from healthcode.errors import HealthcodeError, UsageError
+from healthcode.rules.timebase import parse_given_instant
 
 
 class ConfigError(HealthcodeError):
     """A setting is invalid: names the file or variable and the key."""
+
+
+class SettingError(ConfigError, UsageError):
+    """A setting's value is of the wrong form, or settings do not go together: names the flag, variable or key."""
 
 
 @dataclass(frozen=True)
@@ -61,18 +68,26 @@ class Settings:
         """The server's clock (SPEC §2: read only when a request gives no as_of)."""
         import time
 
-        from healthcode.rules.timebase import to_instant
-
-        return to_instant(self.clock) if self.clock else int(time.time())
+        return parse_given_instant(self.clock) if self.clock else int(time.time())
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
 _AT_LEAST_ONE = ("max_message_bytes", "workers", "keepalive_timeout_ms")
+#: Settings that hold an instant: refused at load without an offset, never read as local time or UTC later.
+_INSTANTS = ("clock", "demo_as_of")
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
+    # A flag names itself ("--clock: ..."); a file or variable is followed by the key.
+    label = where if where.startswith("--") else f"{where}: {name}"
+    if name in _INSTANTS and value is not None:
+        try:
+            parse_given_instant(str(value))
+        except ValueError as exc:
+            raise SettingError(f"{label}: {exc}") from None
+        return str(value)
     kind = _FIELDS[name].type
     if name == "client_roles" and isinstance(value, Mapping):
         value = ",".join(f"{k}={v}" for k, v in value.items())  # a TOML table: identity = "role"
@@ -106,7 +121,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         wanted = {"int": f"a whole number >= {least}", "float": "a number >= 0", "bool": "true or false"}.get(
             str(kind), "a string"
         )
-        raise ConfigError(f"{where}: {name}: expected {wanted}, got {value!r}") from None
+        raise SettingError(f"{label}: expected {wanted}, got {value!r}") from None
 
 
 def load_settings(
@@ -124,7 +139,7 @@ def load_settings(
         table = doc.get("server", {})
         unknown = sorted(set(doc) - {"server"}) + sorted(set(table) - set(_FIELDS))
         if unknown:
-            raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: [server] {', '.join(sorted(_FIELDS))})")
+            raise SettingError(f"{path}: unknown key {unknown[0]!r} (known: [server] {', '.join(sorted(_FIELDS))})")
         values.update({k: _coerce(k, v, path) for k, v in table.items()})
     environ = os.environ if env is None else env
     for name in _FIELDS:
@@ -142,10 +157,10 @@ def load_settings(
 def _check_security(s: Settings) -> None:
     """Settings that only make sense together."""
     if s.front not in ("auto", "on", "off"):
-        raise ConfigError(f"front: expected auto, on or off, got {s.front!r}")
+        raise SettingError(f"front: expected auto, on or off, got {s.front!r}")
     if bool(s.tls_cert) != bool(s.tls_key):
-        raise ConfigError("tls_cert and tls_key: give both (the server certificate chain and its private key)")
+        raise SettingError("tls_cert and tls_key: give both (the server certificate chain and its private key)")
     if s.tls_client_ca and not s.tls_cert:
-        raise ConfigError("tls_client_ca: mutual TLS needs TLS: give tls_cert and tls_key too")
+        raise SettingError("tls_client_ca: mutual TLS needs TLS: give tls_cert and tls_key too")
     if s.client_roles and not s.tls_client_ca:
-        raise ConfigError("client_roles: certificate identities need mutual TLS: give tls_client_ca too")
+        raise SettingError("client_roles: certificate identities need mutual TLS: give tls_client_ca too")

@@ -6,7 +6,9 @@ Every method of the service is registered with a raw-bytes request deserializer 
 of a request stream) with the method's request class, so a malformed request is :class:`~healthcode.errors.BadInput`
 naming the RPC (and, in a stream, the message number) like any other bad input.  Log lines carry the method, the row
 count, the duration and the status code, never a person id or row content.  Servicer methods report their row
-count through :data:`ROWS`.
+count through :data:`ROWS`; the metrics count it as persons evaluated, as rows ingested (:data:`INGEST`) or as
+changes sent (:data:`CHANGE_STREAMS`).  The change streams wait for news for as long as their callers stay, so at
+shutdown :class:`ChangeStreams` ends them instead of letting them hold the grace period.
 """
 
 from __future__ import annotations
@@ -21,13 +23,28 @@ from typing import Any
 import grpc
 
 from healthcode import logs
-from healthcode.errors import BadInput
+from healthcode.errors import BadInput, Unavailable
 from healthcode.service import metrics, status
 
 log = logging.getLogger("healthcode.rpc")
 
 #: Rows handled by the current RPC (set by the servicer, read for the log line and metrics).
 ROWS: contextvars.ContextVar[int] = contextvars.ContextVar("rows", default=0)
+#: The change streams: their rows are changes sent (healthcode_changes_streamed_total); they are ended at shutdown.
+CHANGE_STREAMS = frozenset({"WatchChanges", "WatchChangesArrow"})
+#: The ingest RPCs: their rows are rows given to the store (healthcode_rows_ingested_total).
+INGEST = frozenset({"UpsertPersons", "RecordNatResults", "RecordEntries", "RecordVisits"})
+#: What a change stream's caller is told at shutdown (it resumes from the last sequence it got, elsewhere or later).
+SHUTTING_DOWN = "server shutting down; resume from the last sequence received"
+
+
+def _rows_metric(method: str) -> Any:
+    """The counter a method's rows go to: persons evaluated unless it ingests or streams changes."""
+    if method in CHANGE_STREAMS:
+        return metrics.CHANGES_STREAMED
+    if method in INGEST:
+        return metrics.ROWS_INGESTED
+    return metrics.ROWS
 
 
 def decode(method: str, request_class: Any, data: bytes, index: int | None = None) -> Any:
@@ -87,9 +104,50 @@ def _series(method: str, code: grpc.StatusCode) -> tuple[Any, Any, Any]:
         found = _SERIES[(method, code)] = (
             metrics.REQUESTS.labels(method, code.name),
             metrics.LATENCY.labels(method),
-            metrics.ROWS.labels(method),
+            _rows_metric(method).labels(method),
         )
     return found
+
+
+class ChangeStreams:
+    """The open change streams, which wait for the next published change for as long as their callers stay.
+
+    :meth:`end` (at shutdown) ends each with UNAVAILABLE :data:`SHUTTING_DOWN` and refuses new ones the same way:
+    a stream waiting for news is interrupted (its task cancelled while it waits on the servicer, never while gRPC
+    sends), one being sent to ends after its current message.  The calls doing work keep the grace period."""
+
+    def __init__(self) -> None:
+        self.ending = False
+        self._open: dict[asyncio.Task[Any], bool] = {}  # each open stream's task -> waiting for its next message
+
+    def end(self) -> None:
+        self.ending = True
+        for task, waiting in list(self._open.items()):
+            if waiting:
+                task.cancel()
+
+    async def follow(self, responses: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The messages of one change stream, until it ends or :meth:`end` ends it."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._open[task] = False
+        try:
+            while not self.ending:
+                self._open[task] = True
+                try:
+                    response = await anext(responses)
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if not self.ending:  # the caller went away
+                        raise
+                    break
+                self._open[task] = False
+                yield response
+            raise Unavailable(SHUTTING_DOWN)
+        finally:
+            del self._open[task]
+            await responses.aclose()  # type: ignore[attr-defined]
 
 
 def _wrap_unary(
@@ -118,7 +176,11 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[..., AsyncIterator[Any]], request_class: Any = None, streaming_request: bool = False
+    method: str,
+    behavior: Callable[..., AsyncIterator[Any]],
+    request_class: Any = None,
+    streaming_request: bool = False,
+    change_streams: ChangeStreams | None = None,
 ) -> Callable[..., AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         call = _Call(method, context)
@@ -140,7 +202,10 @@ def _wrap_stream(
                     if streaming_request
                     else decode(method, request_class, request)
                 )
-            async for response in behavior(request, context):
+            responses = behavior(request, context)
+            if change_streams is not None and method in CHANGE_STREAMS:
+                responses = change_streams.follow(responses)
+            async for response in responses:
                 yield response
             outcome.append(call.cancelled_code() if _expired(context) else grpc.StatusCode.OK)
         except (asyncio.CancelledError, GeneratorExit):
@@ -202,14 +267,16 @@ class ObservedService(ServiceInterceptor):
     status codes (:func:`healthcode.service.status.of`).
 
     ``requests``: method name -> request message class, for the methods registered with raw-bytes request
-    deserializers (None, or a method left out: the servicer takes the raw bytes, as Evaluate does)."""
+    deserializers (None, or a method left out: the servicer takes the raw bytes, as Evaluate does).
+    :attr:`change_streams`: the open change streams, for the server to end at shutdown."""
 
     def __init__(self, requests: Mapping[str, Any], service_prefix: str = "/healthcode.v1.") -> None:
         super().__init__(service_prefix)
         self.requests = dict(requests)
+        self.change_streams = ChangeStreams()
 
     def wrap_unary(self, method: str, behavior: Any) -> Any:
         return _wrap_unary(method, behavior, self.requests.get(method))
 
     def wrap_stream(self, method: str, behavior: Any, streaming_request: bool) -> Any:
-        return _wrap_stream(method, behavior, self.requests.get(method), streaming_request)
+        return _wrap_stream(method, behavior, self.requests.get(method), streaming_request, self.change_streams)

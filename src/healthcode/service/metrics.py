@@ -19,7 +19,19 @@ LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
     registry=REGISTRY,
 )
-ROWS = Counter("healthcode_rows_evaluated", "Persons evaluated, by method", ["method"], registry=REGISTRY)
+ROWS = Counter(
+    "healthcode_rows_evaluated",
+    "Persons evaluated, by method (PutRiskList, PutPolicy, Reevaluate: the persons they re-evaluated)",
+    ["method"],
+    registry=REGISTRY,
+)
+ROWS_INGESTED = Counter(
+    "healthcode_rows_ingested", "Rows sent to the ingest RPCs, by method", ["method"], registry=REGISTRY
+)
+CHANGES_STREAMED = Counter(
+    "healthcode_changes_streamed", "Status changes sent to change-stream subscribers, by method", ["method"],
+    registry=REGISTRY,
+)  # fmt: skip
 RISK_VERSION = Gauge("healthcode_risk_list_version", "Version of the risk list in force", registry=REGISTRY)
 POLICY_VERSION = Gauge("healthcode_policy_version", "Version of the policy timeline in force", registry=REGISTRY)
 
@@ -41,8 +53,10 @@ class FrontCollector:
         yield family
 
 
-def serve_metrics(listen: str) -> int:
-    """Start the metrics HTTP server on ``host:port`` (port 0 picks a free one); returns the port."""
+def serve_metrics(listen: str, **tls: Any) -> Any:
+    """Start the metrics HTTP server on ``host:port`` (port 0 picks a free one; ``tls``: prometheus_client's
+    ``certfile``, ``keyfile``, ... for HTTPS) in a thread of its own; returns the server (``server_port``; stop it
+    with ``shutdown()`` and ``server_close()``)."""
     host, _, port = listen.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=REGISTRY)
-    return int(server.server_port)
+    server, _thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=REGISTRY, **tls)
+    return server

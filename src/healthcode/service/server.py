@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -27,10 +28,10 @@ from healthcode.rules import engine
 from healthcode.rules.timebase import to_datetime, to_instant
 from healthcode.service import front, limits, metrics
 from healthcode.service.auth import Authenticator, Guard, load_authenticator
-from healthcode.service.config import Settings
+from healthcode.service.config import ConfigError, Settings
 from healthcode.service.interceptors import ObservedService
 from healthcode.service.servicer import HealthCodeService
-from healthcode.service.transport import grpc_options, is_loopback, listen, server_credentials
+from healthcode.service.transport import check_free, grpc_options, is_loopback, listen, server_credentials
 from healthcode.store import Store
 from healthcode.wire import limits as wire_limits
 
@@ -91,25 +92,26 @@ def service_handlers(service: HealthCodeService) -> grpc.GenericRpcHandler:
     )
 
 
-def _serve_metrics(settings: Settings) -> tuple[int, str]:
-    """Start the Prometheus endpoint: HTTPS with the server's certificate when TLS is configured (and client
-    certificates required under mutual TLS) unless metrics_tls is false.  Returns the port and the scheme."""
-    listen = settings.metrics_listen
-    if not (settings.tls_cert and settings.metrics_tls):
-        return metrics.serve_metrics(listen), "http"
-    from prometheus_client import start_http_server
+#: How a busy or forbidden metrics port is named in the one-line error.
+METRICS_WHAT = " (the metrics endpoint, metrics_listen)"
 
-    host, _, port = listen.rpartition(":")
-    http, _thread = start_http_server(
-        int(port),
-        addr=host.strip("[]") or "127.0.0.1",
-        registry=metrics.REGISTRY,
-        certfile=settings.tls_cert,
-        keyfile=settings.tls_key,
-        client_cafile=settings.tls_client_ca,
-        client_auth_required=bool(settings.tls_client_ca),
-    )
-    return int(http.server_port), "https"
+
+def _serve_metrics(settings: Settings) -> tuple[Any, str]:
+    """Start the Prometheus endpoint: HTTPS with the server's certificate when TLS is configured (and client
+    certificates required under mutual TLS) unless metrics_tls is false.  Returns the HTTP server and the scheme;
+    raises OSError naming the address when it cannot listen."""
+    listen = settings.metrics_listen
+    tls = {}
+    if settings.tls_cert and settings.metrics_tls:
+        tls = {
+            "certfile": settings.tls_cert, "keyfile": settings.tls_key, "client_cafile": settings.tls_client_ca,
+            "client_auth_required": bool(settings.tls_client_ca),
+        }  # fmt: skip
+    try:
+        return metrics.serve_metrics(listen, **tls), "https" if tls else "http"
+    except OSError as exc:  # taken since check_free looked, or a host that is not this machine's
+        reason = (exc.strerror or str(exc)).lower()
+        raise OSError(f"cannot listen on {listen}{METRICS_WHAT}: {reason}") from None
 
 
 def _security_warnings(settings: Settings, auth: Authenticator) -> None:
@@ -148,6 +150,7 @@ def _security_warnings(settings: Settings, auth: Authenticator) -> None:
 
 async def _demo(control: Control, settings: Settings, executor: ThreadPoolExecutor) -> str:
     """Evaluate the demo population once (make serve), off the event loop; returns a summary line."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -158,7 +161,13 @@ async def _demo(control: Control, settings: Settings, executor: ThreadPoolExecut
         started = time.perf_counter()
         snap = control.snapshot
         as_of = to_instant(settings.demo_as_of) if settings.demo_as_of else settings.now()
-        table = engine.evaluate(pq.read_table(path), snap.risk, snap.policy, as_of, settings.kernel_threads or None)
+        try:
+            population = pq.read_table(path)
+        except pa.ArrowInvalid:
+            raise ConfigError(f"{path}: not a Parquet file (demo_population)") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the demo population: {exc.strerror or exc}") from None
+        table = engine.evaluate(population, snap.risk, snap.policy, as_of, settings.kernel_threads or None)
         badges = pc.sum(table["commuter_badge"]).as_py() or 0
         entries = pc.sum(table["entry_permitted"]).as_py() or 0
         return (
@@ -169,6 +178,25 @@ async def _demo(control: Control, settings: Settings, executor: ThreadPoolExecut
     return await asyncio.get_running_loop().run_in_executor(executor, run)
 
 
+async def _demo_lines(
+    control: Control, settings: Settings, executor: ThreadPoolExecutor, address: str, book: StatusBook | None
+) -> None:
+    """The demo's summary and the commands to call the server with (make serve)."""
+    print(await _demo(control, settings, executor), flush=True)
+    as_of = f" --as-of {settings.demo_as_of}" if settings.demo_as_of else ""
+    print(
+        "call it:  .venv/bin/healthcode call evaluate --target "
+        f"{address} {settings.demo_population}{as_of} --out result.parquet",
+        flush=True,
+    )
+    if book is not None:
+        print(
+            f"store {settings.store}: {len(book.ids):,} persons; publish their statuses: "
+            f".venv/bin/healthcode reevaluate --target {address}",
+            flush=True,
+        )
+
+
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit code."""
     logs.configure(settings.log_level)
@@ -177,6 +205,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     auth = load_authenticator(settings)  # bad security settings fail before the (slow) store is opened
     credentials = server_credentials(settings)  # behind a front, only checked here (before the slow store opens)
+    if settings.demo_population and not os.path.isfile(settings.demo_population):
+        raise ConfigError(f"{settings.demo_population}: no such file (demo_population)")
+    check_free(settings.listen)  # a busy port, too: one line naming it (listen() and the front check again)
+    if settings.metrics_listen:
+        check_free(settings.metrics_listen, METRICS_WHAT)
     control = _open_control(settings)
     book = control.book
     ingest = None if book is None else IngestQueue(
@@ -194,8 +227,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     )
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="evaluate")
     # ObservedService outermost: calls the guard refuses are logged and counted with their code.
+    observed = ObservedService(REQUEST_CLASSES)
     server = grpc.aio.server(
-        interceptors=[ObservedService(REQUEST_CLASSES), guard], options=grpc_options(settings, public=not behind_front)
+        interceptors=[observed, guard], options=grpc_options(settings, public=not behind_front)
     )
     server.add_generic_rpc_handlers((service_handlers(HealthCodeService(control, settings, executor, ingest)),))
     health = health_aio.HealthServicer()
@@ -205,52 +239,51 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         names.append(reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
     sockets = None
-    if behind_front:
-        # The server listens only on a socket in a fresh 0700 folder: the front is its one caller, so the client
-        # names and peer the front passes on in metadata can be trusted.
-        sockets = tempfile.mkdtemp(prefix="healthcode-")
-        backend = f"unix:{sockets}/server.sock"
-        server.add_insecure_port(backend)
-    else:
-        port = listen(server, settings.listen, credentials)
-    _security_warnings(settings, auth)
-    await server.start()
-    overload.start()
-    shedder = None
-    if sockets is not None:
-        shedder = front.Front(settings, backend)
-        try:
+    shedder: front.Front | None = None
+    collector: metrics.FrontCollector | None = None
+    http = None
+    try:
+        if behind_front:
+            # The server listens only on a socket in a fresh 0700 folder: the front is its one caller, so the client
+            # names and peer the front passes on in metadata can be trusted.
+            sockets = tempfile.mkdtemp(prefix="healthcode-")
+            backend = f"unix:{sockets}/server.sock"
+            server.add_insecure_port(backend)
+        else:
+            port = listen(server, settings.listen, credentials)
+        _security_warnings(settings, auth)
+        await server.start()
+        overload.start()
+        if sockets is not None:
+            shedder = front.Front(settings, backend)
             port = await asyncio.get_running_loop().run_in_executor(shedder.spawner, shedder.start)
-        except OSError:
+            front.yield_cpu_to_front(keep=frozenset({shedder.spawner_thread_id}))
+            collector = metrics.FrontCollector(shedder)
+            metrics.REGISTRY.register(collector)
+            logs.event(log, "front", pid=shedder.process.pid, limit=settings.max_concurrent_calls)
+        for name in (SERVICE_NAME, ""):
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        http, scheme = _serve_metrics(settings) if settings.metrics_listen else (None, "")
+        host = settings.listen.rpartition(":")[0]
+        address = f"{host}:{port}"
+        print(f"healthcode serving on {address}", flush=True)
+        if http is not None:
+            metrics_host = settings.metrics_listen.rpartition(":")[0]
+            print(f"metrics on {scheme}://{metrics_host}:{http.server_port}/metrics", flush=True)
+        if settings.demo_population:
+            await _demo_lines(control, settings, executor, address, book)
+    except BaseException:
+        # Nothing is left half-started: no traceback from a gRPC server collected after its loop closed, no lock
+        # left on the store.
+        if shedder is not None:
             shedder.stop(0)
-            await _close(server, 0, sockets, overload, executor, ingest, book)
-            raise
-        front.yield_cpu_to_front(keep=frozenset({shedder.spawner_thread_id}))
-        collector = metrics.FrontCollector(shedder)
-        metrics.REGISTRY.register(collector)
-        logs.event(log, "front", pid=shedder.process.pid, limit=settings.max_concurrent_calls)
-    for name in (SERVICE_NAME, ""):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    metrics_port, scheme = _serve_metrics(settings) if settings.metrics_listen else (None, "")
-    host = settings.listen.rpartition(":")[0]
-    address = f"{host}:{port}"
-    print(f"healthcode serving on {address}", flush=True)
-    if metrics_port is not None:
-        print(f"metrics on {scheme}://{settings.metrics_listen.rpartition(':')[0]}:{metrics_port}/metrics", flush=True)
-    if settings.demo_population:
-        print(await _demo(control, settings, executor), flush=True)
-        as_of = f" --as-of {settings.demo_as_of}" if settings.demo_as_of else ""
-        print(
-            "call it:  .venv/bin/healthcode call evaluate --target "
-            f"{address} {settings.demo_population}{as_of} --out result.parquet",
-            flush=True,
-        )
-        if book is not None:
-            print(
-                f"store {settings.store}: {len(book.ids):,} persons; publish their statuses: "
-                f".venv/bin/healthcode reevaluate --target {address}",
-                flush=True,
-            )
+        if collector is not None:
+            metrics.REGISTRY.unregister(collector)
+        if http is not None:
+            http.shutdown()
+            http.server_close()
+        await _close(server, 0, sockets, overload, executor, ingest, book)
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -258,7 +291,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     failed: list[str] = []
     watcher = None
     if shedder is not None:
-        watcher = asyncio.create_task(_watch_front(shedder, f"{host}:{port}", stop, failed))
+        watcher = asyncio.create_task(_watch_front(shedder, address, stop, failed))
     if ready is not None:
         ready.set()
     await stop.wait()
@@ -271,10 +304,18 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     if watcher is not None:
         watcher.cancel()
+    # The change streams only wait for news: they end now (UNAVAILABLE, the caller resumes elsewhere or later)
+    # instead of holding the grace period, which is for the calls doing work.  Before the front stops: it waits
+    # for the calls it forwards.
+    observed.change_streams.end()
     if shedder is not None:  # the front stops taking calls and waits for the ones it forwards
         await loop.run_in_executor(None, shedder.stop, settings.grace_seconds)
+        assert collector is not None
         metrics.REGISTRY.unregister(collector)
     await _close(server, settings.grace_seconds, sockets, overload, executor, ingest, book)
+    if http is not None:
+        http.shutdown()
+        http.server_close()
     print("healthcode: stopped", file=sys.stderr, flush=True)
     if failed:
         print(f"healthcode: error: {failed[0]}", file=sys.stderr, flush=True)

@@ -3,6 +3,9 @@ credentials."""
 
 from __future__ import annotations
 
+import errno
+import socket
+
 import grpc
 
 from healthcode.service.config import ConfigError, Settings
@@ -59,12 +62,42 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
+def check_free(address: str, what: str = "") -> None:
+    """Raise OSError (one line naming ``address`` and ``what`` listens there) if ``host:port`` is taken or may not
+    be bound by this user, found by binding a plain socket to it first: gRPC would print its own error line and
+    a hint about GRPC_VERBOSITY instead.  Port 0 (any free port) and Unix sockets are not checked."""
+    host, _, port = address.rpartition(":")
+    if address.startswith("unix:") or not port.isdigit() or int(port) == 0:
+        return
+    try:
+        found = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise OSError(f"cannot listen on {address}{what}: {exc.strerror or exc}") from None
+    refused: list[int] = []
+    for family, kind, proto, _, sockaddr in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no obstacle
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                refused.append(exc.errno or 0)
+                continue
+        return  # gRPC listens when it can bind one of the addresses
+    for code, words in ((errno.EADDRINUSE, "address already in use"), (errno.EACCES, "permission denied")):
+        if code in refused:
+            raise OSError(f"cannot listen on {address}{what}: {words}")
+    # Anything else (e.g. no IPv6 for [::]) is left to gRPC, which may fall back to another address.
+
+
 def listen(server: grpc.Server | grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
     """Add the listening port to ``server`` (TLS with ``credentials``, plaintext without); returns the bound port.
     Raises OSError saying which address could not be bound."""
+    check_free(address)
     try:
         if credentials is None:
             return server.add_insecure_port(address)
         return server.add_secure_port(address, credentials)
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {address}: {exc}") from None
+    except RuntimeError:  # gRPC's message only says to set GRPC_VERBOSITY=debug
+        raise OSError(f"cannot listen on {address}: gRPC could not bind it (a bad host, or the port taken)") from None

@@ -9,6 +9,7 @@ the file (never a row's content).
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -16,11 +17,13 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from healthcode.errors import StoreError, StoreUnavailable
+from healthcode.errors import StoreError, StoreInUse, StoreUnavailable
 
 DEFAULT_PATH = os.path.join("data", "healthcode.duckdb")
 #: Environment variable naming the store file when no path is given.
 STORE_ENV = "HEALTHCODE_STORE"
+#: DuckDB's words when another process has the file open (and that process's id, when it says).
+_LOCK_HELD = re.compile(r"Conflicting lock is held(?:.*?\(PID (\d+)\))?")
 
 
 def resolve_path(path: str | os.PathLike[str] | None) -> str:
@@ -52,6 +55,10 @@ class Connection:
         try:
             self.con = duckdb.connect(path)
         except duckdb.Error as exc:
+            holder = _LOCK_HELD.search(str(exc))
+            if holder:
+                who = f"another process (PID {holder.group(1)})" if holder.group(1) else "another process"
+                raise StoreInUse(f"{path}: the store is in use by {who}, e.g. a running server") from None
             raise StoreError(f"{path}: cannot open the store: {first_line(exc)}") from None
 
     def close(self) -> None:
