@@ -30,7 +30,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "service": {"errors", "logs", "rules", "wire", "store", "live", "_proto"},
     "client": {"errors", "logs", "rules", "wire", "_proto"},
     "spark": {"errors", "logs", "rules"},
-    "healthcode": {"errors", "logs", "rules"},
+    "healthcode": {"errors", "logs", "rules", "client"},  # client: imported lazily, on first use
 }
 MAY_IMPORT["cli"] = set(MAY_IMPORT) - {"cli"}  # anything
 

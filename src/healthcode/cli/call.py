@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 from healthcode.cli.common import CliError, parse_instant, population_reader, progress_bar, server_channel
 from healthcode.errors import HealthcodeError
 from healthcode.rules import columns
-from healthcode.rules.timebase import BEIJING
 
 
 def add_parser(sub: Any, progress: argparse.ArgumentParser, connection: argparse.ArgumentParser) -> None:
@@ -59,6 +58,6 @@ def cmd_call_evaluate(args: argparse.Namespace) -> int:
     print(
         f"{result.num_rows:,} rows, {badges:,} commuter badges, {entries:,} entries permitted, {invalid:,} invalid "
         f"rows in {time.perf_counter() - started:.2f} s; policy {info.policy}, risk list v{info.risk_list_version}, "
-        f"as_of {info.as_of.ToDatetime(tzinfo=BEIJING).isoformat()}; wrote {args.out}"
+        f"as_of {info.as_of.isoformat()}; wrote {args.out}"
     )
     return 0
