@@ -108,6 +108,7 @@ def test_get_status_reevaluate_and_the_change_stream(served, population):
     record = json.loads(json.dumps(first.as_dict()))
     assert record["new_reasons"] == [r.name for r in Reason if first.new_reasons & r]
     assert record["new_reasons_mask"] == int(first.new_reasons) and record["as_of"] == NOON.isoformat()
+    assert first.new_reason_names == record["new_reasons"] and first.old_reason_names is None and not first.badge_lost
     with client.watch_changes_arrow(summary.high_water_mark - 10) as bulk:
         batch = next(bulk)
     assert isinstance(batch, ChangeBatch) and batch.first_sequence == summary.high_water_mark - 9

@@ -160,19 +160,32 @@ class Change:
             as_of=to_datetime(m.as_of.seconds),
         )
 
+    @property
+    def new_reason_names(self) -> list[str]:
+        return reason_names(self.new_reasons)
+
+    @property
+    def old_reason_names(self) -> list[str] | None:
+        return None if self.old_reasons is None else reason_names(self.old_reasons)
+
+    @property
+    def badge_lost(self) -> bool:
+        """The person held the badge before this change and does not now."""
+        return bool(self.old_badge) and not self.new_badge
+
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: reasons by name beside their masks, the instant in ISO-8601 (+08:00)."""
         old = None if self.old_reasons is None else int(self.old_reasons)
-        return {
+        return {  # the reasons by name beside the masks
             "sequence": self.sequence,
             "person_id": self.person_id,
             "old_badge": self.old_badge,
             "new_badge": self.new_badge,
             "old_entry": self.old_entry,
             "new_entry": self.new_entry,
-            "old_reasons": None if old is None else reason_names(old),
+            "old_reasons": self.old_reason_names,
             "old_reasons_mask": old,
-            "new_reasons": reason_names(self.new_reasons),
+            "new_reasons": self.new_reason_names,
             "new_reasons_mask": int(self.new_reasons),
             "risk_list_version": self.risk_list_version,
             "as_of": self.as_of.isoformat(),
