@@ -79,3 +79,60 @@ def test_the_readme_grpcurl_block_runs_against_a_server_with_a_store(tmp_path):
     assert '"version": "3"' in text  # the second PutRiskList, and GetRiskList after it
     assert '"start_date": "2021-11-25"' in text  # GetRiskList: the entries form's list
     assert text.count('"toml"') == 2 and '"version": "2"' in text  # PutPolicy, GetPolicy
+
+
+def _python_blocks() -> list[str]:
+    section = README[README.index("### From Python, by kind of caller") : README.index("### With grpcurl")]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_the_readme_python_examples_run_against_a_server_with_a_store(tmp_path):
+    """The four caller examples (ingest, gateway, admin, subscriber), run in that order as written, with the
+    address of a test server and stand-ins for the subscriber's own bookkeeping; the printed values are the
+    README's where it shows them."""
+    ingest, gateway, subscriber, admin = _python_blocks()
+    with Store(tmp_path / "store.duckdb") as store:
+        store.load_population(pa.Table.from_batches(list(generate_batches(2000, seed=4, as_of=AS_OF))))
+    risk = generate_risk_csv(8, AS_OF)
+    server = ServerProcess(
+        tmp_path, risk_csv=risk,
+        extra_args=["--store", str(tmp_path / "store.duckdb"), "--clock", "2021-11-30T12:00:00+08:00"],
+    )  # fmt: skip
+    work = tmp_path / "checkout"
+    (work / "demo").mkdir(parents=True)
+    (work / "demo" / "risk.csv").write_text(risk + "130102,2021-11-25,,local_case\n", encoding="utf-8")
+    (work / "admin.token").write_text("any-token\n", encoding="utf-8")  # no tokens configured: anyone may call
+    t = pa.array([AS_OF - 7200], pa.timestamp("s", tz="UTC"))
+    scans = pa.table({"person_id": pa.array([1001], pa.uint64()), "t": t})
+    import pyarrow.parquet as pq
+
+    pq.write_table(scans, work / "scans.parquet")
+    bookkeeping = (
+        "import itertools\n"
+        "class Enough(Exception): pass\n"
+        "seen = []\n"
+        "def last_seen(): return 0\n"
+        "def notify(person_id, reasons): assert reasons and all(isinstance(r, str) for r in reasons)\n"
+        "def remember(sequence):\n"
+        "    seen.append(sequence)\n"
+        "    if len(seen) == 50: raise Enough\n"
+    )
+    script = "\n".join([  # the subscriber last: it waits until the admin's changes publish something
+        ingest, gateway, admin, bookkeeping, f"try:\n{_indent(subscriber)}\nexcept Enough:\n    pass\n",
+        "assert seen == list(range(1, 51)), seen\n",
+    ]).replace("127.0.0.1:50051", server.address)  # fmt: skip
+    try:
+        out = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=120)
+    finally:
+        server.stop()
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "IngestCounts(inserted=4, already_present=0, updated=0)"
+    assert lines[1] == "True True [] 2021-12-13 00:00:00+08:00 1"
+    assert lines[2] == "[(1001, True, None), (42, False, 'person_id is not in the store')] 1"
+    assert lines[3].startswith("2 ") and lines[4].startswith("2 ['beijing-commuter-2021-11-17'] ")
+    assert lines[6] == "region,start_date,end_date,kind"
+
+
+def _indent(code: str) -> str:
+    return "\n".join("    " + line for line in code.splitlines())
