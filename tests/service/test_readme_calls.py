@@ -31,6 +31,16 @@ def _grpcurl_block() -> str:
     return README[start + len("```sh\n") : README.index("```", start + 6)]
 
 
+def _store_server(tmp_path: Path, risk: str) -> ServerProcess:
+    """A server with a store of 2,000 generated persons, its clock at the demo instant."""
+    with Store(tmp_path / "store.duckdb") as store:
+        store.load_population(pa.Table.from_batches(list(generate_batches(2000, seed=4, as_of=AS_OF))))
+    return ServerProcess(
+        tmp_path, risk_csv=risk,
+        extra_args=["--store", str(tmp_path / "store.duckdb"), "--clock", "2021-11-30T12:00:00+08:00"],
+    )  # fmt: skip
+
+
 def test_the_api_table_and_the_grpcurl_block_name_every_rpc():
     table = README[README.index("### The API") : README.index("### From Python")]
     block = _grpcurl_block()
@@ -44,13 +54,8 @@ def test_the_readme_grpcurl_block_runs_against_a_server_with_a_store(tmp_path):
     grpcurl = ROOT / ".venv" / "bin" / "grpcurl"
     if not grpcurl.exists():
         pytest.skip("no .venv/bin/grpcurl (make installs it)")
-    with Store(tmp_path / "store.duckdb") as store:
-        store.load_population(pa.Table.from_batches(list(generate_batches(2000, seed=4, as_of=AS_OF))))
     risk = generate_risk_csv(8, AS_OF)
-    server = ServerProcess(
-        tmp_path, risk_csv=risk,
-        extra_args=["--store", str(tmp_path / "store.duckdb"), "--clock", "2021-11-30T12:00:00+08:00"],
-    )  # fmt: skip
+    server = _store_server(tmp_path, risk)
     try:
         # The block as written, from a folder laid out like a checkout after `make serve`.
         work = tmp_path / "checkout"
@@ -91,13 +96,8 @@ def test_the_readme_python_examples_run_against_a_server_with_a_store(tmp_path):
     address of a test server and stand-ins for the subscriber's own bookkeeping; the printed values are the
     README's where it shows them."""
     ingest, gateway, subscriber, admin = _python_blocks()
-    with Store(tmp_path / "store.duckdb") as store:
-        store.load_population(pa.Table.from_batches(list(generate_batches(2000, seed=4, as_of=AS_OF))))
     risk = generate_risk_csv(8, AS_OF)
-    server = ServerProcess(
-        tmp_path, risk_csv=risk,
-        extra_args=["--store", str(tmp_path / "store.duckdb"), "--clock", "2021-11-30T12:00:00+08:00"],
-    )  # fmt: skip
+    server = _store_server(tmp_path, risk)
     work = tmp_path / "checkout"
     (work / "demo").mkdir(parents=True)
     (work / "demo" / "risk.csv").write_text(risk + "130102,2021-11-25,,local_case\n", encoding="utf-8")
