@@ -258,6 +258,17 @@ def _evaluator(monkeypatch: pytest.MonkeyPatch, impl: str, n_threads: int = 1) -
     return run
 
 
+@pytest.fixture(autouse=True)
+def _no_orphaned_servers() -> Iterable[None]:
+    """A test that fails before stopping its server (service_helpers.ServerProcess) does not leave it running."""
+    yield
+    import sys
+
+    helpers = sys.modules.get("service_helpers")
+    if helpers is not None:
+        helpers.stop_leftover_servers()
+
+
 @pytest.fixture(params=["reference", "kernel"])
 def impl(request: pytest.FixtureRequest) -> str:
     if request.param == "kernel" and not kernel_built():

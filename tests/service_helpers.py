@@ -46,6 +46,16 @@ def healthcode_cmd() -> list[str]:
 FRONT = os.environ.get("HEALTHCODE_TEST_FRONT", "")
 
 
+#: Servers started and not yet stopped: a test that fails half-way leaves its server here, and the autouse fixture
+#: of tests/conftest.py stops it (no orphaned server outlives its test).
+RUNNING: set[ServerProcess] = set()
+
+
+def stop_leftover_servers() -> None:
+    for server in list(RUNNING):
+        server.stop()
+
+
 class ServerProcess:
     """A ``healthcode serve`` subprocess on free ports; stdout and stderr go to files under ``workdir``."""
 
@@ -82,6 +92,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             args, stdout=self._stdout, stderr=self._stderr, stdin=subprocess.DEVNULL, env=full_env, cwd=self.workdir
         )
+        RUNNING.add(self)
         self.address = ""
         self.metrics_url = ""
         try:
@@ -125,6 +136,7 @@ class ServerProcess:
 
     def stop(self) -> int | None:
         """Terminate (SIGTERM, then SIGKILL after a few seconds); returns the exit code."""
+        RUNNING.discard(self)
         try:
             if self.proc.poll() is None:
                 self.proc.terminate()
