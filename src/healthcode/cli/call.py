@@ -218,8 +218,9 @@ class _Watched:
     ended: str = ""
 
     def note(self) -> str:
-        return (f"healthcode call watch: {self.count:,} changes{self.ended}, last sequence {self.last}; resume with "
-                f"--from {self.last}")  # fmt: skip
+        changes = f"{self.count:,} change{'' if self.count == 1 else 's'}"
+        last = f"last sequence {self.last}; resume with --from {self.last}"
+        return f"healthcode call watch: {changes}{self.ended}, {last}"
 
 
 def cmd_call_watch(args: argparse.Namespace) -> int:
