@@ -1,6 +1,6 @@
 """What the subcommands share: the error a command exits with, progress bars, reading a population file, the
-parsing of instants and thread counts, the options of a connection to a server and the channel they give, and the
-metadata a result file carries."""
+parsing of instants and thread counts, the options of a connection to a server and the client they give (a server's
+error as one line), the summary line of a re-evaluation, and the metadata a result file carries."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from healthcode.client import Client
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -74,6 +78,52 @@ def server_channel(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise CliError(f"{exc.filename}: cannot read: {exc.strerror or exc}" if exc.filename else str(exc)) from None
     except ValueError as exc:  # the token file
         raise CliError(str(exc)) from None
+
+
+@contextmanager
+def server_client(args: argparse.Namespace, about: str | None = None) -> Iterator[Client]:
+    """A client of ``args.target`` with the connection options and ``args.timeout`` (none without one: a stream
+    that lasts as long as it is left to); a server's error becomes one line "HOST:PORT: CODE: details" (after
+    ``about``, e.g. the file whose rows were refused)."""
+    import grpc
+
+    from healthcode.client import Client
+
+    client = Client(args.target, timeout=getattr(args, "timeout", None), channel=server_channel(args))
+    try:
+        with client:
+            yield client
+    except grpc.RpcError as exc:
+        where = f"{about}: " if about else ""
+        raise CliError(f"{where}{args.target}: {exc.code().name}: {exc.details()}") from None
+
+
+class ReevaluationCounts(Protocol):
+    """What a re-evaluation did (the client's ``Reevaluation``, the live layer's summary)."""
+
+    @property
+    def evaluated(self) -> int: ...
+    @property
+    def changed(self) -> int: ...
+    @property
+    def badges_lost(self) -> int: ...
+    @property
+    def badges_gained(self) -> int: ...
+    @property
+    def entries_lost(self) -> int: ...
+    @property
+    def entries_gained(self) -> int: ...
+    @property
+    def high_water_mark(self) -> int: ...
+
+
+def reevaluation_line(s: ReevaluationCounts, seconds: float) -> str:
+    """The one-line summary of a re-evaluation (``healthcode reevaluate``, ``healthcode call reevaluate``)."""
+    return (
+        f"{s.evaluated:,} persons re-evaluated, {s.changed:,} changed (badges -{s.badges_lost:,} "
+        f"+{s.badges_gained:,}, entries -{s.entries_lost:,} +{s.entries_gained:,}); change log at "
+        f"{s.high_water_mark:,} in {seconds:.2f} s"
+    )
 
 
 def parse_instant(text: str, option: str = "--as-of") -> int:

@@ -19,13 +19,15 @@ from healthcode.cli.common import (
     EXIT_FAILED,
     EXIT_USAGE,
     CliError,
+    ReevaluationCounts,
     connection_options,
     parse_instant,
     population_reader,
     progress_bar,
     progress_options,
+    reevaluation_line,
     result_metadata,
-    server_channel,
+    server_client,
     thread_count,
 )
 from healthcode.errors import HealthcodeError, StoreInUse, UsageError
@@ -154,21 +156,8 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     as_of = None if args.as_of is None else parse_instant(args.as_of)
     if args.target:
-        import grpc
-
-        from healthcode._proto.v1 import healthcode_pb2 as pb
-        from healthcode._proto.v1 import healthcode_pb2_grpc as pb_grpc
-
-        request = pb.ReevaluateRequest()
-        if as_of is not None:
-            request.as_of.seconds = as_of
-        try:
-            with server_channel(args) as channel:
-                reply = pb_grpc.HealthCodeServiceStub(channel).Reevaluate(request, timeout=args.timeout).reevaluation
-        except grpc.RpcError as exc:
-            raise CliError(f"{args.target}: {exc.code().name}: {exc.details()}") from None
-        summary = (reply.evaluated, reply.changed, reply.badges_lost, reply.badges_gained, reply.entries_lost,
-                   reply.entries_gained, reply.high_water_mark)  # fmt: skip
+        with server_client(args) as client:
+            summary: ReevaluationCounts = client.reevaluate(as_of)
     else:
         from healthcode.live.control import Control, initial_state
         from healthcode.store import Store, resolve_path
@@ -195,14 +184,8 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
             with progress_bar(len(control.book.ids), args.progress) as bar:
                 s = control.reevaluate(t, "cli", progress=bar.update).summary
             assert s is not None
-        summary = (s.evaluated, s.changed, s.badges_lost, s.badges_gained, s.entries_lost, s.entries_gained,
-                   s.high_water_mark)  # fmt: skip
-    evaluated, changed, badges_lost, badges_gained, entries_lost, entries_gained, mark = summary
-    print(
-        f"{evaluated:,} persons re-evaluated, {changed:,} changed (badges -{badges_lost:,} +{badges_gained:,}, "
-        f"entries -{entries_lost:,} +{entries_gained:,}); change log at {mark:,} in "
-        f"{time.perf_counter() - started:.2f} s"
-    )
+            summary = s
+    print(reevaluation_line(summary, time.perf_counter() - started))
     return 0
 
 
@@ -398,20 +381,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    name = " ".join(filter(None, (args.command, getattr(args, "rpc", None))))  # "call watch"
     try:
         return int(args.func(args))
     except CliError as exc:
-        print(f"healthcode {args.command}: error: {exc}", file=sys.stderr)
+        print(f"healthcode {name}: error: {exc}", file=sys.stderr)
         return exc.code
     except HealthcodeError as exc:  # bad input (a file, a store, a server's answer), or a setting of the wrong form
-        print(f"healthcode {args.command}: error: {exc}", file=sys.stderr)
+        print(f"healthcode {name}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
     except KeyboardInterrupt:
-        print(f"healthcode {args.command}: interrupted", file=sys.stderr)
+        print(f"healthcode {name}: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
         target = f"{exc.filename}: " if exc.filename else ""
-        print(f"healthcode {args.command}: error: {target}{exc.strerror or exc}", file=sys.stderr)
+        print(f"healthcode {name}: error: {target}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILED
 
 
