@@ -260,13 +260,16 @@ def _evaluator(monkeypatch: pytest.MonkeyPatch, impl: str, n_threads: int = 1) -
 
 @pytest.fixture(autouse=True)
 def _no_orphaned_servers() -> Iterable[None]:
-    """A test that fails before stopping its server (service_helpers.ServerProcess) does not leave it running."""
-    yield
+    """A test that fails before stopping the servers it started (service_helpers.ServerProcess) does not leave them
+    running; servers of wider-scoped fixtures (started before this) are left to their fixtures."""
     import sys
 
     helpers = sys.modules.get("service_helpers")
+    before = set(helpers.RUNNING) if helpers is not None else set()
+    yield
+    helpers = sys.modules.get("service_helpers")
     if helpers is not None:
-        helpers.stop_leftover_servers()
+        helpers.stop_leftover_servers(keep=before)
 
 
 @pytest.fixture(params=["reference", "kernel"])

@@ -51,8 +51,8 @@ FRONT = os.environ.get("HEALTHCODE_TEST_FRONT", "")
 RUNNING: set[ServerProcess] = set()
 
 
-def stop_leftover_servers() -> None:
-    for server in list(RUNNING):
+def stop_leftover_servers(keep: set[ServerProcess] | frozenset[ServerProcess] = frozenset()) -> None:
+    for server in list(RUNNING - keep):
         server.stop()
 
 

@@ -248,6 +248,26 @@ def test_watch_ends_on_ctrl_c_naming_the_last_sequence(watched):
     assert f"3 changes (interrupted), last sequence {total}; resume with --from {total}" in err
 
 
+def test_watch_says_when_it_reconnects_to_a_server_that_is_down():
+    proc = subprocess.Popen(
+        [*healthcode_cmd(), "call", "watch", "--from", "5", "--target", f"127.0.0.1:{free_port()}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    try:
+        time.sleep(4)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out == "" and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "reconnecting" in line]
+    assert len(lines) >= 2, err  # one line per attempt, with back-off
+    assert lines[0].startswith("healthcode call watch: connection lost (UNAVAILABLE); reconnecting in 0.2 s")
+    assert "from sequence 5" in lines[0]
+
+
 def test_watch_arrow_writes_the_changes_to_parquet_and_resumes(watched, tmp_path):
     srv, _ = watched
     first, second = tmp_path / "first.parquet", tmp_path / "second.parquet"

@@ -121,7 +121,8 @@ def test_a_change_stream_resumes_across_a_server_restart_without_gaps_or_repeats
     try:
         with Client(server.address, timeout=60) as client:
             total = client.reevaluate().high_water_mark
-            stream = client.watch_changes(0)
+            notes: list[tuple[grpc.StatusCode, int]] = []
+            stream = client.watch_changes(0, on_reconnect=lambda error, after, _: notes.append((error.code(), after)))
             seen = [next(stream).sequence for _ in range(100)]
             strict = client.watch_changes(0, resume=False)
             next(strict)
@@ -138,7 +139,8 @@ def test_a_change_stream_resumes_across_a_server_restart_without_gaps_or_repeats
             )
             assert put.reevaluation is not None and put.reevaluation.changed > 0
             seen += [next(stream).sequence for _ in range(put.reevaluation.changed)]
-            assert stream.reconnects >= 1
+            assert stream.reconnects == len(notes) >= 1 and notes[0][0] == grpc.StatusCode.UNAVAILABLE
+            assert all(after >= 100 for _code, after in notes)  # each attempt resumes after what was delivered
             stream.close()
         assert seen == list(range(1, put.reevaluation.high_water_mark + 1))
     finally:

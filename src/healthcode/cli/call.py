@@ -33,7 +33,9 @@ from healthcode.rules import columns
 from healthcode.rules.timebase import BEIJING
 
 if TYPE_CHECKING:
-    from healthcode.client import Client, Status
+    import grpc
+
+    from healthcode.client import Client
 
 #: The client method that sends each ingest kind.
 _INGEST_METHODS = {
@@ -167,21 +169,6 @@ def _instant(value: _dt.datetime | None) -> str | None:
     return None if value is None else value.astimezone(BEIJING).isoformat()
 
 
-def status_dict(s: Status) -> dict[str, Any]:
-    """A ``Status`` as a JSON-able dict: reasons by name and as the mask, instants in Beijing time."""
-    return {
-        "person_id": s.person_id,
-        "commuter_badge": s.commuter_badge,
-        "entry_permitted": s.entry_permitted,
-        "enrolled": s.enrolled,
-        "reasons": s.reason_names,
-        "reasons_mask": int(s.reasons),
-        "badge_valid_until": _instant(s.badge_valid_until),
-        "entry_valid_until": _instant(s.entry_valid_until),
-        "error": s.error,
-    }
-
-
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows])
@@ -193,7 +180,7 @@ def cmd_call_status(args: argparse.Namespace) -> int:
         lookup = client.get_status(args.person_ids, as_of=as_of)
     if args.json:
         for s in lookup.statuses:
-            print(json.dumps(status_dict(s)))
+            print(json.dumps(s.as_dict()))
     else:
         yes_no = {True: "yes", False: "no"}
         rows = [
@@ -238,9 +225,14 @@ def cmd_call_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reconnecting(error: grpc.RpcError, after: int, wait: float) -> None:
+    print(f"healthcode call watch: connection lost ({error.code().name}); reconnecting in {wait:.1f} s, "
+          f"from sequence {after}", file=sys.stderr, flush=True)  # fmt: skip
+
+
 def _watch_json(client: Client, args: argparse.Namespace, watched: _Watched) -> None:
     """WatchChanges as JSON lines on stdout, each flushed, until ``args.limit`` changes, Ctrl-C or a closed pipe."""
-    with client.watch_changes(args.from_sequence, resume=not args.no_resume) as stream:
+    with client.watch_changes(args.from_sequence, resume=not args.no_resume, on_reconnect=_reconnecting) as stream:
         try:
             for change in stream:
                 sys.stdout.write(json.dumps(change.as_dict()) + "\n")
@@ -263,7 +255,8 @@ def _watch_arrow(client: Client, args: argparse.Namespace, watched: _Watched) ->
     partial = args.arrow + ".partial"
     writer: pq.ParquetWriter | None = None
     first = args.from_sequence + 1
-    with client.watch_changes_arrow(args.from_sequence, resume=not args.no_resume) as stream:
+    stream = client.watch_changes_arrow(args.from_sequence, resume=not args.no_resume, on_reconnect=_reconnecting)
+    with stream:
         try:
             for batch in stream:
                 table = batch.table.slice(0, args.limit - watched.count)

@@ -261,6 +261,7 @@ class ChangeStream(Generic[T]):
         from_sequence: int,
         resume: bool,
         max_backoff: float = 10.0,
+        on_reconnect: Callable[[grpc.RpcError, int, float], None] | None = None,
     ) -> None:
         self._open = open_call
         self._items = items
@@ -269,6 +270,7 @@ class ChangeStream(Generic[T]):
         self.resume = resume
         self.reconnects = 0
         self._max_backoff = max_backoff
+        self._on_reconnect = on_reconnect
         self._buffer: collections.deque[T] = collections.deque()
         self._call: Any = None
         self._closed = threading.Event()
@@ -308,6 +310,8 @@ class ChangeStream(Generic[T]):
                 if not self.resume or exc.code() not in RESUMABLE:
                     raise
                 self.reconnects += 1
+                if self._on_reconnect is not None:
+                    self._on_reconnect(exc, self.last_sequence, backoff)
                 if self._closed.wait(backoff):
                     raise StopIteration from None
                 backoff = min(backoff * 2, self._max_backoff)
@@ -430,10 +434,17 @@ class Client:
             request.as_of.CopyFrom(_timestamp(as_of))
         return Reevaluation.of(self.stub.Reevaluate(request, timeout=self.timeout).reevaluation)
 
-    def watch_changes(self, from_sequence: int = 0, *, resume: bool = True) -> ChangeStream[Change]:
+    def watch_changes(
+        self,
+        from_sequence: int = 0,
+        *,
+        resume: bool = True,
+        on_reconnect: Callable[[grpc.RpcError, int, float], None] | None = None,
+    ) -> ChangeStream[Change]:
         """Every published change after ``from_sequence``, then live ones as they are published (the iterator
         does not end by itself: break out of it or :meth:`ChangeStream.close` it).  With ``resume`` it
-        reconnects after a lost connection or a server restart and goes on where it stopped."""
+        reconnects after a lost connection or a server restart and goes on where it stopped;
+        ``on_reconnect(error, last_sequence, wait_seconds)`` is called before each new attempt."""
 
         def open_call(after: int) -> Any:
             return self.stub.WatchChanges(pb.WatchChangesRequest(from_sequence=after))
@@ -441,9 +452,15 @@ class Client:
         def items(message: pb.WatchChangesResponse) -> list[Change]:
             return [Change.of(c) for c in message.changes]
 
-        return ChangeStream(open_call, items, lambda c: c.sequence, from_sequence, resume)
+        return ChangeStream(open_call, items, lambda c: c.sequence, from_sequence, resume, on_reconnect=on_reconnect)
 
-    def watch_changes_arrow(self, from_sequence: int = 0, *, resume: bool = True) -> ChangeStream[ChangeBatch]:
+    def watch_changes_arrow(
+        self,
+        from_sequence: int = 0,
+        *,
+        resume: bool = True,
+        on_reconnect: Callable[[grpc.RpcError, int, float], None] | None = None,
+    ) -> ChangeStream[ChangeBatch]:
         """The change log in bulk: Arrow tables of up to 100,000 changes each (see :class:`ChangeBatch`), then
         live; reconnects and resumes like :meth:`watch_changes`."""
 
@@ -454,7 +471,9 @@ class Client:
             table = pa.ipc.open_stream(message.arrow_ipc).read_all()
             return [ChangeBatch(message.first_sequence, message.last_sequence, table)]
 
-        return ChangeStream(open_call, items, lambda b: b.last_sequence, from_sequence, resume)
+        return ChangeStream(
+            open_call, items, lambda b: b.last_sequence, from_sequence, resume, on_reconnect=on_reconnect
+        )
 
     def _ingest(
         self, kind: str, rows: pa.Table | Iterable[Mapping[str, Any]], on_rows: Callable[[int], None] | None

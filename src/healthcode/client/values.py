@@ -61,6 +61,20 @@ class Status:
     def reason_names(self) -> list[str]:
         return reason_names(self.reasons)
 
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: reasons by name beside the mask, instants in ISO-8601 (+08:00)."""
+        return {
+            "person_id": self.person_id,
+            "commuter_badge": self.commuter_badge,
+            "entry_permitted": self.entry_permitted,
+            "enrolled": self.enrolled,
+            "reasons": self.reason_names,
+            "reasons_mask": int(self.reasons),
+            "badge_valid_until": None if self.badge_valid_until is None else self.badge_valid_until.isoformat(),
+            "entry_valid_until": None if self.entry_valid_until is None else self.entry_valid_until.isoformat(),
+            "error": self.error,
+        }
+
     @classmethod
     def of(cls, m: pb.Status) -> Status:
         return cls(
