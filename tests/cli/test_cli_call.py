@@ -227,6 +227,19 @@ def test_watch_into_head_ends_quietly(watched):
                      out.stderr), out.stderr
 
 
+def _interrupt(proc: subprocess.Popen[str], after: float) -> tuple[str, str]:
+    """Ctrl-C to a running command ``after`` seconds; its stdout and stderr (killed if it does not end)."""
+    try:
+        if proc.poll() is None:
+            time.sleep(after)
+            proc.send_signal(signal.SIGINT)
+        return proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_watch_ends_on_ctrl_c_naming_the_last_sequence(watched):
     srv, total = watched
     proc = subprocess.Popen(
@@ -236,13 +249,8 @@ def test_watch_ends_on_ctrl_c_naming_the_last_sequence(watched):
     try:
         seen = [json.loads(line)["sequence"] for line in read_lines(proc, 3)]
         assert seen == [total - 2, total - 1, total]
-        time.sleep(0.5)  # now waiting for live changes
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        out, err = _interrupt(proc, after=0.5)  # now waiting for live changes
     assert proc.returncode == 0, err
     assert out == "" and "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert f"3 changes (interrupted), last sequence {total}; resume with --from {total}" in err
@@ -253,14 +261,7 @@ def test_watch_says_when_it_reconnects_to_a_server_that_is_down():
         [*healthcode_cmd(), "call", "watch", "--from", "5", "--target", f"127.0.0.1:{free_port()}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
     )  # fmt: skip
-    try:
-        time.sleep(4)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    out, err = _interrupt(proc, after=4)
     assert out == "" and "Traceback" not in err, err
     lines = [line for line in err.splitlines() if "reconnecting" in line]
     assert len(lines) >= 2, err  # one line per attempt, with back-off
