@@ -300,6 +300,26 @@ async def _health_loop(channel: Any, start_at: float, seconds: float, interval: 
     return {**tally.result(), "elapsed": time.perf_counter() - started, "statuses": dict(statuses)}
 
 
+async def _warm_up(evaluate: Any, payloads: list[bytes], seconds: float = 60.0) -> None:
+    """Connect and send a few calls, as a client should: a call shed while the server is still busy starting
+    (RESOURCE_EXHAUSTED, "retry with back-off") or not yet reachable (UNAVAILABLE) is retried with back-off."""
+    import grpc
+
+    deadline = time.monotonic() + seconds
+    for p in payloads:
+        backoff = 0.05
+        while True:
+            try:
+                await evaluate(p, timeout=30)
+                break
+            except grpc.aio.AioRpcError as exc:
+                retry = exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+                if not retry or time.monotonic() + backoff > deadline:
+                    raise
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+
 async def _worker_main(role: str, name: str, target: str, opts: dict[str, Any], commands: Any, results: Any) -> None:
     import grpc
 
@@ -309,8 +329,7 @@ async def _worker_main(role: str, name: str, target: str, opts: dict[str, Any], 
         payloads: list[bytes] = []
         if role == "gateway":
             payloads = _gateway_payloads(seed=opts["seed"])
-            for p in payloads[:4]:
-                await evaluate(p, timeout=30)  # connect and warm up
+            await _warm_up(evaluate, payloads[:4])
         elif role == "bulk":
             payloads = _bulk_payloads(opts["bulk_rows"], seed=opts["seed"])
             await channel.channel_ready()
