@@ -149,6 +149,43 @@ def load(workdir: str, store: str, rows: int, reuse: bool) -> dict:
     return out
 
 
+def load_ceiling(workdir: str, load_out: dict) -> dict:
+    """The peer of ``load`` (issue 13): DuckDB alone turning the same Parquet file into the same four tables,
+    ``CREATE TABLE ... AS SELECT * FROM read_parquet(...)`` with the lists exploded, no validation, no
+    de-duplication, into a fresh file; its seconds and bytes, and healthcode's ratios to them, from this run."""
+    pop = os.path.join(workdir, "population.parquet").replace("'", "''")
+    path = os.path.join(workdir, "ceiling.duckdb")
+    for old in (path, path + ".wal"):
+        if os.path.exists(old):
+            os.remove(old)
+    src = f"read_parquet('{pop}')"
+    statements = [
+        f"CREATE TABLE persons AS SELECT person_id, home_region, registered_commuter, base_color FROM {src}",
+        f"CREATE TABLE nat_results AS SELECT person_id, nat_sample_time AS sample_time, nat_report_time AS "
+        f"report_time FROM {src} WHERE nat_report_time IS NOT NULL",
+        f"CREATE TABLE entries AS SELECT person_id, unnest(entry_times) AS t FROM {src}",
+        f"CREATE TABLE visits AS SELECT person_id, v.region AS region, v.day AS day "
+        f"FROM (SELECT person_id, unnest(visits) AS v FROM {src})",
+    ]
+    started = time.perf_counter()
+    with duckdb.connect(path) as con:
+        for sql in statements:
+            con.execute(sql)
+        con.execute("CHECKPOINT")
+        persons = con.execute("SELECT count(*) FROM persons").fetchone()[0]  # type: ignore[index]
+    seconds = time.perf_counter() - started
+    size = _file_bytes(path)
+    os.remove(path)
+    return {
+        "peer": f"duckdb {duckdb.__version__} CREATE TABLE AS read_parquet + unnest",
+        "seconds": round(seconds, 2),
+        "store_MB": round(size / 1e6, 1),
+        "bytes_per_person": round(size / max(1, persons), 1),
+        "load_over_ceiling_seconds": round(load_out["seconds"] / seconds, 2) if "seconds" in load_out else None,
+        "load_over_ceiling_bytes": round(load_out["store_MB"] * 1e6 / max(1, size), 2),
+    }
+
+
 def sample_person_ids(store: str, n: int) -> np.ndarray:
     """Ids of stored persons (the ingest events must name them)."""
     with duckdb.connect(store, read_only=True) as con:
@@ -457,6 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report["generate"] = generate(workdir, rows, args.reuse and bool(args.workdir))
         report["load"] = load(workdir, store, rows, args.reuse and bool(args.workdir))
+        report["load_ceiling"] = load_ceiling(workdir, report["load"])
         ids = sample_person_ids(store, 100_000)
         with open(os.path.join(workdir, "risk.csv")) as f:
             risk_csv = f.read()
