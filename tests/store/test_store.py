@@ -443,7 +443,7 @@ def test_a_schema_1_store_is_migrated_with_its_published_statuses_and_change_log
     """)
     con.close()
     with Store(path) as store:
-        assert store.schema_version == 2
+        assert store.schema_version == SCHEMA_VERSION == 3
         assert store.high_water_mark() == store.checkpoint_seq() == 3
         published = store.published()
         assert published.column("person_id").to_pylist() == [7, 8]
@@ -454,3 +454,97 @@ def test_a_schema_1_store_is_migrated_with_its_published_statuses_and_change_log
         assert changes.column("old_badge").to_pylist() == [None, None, True]
         assert changes.column("new_reasons").to_pylist() == [0, 4112, 32]
         assert changes.column("old_reasons").to_pylist() == [None, None, 0]
+
+
+def test_a_schema_2_store_of_the_previous_release_upgrades_in_place_with_the_same_statuses(tmp_path):
+    """A store as healthcode 0.2.0 wrote it (schema 2: unique indexes on every population table; its DDL is kept
+    verbatim in schema2.sql) opens, drops the indexes in place, and gives the same published statuses, the same
+    evaluation, and replays that still store nothing new."""
+    import duckdb
+
+    from healthcode.live.statusbook import StatusBook
+    from healthcode.rules.policy import default_policy
+    from healthcode.rules.regions import parse_risk_csv
+
+    as_of = 1638244800
+    population = pa.Table.from_batches(list(generate_batches(1500, seed=4, as_of=as_of)))
+    risk = parse_risk_csv(generate_risk_csv(4, as_of)).with_version(1)
+    current = tmp_path / "current.duckdb"
+    with Store(current) as store:
+        store.load_population(population)
+        book = StatusBook(store, default_policy(), as_of, kernel_threads=1)
+        book.reevaluate(risk, default_policy(), as_of)
+        book.close()
+        expected = {name: store.table(name) for name in ("persons", "nat_results", "entries", "visits", "change_log")}
+        published = store.published()
+    old = tmp_path / "v2.duckdb"
+    con = duckdb.connect(str(old))
+    con.execute((Path(__file__).parent / "schema2.sql").read_text())
+    con.execute("INSERT INTO schema_version (version) VALUES (2)")
+    con.execute(f"ATTACH '{current}' AS cur (READ_ONLY)")
+    for name in ("persons", "nat_results", "entries", "visits", "change_log", "checkpoint", "statuses"):
+        con.execute(f"INSERT INTO {name} SELECT * FROM cur.{name}")
+    con.close()
+    with Store(old) as store:
+        assert store.schema_version == SCHEMA_VERSION
+        for name, table in expected.items():
+            assert store.table(name).equals(table), name
+        assert store.published().equals(published)
+        book = StatusBook(store, default_policy(), as_of, kernel_threads=1)
+        assert book.reevaluate(risk, default_policy(), as_of).changed == 0
+        book.close()
+        before = store.counts()
+        again = store.load_population(population)
+        assert (again.persons, again.nat_results, again.entries, again.visits) == (0, 0, 0, 0)
+        assert store.counts() == before
+        indexes = store._db.count("SELECT count(*) FROM duckdb_indexes() WHERE table_name IN "
+                                  "('persons', 'nat_results', 'entries', 'visits')")  # fmt: skip
+        constraints = store._db.count("SELECT count(*) FROM duckdb_constraints() WHERE constraint_type IN "
+                                      "('UNIQUE', 'PRIMARY KEY') AND table_name IN "
+                                      "('persons', 'nat_results', 'entries', 'visits')")  # fmt: skip
+        assert indexes == constraints == 0
+    with Store(old) as store:  # opening again changes nothing
+        assert store.schema_version == SCHEMA_VERSION
+        assert store._db.count("SELECT count(*) FROM schema_version WHERE version = 3") == 1
+
+
+def test_memory_settings_are_honoured_and_a_small_limit_still_loads_and_serves(tmp_path):
+    """DuckDB's memory limit and threads as given (flag, environment, keyword): a 64 MB buffer pool and one
+    thread still load a population and serve it; a limit of the wrong form is a one-line usage error."""
+    import grpc
+    from service_helpers import ServerProcess
+
+    from healthcode._proto.v1 import healthcode_pb2 as pb
+    from healthcode._proto.v1 import healthcode_pb2_grpc as pb_grpc
+
+    as_of = 1638244800
+    with Store(":memory:", memory_limit="64MB", threads=1) as s:
+        assert s.settings() == {"memory_limit": "61.0 MiB", "threads": "1"}
+    population = pa.Table.from_batches(list(generate_batches(20_000, seed=6, as_of=as_of)))
+    parquet = tmp_path / "population.parquet"
+    pq.write_table(population, parquet)
+    path = tmp_path / "store.duckdb"
+    load = [*healthcode_cmd(), "load", str(parquet), "--store", str(path)]
+    done = subprocess.run([*load, "--store-memory-limit", "64MB", "--store-threads", "1"], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    bad = subprocess.run([*load, "--store-memory-limit", "lots"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--store-memory-limit: expected a size such as 2GB" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    server = ServerProcess(
+        tmp_path,
+        extra_args=["--store", str(path), "--clock", "2021-11-30T12:00:00+08:00", "--store-threads", "1"],
+        env={"HEALTHCODE_STORE_MEMORY_LIMIT": "64MB"},
+    )
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.HealthCodeServiceStub(channel)
+            first = stub.Reevaluate(pb.ReevaluateRequest(), timeout=120).reevaluation
+            assert first.changed == first.evaluated > 19_000
+            pid = int(population["person_id"].drop_null()[0].as_py())
+            got = stub.GetStatus(pb.GetStatusRequest(person_ids=[pid]), timeout=30)
+            assert len(got.statuses) == 1
+    finally:
+        server.stop()
+    log = server.stderr_path.read_text()
+    assert '"duckdb_memory_limit": "61.0 MiB"' in log and '"duckdb_threads": "1"' in log

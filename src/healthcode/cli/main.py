@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,6 +37,7 @@ from healthcode.rules.results import RESULT_SCHEMA
 
 #: ``serve --store`` without a path: the default store file (``store.resolve_path``).
 DEFAULT_STORE = "<default store>"
+
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
@@ -135,7 +137,8 @@ def cmd_load(args: argparse.Namespace) -> int:
             columns.check_schema(schema)
         except HealthcodeError as exc:
             raise CliError(f"{args.population}: {exc}") from None
-        with Store(path) as store, progress_bar(total, args.progress) as bar:
+        store = Store(path, **_store_options(args))
+        with store, progress_bar(total, args.progress) as bar:
             try:
                 summary = store.load_population(batches, progress=bar.update)
             except (pa.ArrowInvalid, OSError) as exc:
@@ -167,7 +170,7 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
             raise CliError(f"{path}: no such store; create it with 'healthcode load'")
         t = as_of if as_of is not None else int(time.time())
         try:
-            store = Store(path)
+            store = Store(path, **_store_options(args))
         except StoreInUse as exc:
             raise CliError(f"{exc}; ask the server instead: healthcode reevaluate --target HOST:PORT") from None
         with store:
@@ -207,9 +210,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_concurrent_calls": args.max_concurrent_calls,
         "max_concurrent_calls_per_caller": args.max_concurrent_calls_per_caller,
         "shed_loop_lag_ms": args.shed_loop_lag_ms, "front": args.front,
+        "store_memory_limit": args.store_memory_limit, "store_threads": args.store_threads,
     }  # fmt: skip
     settings = load_settings(args.config, overrides=overrides)
     return asyncio.run(serve(settings))
+
+
+def _store_tuning(parser: argparse.ArgumentParser) -> None:
+    """DuckDB's memory limit and threads (docs/store.md "Memory")."""
+    parser.add_argument(
+        "--store-memory-limit", metavar="SIZE",
+        help="DuckDB's buffer pool, e.g. 2GB or 512MiB; past it DuckDB spills to a folder beside the store "
+        "(default: $HEALTHCODE_STORE_MEMORY_LIMIT, else 2GB)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--store-threads", type=int, metavar="N",
+        help="threads per DuckDB query, 0: all cores (default: $HEALTHCODE_STORE_THREADS, else 0)",
+    )  # fmt: skip
+
+
+def _store_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--store-memory-limit`` / ``--store-threads`` as :class:`Store` keywords (a bad value: a usage error)."""
+    from healthcode.store import check_memory_limit
+
+    limit = args.store_memory_limit
+    if limit is not None:
+        try:
+            limit = check_memory_limit(limit, "--store-memory-limit")
+        except HealthcodeError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+    if args.store_threads is not None and args.store_threads < 0:
+        raise CliError(f"--store-threads: expected a whole number >= 0, got {args.store_threads}", EXIT_USAGE)
+    return {"memory_limit": limit, "threads": args.store_threads}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="store database file (default: $HEALTHCODE_STORE, else ./data/healthcode.duckdb)",
     )  # fmt: skip
     ld.add_argument("--batch-rows", type=thread_count, default=1_000_000, help=argparse.SUPPRESS)
+    _store_tuning(ld)
     ld.set_defaults(func=cmd_load)
 
     re_ = sub.add_parser(
@@ -298,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         "versions when they differ from the stored ones, as at a server's start-up).",
     )  # fmt: skip
     re_.add_argument("--target", help="a running server (host:port) to ask instead of opening the store")
+    _store_tuning(re_)
     re_.add_argument("--store", help="store file (default: $HEALTHCODE_STORE, else ./data/healthcode.duckdb)")
     re_.add_argument("--risk", help="risk-list CSV to keep as the next version and use (store mode)")
     re_.add_argument(
@@ -330,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--clock", help="use this fixed instant (ISO-8601 with an offset) instead of the wall clock: replaying history"
     )
+    _store_tuning(srv)
     sec = srv.add_argument_group("security and limits (see README 'Security and limits')")
     sec.add_argument("--tls-cert", help="server certificate chain (PEM): the port speaks TLS only; with --tls-key")
     sec.add_argument("--tls-key", help="private key (PEM) of --tls-cert")

@@ -120,6 +120,7 @@ class Control:
             published=int(book.known.sum()),
             high_water_mark=book.high_water_mark,
             seconds=round(time.perf_counter() - started, 2),
+            **{f"duckdb_{k}": v for k, v in store.settings().items()},
         )
         control = cls(state, book)
         published = book.high_water_mark > 0

@@ -168,8 +168,8 @@ class StatusBook:
         return self.view.state.slots_of(person_ids) >= 0
 
     def stored_events(self, kind: str, events: pa.Table, now: int) -> np.ndarray | None:
-        """Which ingest events are stored already, from the view (exact inside its window up to ``now``; None
-        while the view is stale)."""
+        """What the view knows of ingest events: stored, surely new or unknown per row (see
+        :func:`~healthcode.live.viewstate.stored_events`; None while the view is stale: the store checks all)."""
         if self.stale:
             return None
         return stored_events(self.view.state, kind, events, now, self.view.lookback_days)

@@ -24,9 +24,10 @@ import pyarrow.compute as pc
 
 from healthcode.rules import engine
 from healthcode.rules.columns import POPULATION_SCHEMA
-from healthcode.rules.flat import explode, list_elements, to_numpy
+from healthcode.rules.flat import explode, filled, list_elements, to_numpy, valid_mask
 from healthcode.rules.regions import CODE_MIN, N_CODES
 from healthcode.rules.timebase import day, midnight
+from healthcode.store import NEW, STORED, UNKNOWN
 
 
 def window(now: int, lookback_days: int) -> tuple[int, int, int]:
@@ -210,15 +211,33 @@ class ViewState:
 
 
 def stored_events(state: ViewState, kind: str, events: pa.Table, now: int, lookback_days: int) -> np.ndarray:
-    """Which of ``events`` (validated store form of ``entries`` or ``visits``) the view holds already: exact for
-    events inside the window up to ``now`` (the view holds every stored one of those); False for the others and
-    for other kinds, which the store checks itself."""
+    """What the view knows of ``events`` (validated store form of an ingest kind), per row: ``STORED`` (a replay),
+    ``NEW`` (surely not stored) or ``UNKNOWN`` (the store checks), as :meth:`Store.ingest_group` takes them.
+
+    The view holds every stored entry and visit inside its window up to ``now``, so those are exact; a person the
+    view does not hold has no stored event at all; a NAT result equal to the person's latest one is a replay.
+    Everything else (older or future-dated events, other NAT results) is left to the store."""
     n = events.num_rows
-    out = np.zeros(n, dtype=bool)
-    if kind not in ("entries", "visits") or n == 0:
+    out = np.full(n, UNKNOWN, dtype=np.int8)
+    if n == 0:
+        return out
+    slots = state.slots_of(to_numpy(events.column("person_id"), np.uint64))
+    out[slots < 0] = NEW
+    if kind == "nat_results":
+        held = np.flatnonzero(slots >= 0)
+        if len(held):
+            flat = explode(state.rows(slots[held]))
+            sample = events.column("sample_time")
+            s_ok = valid_mask(sample)[held]
+            s_val = filled(sample, np.int64)[held]
+            report = to_numpy(events.column("report_time"), np.int64)[held]
+            same = flat.nat_report_ok & (flat.nat_report == report) & (flat.nat_sample_ok == s_ok)
+            same &= ~s_ok | (flat.nat_sample == s_val)
+            out[held[same]] = STORED
+        return out
+    if kind not in ("entries", "visits"):
         return out
     t_first, d_first, today = window(now, lookback_days)
-    slots = state.slots_of(to_numpy(events.column("person_id"), np.uint64))
     if kind == "entries":
         value = to_numpy(events.column("t"), np.int64)
         inside = (slots >= 0) & (value >= t_first) & (value <= now)
@@ -245,7 +264,7 @@ def stored_events(state: ViewState, kind: str, events: pa.Table, now: int, lookb
         ask = (slots[inside].astype(np.uint64) << np.uint64(32)) | (
             ((value[inside] - d_first) << 20) | (region - CODE_MIN)
         ).astype(np.uint64)
-    out[inside] = np.isin(ask, have)
+    out[inside] = np.where(np.isin(ask, have), STORED, NEW)
     return out
 
 

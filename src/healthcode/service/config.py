@@ -15,6 +15,7 @@ import tomllib
 
 from healthcode.errors import HealthcodeError, UsageError
 from healthcode.rules.timebase import parse_given_instant
+from healthcode.store import check_memory_limit
 
 
 class ConfigError(HealthcodeError):
@@ -41,6 +42,8 @@ class Settings:
     demo_as_of: str | None = None  # the instant the demo is evaluated at (None: now)
     reflection: bool = True
     store: str | None = None  # DuckDB store file: enables re-evaluation, change stream, GetStatus (issue 4)
+    store_memory_limit: str = "2GB"  # DuckDB's buffer pool (the view lives outside it); past it DuckDB spills to disk
+    store_threads: int = 0  # threads per DuckDB query (0: all cores)
     clock: str | None = None  # a fixed instant (ISO-8601) used instead of the wall clock: replaying history, tests
     # -- security (README "Security and limits") -------------------------------------------------------------------
     tls_cert: str | None = None  # PEM certificate chain of the server: with tls_key, the gRPC port speaks TLS only
@@ -155,7 +158,11 @@ def load_settings(
 
 
 def _check_security(s: Settings) -> None:
-    """Settings that only make sense together."""
+    """Settings that only make sense together, and values of a form only their user knows."""
+    try:
+        check_memory_limit(s.store_memory_limit, "store_memory_limit")
+    except HealthcodeError as exc:
+        raise SettingError(str(exc)) from None
     if s.front not in ("auto", "on", "off"):
         raise SettingError(f"front: expected auto, on or off, got {s.front!r}")
     if bool(s.tls_cert) != bool(s.tls_key):

@@ -42,7 +42,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HealthCodeService"].full_name
 def _open_control(settings: Settings) -> Control:
     """The snapshot given in the settings, continued from the store's kept versions when there is a store."""
     given = initial_state(settings.policy, settings.risk)
-    store = Store(settings.store) if settings.store else None
+    store = (
+        Store(settings.store, memory_limit=settings.store_memory_limit, threads=settings.store_threads)
+        if settings.store
+        else None
+    )
     return Control.open(
         given,
         store,
@@ -212,11 +216,15 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         check_free(settings.metrics_listen, METRICS_WHAT)
     control = _open_control(settings)
     book = control.book
-    ingest = None if book is None else IngestQueue(
-        book.store,
-        on_commit=lambda done: book.ingested([(c.kind, c.table) for c in done], settings.now()),
-        known=book.knows,
-        seen=lambda kind, events: book.stored_events(kind, events, settings.now()),
+    ingest = (
+        None
+        if book is None
+        else IngestQueue(
+            book.store,
+            on_commit=lambda done: book.ingested([(c.kind, c.table) for c in done], settings.now()),
+            known=book.knows,
+            seen=lambda kind, events: book.stored_events(kind, events, settings.now()),
+        )
     )
     wire_limits.configure(settings.max_request_rows)
     concurrency = limits.Concurrency(settings.max_concurrent_calls, settings.max_concurrent_calls_per_caller)
@@ -228,9 +236,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="evaluate")
     # ObservedService outermost: calls the guard refuses are logged and counted with their code.
     observed = ObservedService(REQUEST_CLASSES)
-    server = grpc.aio.server(
-        interceptors=[observed, guard], options=grpc_options(settings, public=not behind_front)
-    )
+    server = grpc.aio.server(interceptors=[observed, guard], options=grpc_options(settings, public=not behind_front))
     server.add_generic_rpc_handlers((service_handlers(HealthCodeService(control, settings, executor, ingest)),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -37,13 +37,17 @@ __all__ = ["Store", "resolve_path"]  # resolve_path: the command line opens stor
 class Store:
     """The population store: a DuckDB file (``path``; default ``$HEALTHCODE_STORE`` or ``./data/healthcode.duckdb``).
 
-    Opening creates the file, its folder and the tables when missing.  Use as a context manager or call
-    :meth:`close`.  ``":memory:"`` gives a throwaway in-memory store.
+    Opening creates the file, its folder and the tables when missing, and upgrades an older store in place.  Use
+    as a context manager or call :meth:`close`.  ``":memory:"`` gives a throwaway in-memory store.
+    ``memory_limit`` (e.g. ``"2GB"``) and ``threads`` set DuckDB's buffer pool and query threads (defaults:
+    ``$HEALTHCODE_STORE_MEMORY_LIMIT`` or 2GB, ``$HEALTHCODE_STORE_THREADS`` or every core).
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, *, memory_limit: str | None = None, threads: int | None = None
+    ) -> None:
         self.path = resolve_path(path)
-        self._db = Connection(self.path)
+        self._db = Connection(self.path, memory_limit, threads)
         try:
             create_or_migrate(self._db)
         except BaseException:
@@ -68,6 +72,13 @@ class Store:
         with self._db.lock:
             row = one(self._db.con.execute("SELECT max(version) FROM schema_version"))
         return int(row[0]) if row and row[0] is not None else 0
+
+    def settings(self) -> dict[str, str]:
+        """DuckDB's memory limit and threads as the database reports them (what was asked for, in force)."""
+        with self._db.lock:
+            row = one(self._db.con.execute("SELECT current_setting('memory_limit'), current_setting('threads')"))
+        assert row is not None
+        return {"memory_limit": str(row[0]), "threads": str(row[1])}
 
     def counts(self) -> dict[str, int]:
         """Rows per table."""
@@ -135,9 +146,10 @@ class Store:
         and raises.  ``prepared=True`` says the tables come from :meth:`prepare_ingest` (validation is skipped).
         ``known(person_ids) -> bool mask`` answers "is this person stored?" from the caller's own complete copy of
         the person ids (the server's in-memory view), instead of a join against all persons in the database; it
-        may answer None (not sure) to fall back to the join.  ``seen(kind, events) -> bool mask`` (or None) marks
-        events the caller knows are stored already (replays): they are left out of the insert, so the fast plain
-        INSERT path does not meet them (see :meth:`Connection.fast_then_safe`).
+        may answer None (not sure) to fall back to the join.  ``seen(kind, events)`` (or None) answers per event
+        :data:`~healthcode.store.writes.STORED` (a replay: left out), :data:`~healthcode.store.writes.NEW` (surely
+        not stored: appended without a check) or :data:`~healthcode.store.writes.UNKNOWN` (checked against the
+        table with an anti-join), e.g. from the server's view, which holds every stored event inside its window.
         """
         return writes.ingest_group(self._db, items, prepared, known, seen)
 

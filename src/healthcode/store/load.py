@@ -3,23 +3,32 @@
 Each batch is exploded once (:func:`healthcode.rules.flat.explode`); the rows SPEC §4.1 calls invalid are skipped
 and counted by reason, and the valid rows become the store's persons, NAT, entry and visit rows, written in one
 transaction per batch.
+
+Replays store nothing new without a unique index: an event belongs to one person, so the events of persons the store
+did not hold before the batch are appended as they are (after the batch's own duplicates are dropped: none when the
+batch's person ids are distinct and each list is strictly increasing, as checked here, else a ``DISTINCT``), and
+only the events of persons already stored (a later load of the same file, a person in two batches) are checked
+against the tables with an anti-join.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from healthcode.errors import StoreError
 from healthcode.rules import columns
 from healthcode.rules.flat import explode
-from healthcode.rules.regions import valid_codes
+from healthcode.rules.regions import CODE_MIN, valid_codes
 from healthcode.store.connection import Connection
-from healthcode.store.writes import insert_events, upsert
+from healthcode.store.writes import NEW, UNKNOWN, insert_events, upsert
 
 #: Why a population row was skipped (SPEC §4.1), in the order the checks apply; each row counts once.
 SKIP_REASONS = (
@@ -52,8 +61,48 @@ def _all(ok: np.ndarray | None, n: int) -> np.ndarray:
     return np.ones(n, dtype=bool) if ok is None else ok
 
 
-def population_rows(batch: pa.RecordBatch) -> tuple[dict[str, pa.Table], list[int]]:
-    """The store rows of the valid population rows, and how many rows each skip reason took."""
+def _distinct_keys(keys: np.ndarray) -> np.ndarray:
+    """The distinct values of ``keys`` (uint64), ascending.  Keys that lead with the row are nearly sorted already
+    (only each short list's order is off), which a stable sort (radix / runs) handles in about linear time."""
+    if len(keys) < 2:
+        return keys
+    ordered = np.sort(keys, kind="stable")
+    first = np.ones(len(ordered), dtype=bool)
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    return ordered[first]
+
+
+def _distinct_entries(rows: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(rows, instants) with each (row, instant) once, or None when the instants span too much to pack a key."""
+    if len(t) == 0:
+        return rows, t
+    low = int(t.min())
+    if int(t.max()) - low >= 1 << 32:
+        return None
+    keys = _distinct_keys((rows.astype(np.uint64) << np.uint64(32)) | (t - low).astype(np.uint64))
+    return (keys >> np.uint64(32)).astype(np.int64), (keys & np.uint64(0xFFFFFFFF)).astype(np.int64) + low
+
+
+def _distinct_visits(
+    rows: np.ndarray, region: np.ndarray, day: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(rows, regions, days) with each visit once (valid region codes), or None when the days span too much."""
+    if len(day) == 0:
+        return rows, region, day
+    low = int(day.min())
+    if int(day.max()) - low >= 1 << 12:
+        return None
+    low_bits = ((day.astype(np.int64) - low) << 20) | (region.astype(np.int64) - CODE_MIN)
+    keys = _distinct_keys((rows.astype(np.uint64) << np.uint64(32)) | low_bits.astype(np.uint64))
+    packed = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    rows = (keys >> np.uint64(32)).astype(np.int64)
+    return rows, ((packed & 0xFFFFF) + CODE_MIN).astype(np.int32), ((packed >> 20) + low).astype(np.int32)
+
+
+def population_rows(batch: pa.RecordBatch) -> tuple[dict[str, pa.Table], list[int], bool]:
+    """The store rows of the valid population rows, how many rows each skip reason took, and whether the events
+    are distinct already: when the batch's person ids are distinct, each row's repeated list elements are dropped
+    here (by a packed (row, event) key), so no event appears twice; otherwise the writer drops them."""
     f = explode(batch)
     n = len(f)
     bad_visit = ~_all(f.v_ok, len(f.v_row)) | ~valid_codes(f.v_region)
@@ -89,21 +138,25 @@ def population_rows(batch: pa.RecordBatch) -> tuple[dict[str, pa.Table], list[in
         }
     )
     e_keep = ok[f.e_row]
-    entries = pa.table(
-        {
-            "person_id": pa.array(f.ids[f.e_row[e_keep]], type=pa.uint64()),
-            "t": pa.array(f.e_t[e_keep], type=pa.int64()),
-        }
-    )
     v_keep = ok[f.v_row]
+    e_row, e_t = f.e_row[e_keep], f.e_t[e_keep]
+    v_row, v_region, v_day = f.v_row[v_keep], f.v_region[v_keep], f.v_day[v_keep]
+    distinct = pc.count_distinct(persons.column("person_id")).as_py() == persons.num_rows
+    if distinct:
+        got_e = _distinct_entries(e_row, e_t)
+        got_v = _distinct_visits(v_row, v_region, v_day)
+        distinct = got_e is not None and got_v is not None
+        if got_e is not None and got_v is not None:
+            (e_row, e_t), (v_row, v_region, v_day) = got_e, got_v
+    entries = pa.table({"person_id": pa.array(f.ids[e_row], type=pa.uint64()), "t": pa.array(e_t, type=pa.int64())})
     visits = pa.table(
         {
-            "person_id": pa.array(f.ids[f.v_row[v_keep]], type=pa.uint64()),
-            "region": pa.array(f.v_region[v_keep], type=pa.int32()),
-            "day": pa.array(f.v_day[v_keep], type=pa.int32()).cast(pa.date32()),
+            "person_id": pa.array(f.ids[v_row], type=pa.uint64()),
+            "region": pa.array(v_region, type=pa.int32()),
+            "day": pa.array(v_day, type=pa.int32()).cast(pa.date32()),
         }
     )
-    return {"persons": persons, "nat": nat, "entries": entries, "visits": visits}, skipped
+    return {"persons": persons, "nat": nat, "entries": entries, "visits": visits}, skipped, distinct
 
 
 def _population_batches(data: Any) -> Iterator[pa.RecordBatch]:
@@ -125,44 +178,91 @@ def _population_batches(data: Any) -> Iterator[pa.RecordBatch]:
         )
 
 
+def _last_per_person(persons: pa.Table) -> pa.Table:
+    """One row per person id, the last of the batch (as two upserts in a row would leave it)."""
+    ids = persons.column("person_id").to_numpy()
+    order = np.argsort(ids, kind="stable")
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = ids[order][1:] != ids[order][:-1]
+    return persons.take(pa.array(np.sort(order[last]), pa.int64()))
+
+
+def _write_batch(db: Connection, parts: dict[str, pa.Table], distinct: bool, maybe_stored: bool) -> tuple[int, ...]:
+    """One batch's rows in the open transaction: (persons inserted, updated, NAT results, entries, visits stored).
+    ``distinct``: the batch's persons and events are distinct already (:func:`population_rows`)."""
+    persons = parts["persons"].drop_columns(["_row"])
+    if not distinct:
+        persons = _last_per_person(persons)
+    held = np.zeros(0, dtype=np.uint64)
+    if maybe_stored and persons.num_rows:
+        view = db.register(persons.select(["person_id"]))
+        try:
+            held = db.con.sql(f"SELECT person_id FROM {view} SEMI JOIN persons USING (person_id)").fetchnumpy()[
+                "person_id"
+            ]
+        finally:
+            db.unregister(view)
+    view = db.register(persons)
+    try:
+        if len(held):
+            inserted, _, updated = upsert(db, view, persons.num_rows)
+        else:
+            inserted = db.count(
+                "INSERT INTO persons SELECT person_id, home_region, registered_commuter, base_color, "
+                f"current_timestamp FROM {view}"
+            )
+            updated = 0
+    finally:
+        db.unregister(view)
+    held_ids = np.asarray(held, dtype=np.uint64)
+    counts = []
+    for kind, name in (("nat_results", "nat"), ("entries", "entries"), ("visits", "visits")):
+        events = parts[name]
+        answer = None
+        if len(held_ids):
+            answer = np.where(np.isin(events.column("person_id").to_numpy(), held_ids), UNKNOWN, NEW)
+        counts.append(int(insert_events(db, kind, events, answer, distinct=not distinct)))
+    return (inserted, updated, *counts)
+
+
 def load_population(db: Connection, data: Any, progress: Callable[[int], None] | None = None) -> LoadSummary:
-    """Load a population, one transaction per batch (see :meth:`Store.load_population`)."""
+    """Load a population, one transaction per batch (see :meth:`Store.load_population`).
+
+    Two stages overlap: while one thread writes batch k (DuckDB, which releases the GIL), this one reads and
+    prepares batch k + 1 (Parquet decoding, validation, explode: numpy and Arrow work).  Batches are written in
+    order, one transaction each; the first failure stops the load (earlier batches stay stored)."""
     summary = LoadSummary()
-    for batch in _population_batches(data):
-        columns.check_schema(batch.schema)
-        columns.validate(batch)
-        parts, skipped = population_rows(batch)
-        summary.rows += batch.num_rows
-        for reason, k in zip(SKIP_REASONS, skipped, strict=True):
-            summary.skipped[reason] += k
+    maybe_stored = db.count("SELECT count(*) FROM persons") > 0
+    pending: tuple[Future[tuple[int, ...]], int] | None = None
 
-        def work(fast: bool, parts: dict[str, pa.Table] = parts) -> tuple[int, ...]:
-            views = {k: db.register(v) for k, v in parts.items()}
-            try:
-                # A person id twice in one batch: the last row wins (as two upserts in a row would).
-                persons = db.register(
-                    db.con.sql(
-                        f"SELECT * EXCLUDE (_row) FROM {views['persons']} "
-                        "QUALIFY row_number() OVER (PARTITION BY person_id ORDER BY _row DESC) = 1"
-                    ).to_arrow_table()
-                )
-                views["_persons"] = persons
-                inserted, _, updated = upsert(db, persons, len(parts["persons"]))
-                return (
-                    inserted, updated, insert_events(db, "nat_results", views["nat"], fast),
-                    insert_events(db, "entries", views["entries"], fast),
-                    insert_events(db, "visits", views["visits"], fast),
-                )  # fmt: skip
-            finally:
-                for view in views.values():
-                    db.unregister(view)
-
-        persons, updated, nat, entries, visits = db.fast_then_safe(work)
+    def finish(job: tuple[Future[tuple[int, ...]], int]) -> None:
+        persons, updated, nat, entries, visits = job[0].result()
         summary.persons += persons
         summary.persons_updated += updated
         summary.nat_results += nat
         summary.entries += entries
         summary.visits += visits
         if progress is not None:
-            progress(batch.num_rows)
+            progress(job[1])
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="healthcode-load") as writer:
+        try:
+            for batch in _population_batches(data):
+                columns.check_schema(batch.schema)
+                columns.validate(batch)
+                parts, skipped, distinct = population_rows(batch)
+                summary.rows += batch.num_rows
+                for reason, k in zip(SKIP_REASONS, skipped, strict=True):
+                    summary.skipped[reason] += k
+                if pending is not None:
+                    finish(pending)
+                write = functools.partial(_write_batch, db, parts, distinct, maybe_stored)
+                pending = (writer.submit(db.transaction, write), batch.num_rows)
+                maybe_stored = maybe_stored or parts["persons"].num_rows > 0
+            if pending is not None:
+                finish(pending)
+                pending = None
+        finally:
+            if pending is not None:  # a later batch failed to read: the one being written still completes
+                pending[0].exception()
     return summary

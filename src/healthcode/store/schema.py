@@ -2,7 +2,7 @@
 
 Layout (created on open when missing; ``schema_version`` records it):
 
-* ``persons`` one row per person (``person_id`` primary key), the SPEC §3 scalars and ``updated_at``.
+* ``persons`` one row per person, the SPEC §3 scalars and ``updated_at``.
 * ``nat_results`` append-only NAT history ``(person_id, sample_time, report_time)``; ``sample_time`` may be null.
 * ``entries`` checkpoint scans ``(person_id, t)``; ``visits`` county-days ``(person_id, region, day)``.
 * ``risk_lists``, ``policies`` every loaded version's text; ``admin_log`` who changed what (risk list, policy,
@@ -12,7 +12,13 @@ Layout (created on open when missing; ``schema_version`` records it):
 
 **Instants are stored as BIGINT epoch seconds** (SPEC §2: sub-second input floored), never as TIMESTAMPTZ, so the
 store's arithmetic is the SPEC's integer arithmetic; ``visits.day`` is a DATE (the local date, as Arrow date32).
-Event tables are unique on all their columns, so replaying the same rows stores nothing new.
+
+**No population table has an index** (schema 3).  A person is one row and an event (all its columns) is stored
+once, as before, but the writers make sure of it rather than a unique index per table, which cost most of the
+store's size and load time (an ART index over every event): events belong to one person, so only the events of
+persons already stored can be replays, and those are checked against the in-memory view (the server) or with an
+anti-join against the table (:mod:`healthcode.store.writes`, :mod:`healthcode.store.load`; docs/store.md says
+what this promises).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import duckdb
 from healthcode.errors import StoreError
 from healthcode.store.connection import Connection, first_line, one
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS schema_version (
@@ -30,7 +36,7 @@ CREATE TABLE IF NOT EXISTS schema_version (
     applied_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
 );
 CREATE TABLE IF NOT EXISTS persons (
-    person_id UBIGINT PRIMARY KEY,
+    person_id UBIGINT NOT NULL,
     home_region INTEGER NOT NULL,
     registered_commuter BOOLEAN NOT NULL,
     base_color TINYINT NOT NULL,
@@ -39,19 +45,16 @@ CREATE TABLE IF NOT EXISTS persons (
 CREATE TABLE IF NOT EXISTS nat_results (
     person_id UBIGINT NOT NULL,
     sample_time BIGINT,
-    report_time BIGINT NOT NULL,
-    UNIQUE (person_id, sample_time, report_time)
+    report_time BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS entries (
     person_id UBIGINT NOT NULL,
-    t BIGINT NOT NULL,
-    UNIQUE (person_id, t)
+    t BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS visits (
     person_id UBIGINT NOT NULL,
     region INTEGER NOT NULL,
-    day DATE NOT NULL,
-    UNIQUE (person_id, region, day)
+    day DATE NOT NULL
 );
 CREATE TABLE IF NOT EXISTS risk_lists (
     version BIGINT PRIMARY KEY,
@@ -111,6 +114,28 @@ ALTER TABLE change_log_v2 RENAME TO change_log;
 INSERT INTO checkpoint SELECT coalesce(max(seq), 0), now() FROM change_log;
 INSERT INTO schema_version (version) VALUES (2);
 """
+#: Schema 2 had a unique index on every population table (persons' primary key, events unique on all columns);
+#: schema 3 has none (the writers de-duplicate).  DuckDB cannot drop a constraint, so each table is copied.
+_MIGRATE_2_TO_3 = (
+    "".join(
+        f"""
+CREATE TABLE {t}_v3 AS SELECT * FROM {t};
+DROP TABLE {t};
+ALTER TABLE {t}_v3 RENAME TO {t};"""
+        for t in ("persons", "nat_results", "entries", "visits")
+    )
+    + """
+ALTER TABLE persons ALTER COLUMN person_id SET NOT NULL;
+ALTER TABLE nat_results ALTER COLUMN person_id SET NOT NULL;
+ALTER TABLE nat_results ALTER COLUMN report_time SET NOT NULL;
+ALTER TABLE entries ALTER COLUMN person_id SET NOT NULL;
+ALTER TABLE entries ALTER COLUMN t SET NOT NULL;
+ALTER TABLE visits ALTER COLUMN person_id SET NOT NULL;
+ALTER TABLE visits ALTER COLUMN region SET NOT NULL;
+ALTER TABLE visits ALTER COLUMN day SET NOT NULL;
+INSERT INTO schema_version (version) VALUES (3);
+"""
+)
 TABLES = (
     "persons", "nat_results", "entries", "visits", "risk_lists", "policies", "statuses", "change_log", "checkpoint",
     "admin_log",
@@ -127,8 +152,10 @@ def create_or_migrate(db: Connection) -> None:
         found = row[0] if row else None
         if found is None:
             con.execute("INSERT INTO schema_version (version) VALUES (?)", [SCHEMA_VERSION])
-        elif found == 1:
-            con.execute(_MIGRATE_1_TO_2)
+        elif found < SCHEMA_VERSION:
+            if found == 1:
+                con.execute(_MIGRATE_1_TO_2)
+            con.execute(_MIGRATE_2_TO_3)
         con.execute("COMMIT")
     except duckdb.Error as exc:
         con.execute("ROLLBACK")

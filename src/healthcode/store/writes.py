@@ -1,9 +1,12 @@
 """Ingest writes: persons upserts and event appends, for one call or a group of calls in one transaction.
 
-Input comes validated (:mod:`healthcode.store.validate`).  Events go in with plain INSERTs first, which the unique
-indexes check quickly; a replayed event makes one fail and the transaction runs again with INSERT OR IGNORE
-(:meth:`Connection.fast_then_safe`).  A group (:func:`ingest_group`, the service's group commit) counts per call
-as if the calls ran one after another, and a call whose rows name an unknown person fails alone.
+Input comes validated (:mod:`healthcode.store.validate`).  The tables have no unique index (schema 3), so an event
+is stored once by construction: the distinct events of the input are appended, except those already stored.  An
+event belongs to one person, so only events the store might hold need a check, and the caller may say which ones
+it knows about (``seen``, the server's in-memory view: exact inside its window); the rest are checked with an
+anti-join against the table (``NOT EXISTS``), which DuckDB prunes by the tables' zone maps when the events are
+recent.  A group (:func:`ingest_group`, the service's group commit) counts per call as if the calls ran one after
+another, and a call whose rows name an unknown person fails alone.
 """
 
 from __future__ import annotations
@@ -11,14 +14,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from healthcode.errors import StoreError
-from healthcode.store.connection import Connection, Replay, one
+from healthcode.store.connection import Connection, one
 from healthcode.store.validate import CLEANERS, INGEST_KINDS, row_error
+
+#: What a ``seen`` callback answers per event: stored already (a replay), surely not stored, or not known (the
+#: store checks it against its table).
+STORED, NEW, UNKNOWN = 1, 0, -1
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,7 @@ class IngestCounts:
     updated: int = 0
 
 
-#: The key columns of each event table (its unique index).
+#: The columns that make an event of each table (an event is stored once).
 EVENT_KEYS = {
     "nat_results": ("person_id", "sample_time", "report_time"),
     "entries": ("person_id", "t"),
@@ -38,24 +44,58 @@ EVENT_KEYS = {
 }
 
 
-def _event_inserts(kind: str, view: str, fast: bool, returning: bool = False) -> list[str]:
-    """The statements appending the distinct events of ``view`` (columns ``EVENT_KEYS[kind]``) to ``kind``.
+def _event_insert(kind: str, view: str, check: bool, returning: bool, distinct: bool = True) -> str:
+    """The statement appending the distinct events of ``view`` (columns ``EVENT_KEYS[kind]``) to ``kind``: all of
+    them, or (``check``) those not stored yet (a NAT result's null sample time matches a null one).  ``distinct``
+    False: the caller knows ``view`` holds no event twice."""
+    keys = EVENT_KEYS[kind]
+    cols = ", ".join(keys)
+    sql = f"INSERT INTO {kind} SELECT {'DISTINCT ' if distinct else ''}{cols} FROM {view} i"
+    if check:
+        match = " AND ".join(
+            f"s.{k} IS NOT DISTINCT FROM i.{k}" if k == "sample_time" else f"s.{k} = i.{k}" for k in keys
+        )
+        sql += f" WHERE NOT EXISTS (SELECT 1 FROM {kind} s WHERE {match})"
+    return sql + (f" RETURNING {cols}" if returning else "")
 
-    ``fast``: plain INSERTs, which raise a key conflict on a replayed event (see :meth:`Connection.fast_then_safe`);
-    otherwise INSERT OR IGNORE.  NAT results whose sample time is null never conflict in the unique index (NULLs
-    are distinct), so those are always matched with ``IS NOT DISTINCT FROM``."""
-    cols = ", ".join(EVENT_KEYS[kind])
-    back = f" RETURNING {cols}" if returning else ""
-    verb = "INSERT INTO" if fast else "INSERT OR IGNORE INTO"
-    if kind != "nat_results":
-        return [f"{verb} {kind} SELECT DISTINCT {cols} FROM {view}{back}"]
-    return [
-        f"{verb} nat_results SELECT DISTINCT person_id, sample_time, report_time FROM {view} "
-        f"WHERE sample_time IS NOT NULL{back}",
-        f"INSERT INTO nat_results SELECT DISTINCT i.person_id, i.sample_time, i.report_time FROM {view} i "
-        "WHERE i.sample_time IS NULL AND NOT EXISTS (SELECT 1 FROM nat_results n WHERE n.person_id = i.person_id "
-        f"AND n.report_time = i.report_time AND n.sample_time IS NULL){back}",
-    ]
+
+def insert_events(
+    db: Connection,
+    kind: str,
+    events: pa.Table,
+    answer: np.ndarray | None = None,
+    returning: bool = False,
+    distinct: bool = True,
+) -> pa.Table | int:
+    """Append the distinct events of ``events`` that are not stored yet (inside the open transaction).
+
+    ``answer`` (per row: :data:`STORED`, :data:`NEW` or :data:`UNKNOWN`; None: all unknown) says what the caller
+    knows: stored rows are left out, new ones appended without a check, unknown ones checked against the table.
+    Returns the rows appended (``returning``) or their number.  ``distinct`` False: the caller knows ``events``
+    holds no event twice (no ``DISTINCT`` then)."""
+    parts: list[tuple[pa.Table, bool]]
+    if answer is None:
+        parts = [(events, True)]
+    else:
+        parts = [(events.filter(pa.array(answer == NEW)), False), (events.filter(pa.array(answer == UNKNOWN)), True)]
+    keys = list(EVENT_KEYS[kind])
+    out: list[pa.Table] = []
+    total = 0
+    for part, check in parts:
+        if part.num_rows == 0:
+            continue
+        view = db.register(part.select(keys))
+        try:
+            sql = _event_insert(kind, view, check, returning, distinct)
+            if returning:
+                out.append(db.con.sql(sql).to_arrow_table())
+            else:
+                total += db.count(sql)
+        finally:
+            db.unregister(view)
+    if not returning:
+        return total
+    return pa.concat_tables(out) if out else events.select(keys).slice(0, 0)
 
 
 def _first_unknown(tagged: pa.Table, stored: np.ndarray) -> list[tuple[int, int, int]]:
@@ -123,14 +163,6 @@ def upsert(db: Connection, view: str, n: int) -> tuple[int, int, int]:
     return inserted, n - inserted, updated
 
 
-def insert_events(db: Connection, kind: str, view: str, fast: bool) -> int:
-    """Append the distinct events of ``view`` not stored yet; how many were new."""
-    try:
-        return sum(db.count(sql) for sql in _event_inserts(kind, view, fast))
-    except duckdb.ConstraintException:
-        raise Replay() from None
-
-
 def upsert_persons(db: Connection, clean: pa.Table) -> IngestCounts:
     """Upsert validated persons in one transaction."""
 
@@ -147,16 +179,16 @@ def upsert_persons(db: Connection, clean: pa.Table) -> IngestCounts:
 def append(db: Connection, clean: pa.Table, kind: str) -> IngestCounts:
     """Append validated events of ``kind`` in one transaction (every person must be stored)."""
 
-    def work(fast: bool) -> IngestCounts:
+    def work() -> IngestCounts:
         view = db.register(clean)
         try:
             _check_known(db, view)
-            inserted = insert_events(db, kind, view, fast)
         finally:
             db.unregister(view)
+        inserted = int(insert_events(db, kind, clean))  # type: ignore[arg-type]
         return IngestCounts(inserted, len(clean) - inserted)
 
-    return db.fast_then_safe(work)  # type: ignore[no-any-return]
+    return db.transaction(work)  # type: ignore[no-any-return]
 
 
 def prepare(kind: str, data: pa.Table | pa.RecordBatch) -> pa.Table:
@@ -186,7 +218,7 @@ def ingest_group(
             results[i] = exc
     if cleaned:
 
-        def work(fast: bool) -> dict[int, IngestCounts | StoreError]:
+        def work() -> dict[int, IngestCounts | StoreError]:
             out: dict[int, IngestCounts | StoreError] = {}
             for i, clean in cleaned.items():
                 if items[i][0] == "persons":
@@ -208,10 +240,10 @@ def ingest_group(
             for kind in EVENT_KEYS:
                 subs = [i for i in cleaned if items[i][0] == kind]
                 if subs:
-                    out.update(_group_events(db, kind, [(i, cleaned[i]) for i in subs], stored, fast, seen))
+                    out.update(_group_events(db, kind, [(i, cleaned[i]) for i in subs], stored, seen))
             return out
 
-        for i, res in db.fast_then_safe(work).items():
+        for i, res in db.transaction(work).items():
             results[i] = res
     return [r if r is not None else StoreError("internal: item not processed") for r in results]
 
@@ -221,45 +253,32 @@ def _group_events(
     kind: str,
     subs: list[tuple[int, pa.Table]],
     stored: Callable[[np.ndarray], np.ndarray | None] | None = None,
-    fast: bool = False,
     seen: Callable[[str, pa.Table], np.ndarray | None] | None = None,
 ) -> dict[int, IngestCounts | StoreError]:
     """Append the event items of one kind together (inside the open transaction); counts per item."""
     out: dict[int, IngestCounts | StoreError] = {}
     tagged = pa.concat_tables([t.append_column("_sub", pa.array(np.full(len(t), i, dtype=np.int64))) for i, t in subs])
-    view = db.register(tagged)
-    try:
-        mask = None if stored is None else stored(tagged.column("person_id").to_numpy())
-        if mask is None:
+    mask = None if stored is None else stored(tagged.column("person_id").to_numpy())
+    if mask is None:
+        view = db.register(tagged)
+        try:
             unknown = db.con.execute(
                 f"SELECT i._sub, min(i._row), arg_min(i.person_id, i._row) FROM {view} i "
                 "ANTI JOIN persons p ON i.person_id = p.person_id GROUP BY i._sub"
             ).fetchall()
-        else:
-            unknown = _first_unknown(tagged, mask)
-        if unknown:
-            for sub, row, pid in unknown:
-                out[int(sub)] = row_error(
-                    int(row), "person_id", f"person {pid} is not in the store (upsert_persons first)"
-                )
+        finally:
             db.unregister(view)
-            bad = pa.array(np.array([int(u[0]) for u in unknown], dtype=np.int64))
-            tagged = tagged.filter(pc.invert(pc.is_in(tagged.column("_sub"), value_set=bad)))
-            view = db.register(tagged)
-        keys = EVENT_KEYS[kind]
-        seen_mask = None if seen is None else seen(kind, tagged)
-        if seen_mask is not None and seen_mask.any():
-            # Replays the caller knows are stored: left out, so the plain INSERT does not conflict on them.
-            db.unregister(view)
-            view = db.register(tagged.filter(pa.array(~seen_mask)))
-        try:  # INSERT ... RETURNING runs once, here
-            parts = [db.con.sql(sql).to_arrow_table() for sql in _event_inserts(kind, view, fast, True)]
-        except duckdb.ConstraintException:
-            raise Replay() from None
-        new = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-    finally:
-        db.unregister(view)
-    credited = _credit(tagged, new, keys) if new.num_rows else {}
+    else:
+        unknown = _first_unknown(tagged, mask)
+    if unknown:
+        for sub, row, pid in unknown:
+            out[int(sub)] = row_error(int(row), "person_id", f"person {pid} is not in the store (upsert_persons first)")
+        bad = pa.array(np.array([int(u[0]) for u in unknown], dtype=np.int64))
+        tagged = tagged.filter(pc.invert(pc.is_in(tagged.column("_sub"), value_set=bad)))
+    answer = None if seen is None else seen(kind, tagged)
+    new = insert_events(db, kind, tagged, answer, returning=True)
+    assert isinstance(new, pa.Table)
+    credited = _credit(tagged, new, EVENT_KEYS[kind]) if new.num_rows else {}
     for i, t in subs:
         if i not in out:
             inserted = int(credited.get(i, 0))
