@@ -112,6 +112,7 @@ class Control:
             where_policy = f"{where}: policy v{kept_policy[0]}"
             state.replace_policy(parse_policy(kept_policy[1], where_policy), kept_policy[1], kept_policy[0])
         started = time.perf_counter()
+        settings = store.settings()
         book = StatusBook(store, state.snapshot.policy, now, kernel_threads)
         logs.event(
             log,
@@ -120,7 +121,8 @@ class Control:
             published=int(book.known.sum()),
             high_water_mark=book.high_water_mark,
             seconds=round(time.perf_counter() - started, 2),
-            **{f"duckdb_{k}": v for k, v in store.settings().items()},
+            duckdb_memory_limit=settings["memory_limit"],
+            duckdb_threads=settings["threads"],
         )
         control = cls(state, book)
         published = book.high_water_mark > 0

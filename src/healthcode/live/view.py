@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from healthcode.live.viewstate import ViewState, make_state, replace_state, trim_window, window, with_overlay
 from healthcode.logs import event
+from healthcode.rules import sets
 from healthcode.rules.columns import POPULATION_SCHEMA
 from healthcode.rules.flat import assemble, explode, filled, to_numpy, valid_mask
 
@@ -146,7 +147,7 @@ def _merge(state: ViewState, items: Sequence[tuple[str, pa.Table]], now: int, lo
     """The state after ingest items (see :meth:`PopulationView.apply`)."""
     if not items:
         return state
-    touched = np.unique(np.concatenate([to_numpy(t.column("person_id"), np.uint64) for _, t in items]))
+    touched = sets.unique(np.concatenate([to_numpy(t.column("person_id"), np.uint64) for _, t in items]))
     slots = state.slots_of(touched)
     known = slots >= 0
     # Current rows of the known persons (in `touched` order), then blank rows for the new ones.
@@ -172,7 +173,7 @@ def _merge(state: ViewState, items: Sequence[tuple[str, pa.Table]], now: int, lo
     nat_r.append(f.nat_report[nat_rows[0]])
     e_rows, e_ts, v_rows, v_regions, v_days = [f.e_row], [f.e_t], [f.v_row], [f.v_region], [f.v_day]
     for kind, table in items:
-        rows = row_of[np.searchsorted(touched, to_numpy(table.column("person_id"), np.uint64))]
+        rows = row_of[sets.search(touched, to_numpy(table.column("person_id"), np.uint64))]
         if kind == "persons":
             f.home[rows] = to_numpy(table.column("home_region"), np.int32)
             f.registered[rows] = to_numpy(table.column("registered_commuter"), bool)
@@ -218,7 +219,7 @@ def _merge(state: ViewState, items: Sequence[tuple[str, pa.Table]], now: int, lo
     new_slots = np.concatenate([slots[known], state.n_persons + np.arange(n_new)])
     extra_ids = np.concatenate([state.extra_ids, touched[~known]]) if n_new else state.extra_ids
     generation = state.generation + 1
-    keep = ~np.isin(state.overlay_slots, new_slots)
+    keep = ~sets.isin(state.overlay_slots, new_slots)
     overlay = pa.concat_tables([state.overlay.filter(pa.array(keep)), rows_table])
     return with_overlay(
         state,

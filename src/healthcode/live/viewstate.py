@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from healthcode.rules import engine
+from healthcode.rules import engine, sets
 from healthcode.rules.columns import POPULATION_SCHEMA
 from healthcode.rules.flat import explode, filled, list_elements, to_numpy, valid_mask
 from healthcode.rules.regions import CODE_MIN, N_CODES
@@ -106,12 +106,8 @@ class ViewState:
     def slots_of(self, person_ids: np.ndarray) -> np.ndarray:
         """The slot of each person id, -1 where the view has no such person."""
         pids = np.asarray(person_ids, dtype=np.uint64)
-        out = np.full(len(pids), -1, dtype=np.int64)
         n = self.n_base
-        if n:
-            pos = np.searchsorted(self.base_ids, pids)
-            hit = (pos < n) & (self.base_ids[np.minimum(pos, n - 1)] == pids)
-            out[hit] = pos[hit]
+        out = sets.positions(self.base_ids, pids)
         if len(self.extra_ids):
             order = np.argsort(self.extra_ids, kind="stable")
             sorted_extra = self.extra_ids[order]
@@ -246,7 +242,7 @@ def stored_events(state: ViewState, kind: str, events: pa.Table, now: int, lookb
         inside = (slots >= 0) & (value >= d_first) & (value <= today)
     if not inside.any():
         return out
-    people = np.unique(slots[inside])
+    people = sets.unique(slots[inside])
     flat = explode(state.rows(people))
     # One uint64 key per (person, event): the person's slot in the high 32 bits, the event's offset in the window
     # (seconds, or day and region) in the low 32 bits.
@@ -264,7 +260,7 @@ def stored_events(state: ViewState, kind: str, events: pa.Table, now: int, lookb
         ask = (slots[inside].astype(np.uint64) << np.uint64(32)) | (
             ((value[inside] - d_first) << 20) | (region - CODE_MIN)
         ).astype(np.uint64)
-    out[inside] = np.where(np.isin(ask, have), STORED, NEW)
+    out[inside] = np.where(sets.isin(ask, have), STORED, NEW)
     return out
 
 

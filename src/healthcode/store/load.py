@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from healthcode.errors import StoreError
-from healthcode.rules import columns
+from healthcode.rules import columns, sets
 from healthcode.rules.flat import explode
 from healthcode.rules.regions import CODE_MIN, valid_codes
 from healthcode.store.connection import Connection
@@ -220,7 +220,7 @@ def _write_batch(db: Connection, parts: dict[str, pa.Table], distinct: bool, may
         events = parts[name]
         answer = None
         if len(held_ids):
-            answer = np.where(np.isin(events.column("person_id").to_numpy(), held_ids), UNKNOWN, NEW)
+            answer = np.where(sets.isin(events.column("person_id").to_numpy(), held_ids), UNKNOWN, NEW)
         counts.append(int(insert_events(db, kind, events, answer, distinct=not distinct)))
     return (inserted, updated, *counts)
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from healthcode.errors import StoreError
+from healthcode.rules import sets
 from healthcode.store.connection import Connection, one
 from healthcode.store.validate import CLEANERS, INGEST_KINDS, row_error
 
@@ -231,11 +232,11 @@ def ingest_group(
                 cleaned[i].column("person_id").to_numpy() for i, res in out.items()
                 if items[i][0] == "persons" and isinstance(res, IngestCounts)
             ]  # fmt: skip
-            group_ids = np.unique(np.concatenate(upserted)) if upserted else np.zeros(0, dtype=np.uint64)
+            group_ids = sets.unique(np.concatenate(upserted)) if upserted else np.zeros(0, dtype=np.uint64)
 
             def stored(pids: np.ndarray) -> np.ndarray | None:
                 answer = None if known is None else known(pids)
-                return None if answer is None else np.asarray(answer, dtype=bool) | np.isin(pids, group_ids)
+                return None if answer is None else np.asarray(answer, dtype=bool) | sets.isin(pids, group_ids)
 
             for kind in EVENT_KEYS:
                 subs = [i for i in cleaned if items[i][0] == kind]
