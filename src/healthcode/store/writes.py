@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from healthcode.errors import StoreError
 from healthcode.rules import sets
+from healthcode.rules.flat import filled, valid_mask
 from healthcode.store.connection import Connection, one
 from healthcode.store.validate import CLEANERS, INGEST_KINDS, row_error
 
@@ -110,6 +111,31 @@ def _first_unknown(tagged: pa.Table, stored: np.ndarray) -> list[tuple[int, int,
     order = np.lexsort((rows, subs))
     first = order[np.r_[True, subs[order][1:] != subs[order][:-1]]]
     return list(zip(subs[first].tolist(), rows[first].tolist(), pids[bad][first].tolist(), strict=True))
+
+
+def _first_of_each(events: pa.Table, keys: tuple[str, ...]) -> np.ndarray:
+    """True at the first row of each distinct event (by ``keys``; a null equals a null), in row order."""
+    n = events.num_rows
+    if n < 2:
+        return np.ones(n, dtype=bool)
+    cols: list[np.ndarray] = []
+    for k in keys:
+        col = events.column(k)
+        if pa.types.is_date(col.type):
+            col = col.cast(pa.int32())
+        if col.null_count:
+            cols.append(valid_mask(col))
+        cols.append(filled(col, col.type.to_pandas_dtype()))
+    order = np.lexsort(cols[::-1])  # stable: equal events keep their row order
+    first = np.ones(n, dtype=bool)
+    differs = np.zeros(n - 1, dtype=bool)
+    for c in cols:
+        ordered = c[order]
+        differs |= ordered[1:] != ordered[:-1]
+    first[1:] = differs
+    out = np.zeros(n, dtype=bool)
+    out[order[first]] = True
+    return out
 
 
 def _credit(tagged: pa.Table, new: pa.Table, keys: tuple[str, ...]) -> dict[int, int]:
@@ -276,10 +302,24 @@ def _group_events(
             out[int(sub)] = row_error(int(row), "person_id", f"person {pid} is not in the store (upsert_persons first)")
         bad = pa.array(np.array([int(u[0]) for u in unknown], dtype=np.int64))
         tagged = tagged.filter(pc.invert(pc.is_in(tagged.column("_sub"), value_set=bad)))
+    keys = EVENT_KEYS[kind]
     answer = None if seen is None else seen(kind, tagged)
-    new = insert_events(db, kind, tagged, answer, returning=True)
-    assert isinstance(new, pa.Table)
-    credited = _credit(tagged, new, EVENT_KEYS[kind]) if new.num_rows else {}
+    credited: dict[int, int] = {}
+    rest = tagged
+    if answer is not None:
+        # Surely new: the first row of each event (in queue order) is appended as it is and credited to its item.
+        fresh = tagged.filter(pa.array(answer == NEW))
+        if fresh.num_rows:
+            fresh = fresh.filter(pa.array(_first_of_each(fresh, keys)))
+            insert_events(db, kind, fresh, np.full(fresh.num_rows, NEW, dtype=np.int8), distinct=False)
+            per = np.bincount(fresh.column("_sub").to_numpy())
+            credited = {int(i): int(k) for i, k in enumerate(per) if k}
+        rest = tagged.filter(pa.array(answer == UNKNOWN))
+    if rest.num_rows:  # checked against the table; the rows appended come back to be credited
+        new = insert_events(db, kind, rest, None, returning=True)
+        assert isinstance(new, pa.Table)
+        for i, k in (_credit(rest, new, keys) if new.num_rows else {}).items():
+            credited[i] = credited.get(i, 0) + k
     for i, t in subs:
         if i not in out:
             inserted = int(credited.get(i, 0))
