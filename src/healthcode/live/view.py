@@ -23,7 +23,15 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from healthcode.live.viewstate import ViewState, make_state, replace_state, trim_window, window, with_overlay
+from healthcode.live.viewstate import (
+    ViewState,
+    appended,
+    make_state,
+    replace_state,
+    trim_window,
+    window,
+    with_overlay,
+)
 from healthcode.logs import event
 from healthcode.rules import sets
 from healthcode.rules.columns import POPULATION_SCHEMA
@@ -62,7 +70,7 @@ class PopulationView:
             state = self.state
             new = _merge(state, items, now, self.lookback_days)
             self.state = new
-        if self.compact_rows and len(new.overlay_slots) >= self.compact_rows:
+        if self.compact_rows and new.overlay.num_rows >= self.compact_rows:
             self.compact_in_background(now)
         return new
 
@@ -104,7 +112,7 @@ class PopulationView:
             later_slots[unseen] = fresh.n_base + np.arange(int(unseen.sum()))
             new = with_overlay(
                 replace_state(fresh, extra_ids=extra_ids, generation=current.generation),
-                current.overlay.take(pa.array(later, pa.int64())),
+                current.overlay.take(pa.array(current.overlay_rows[later], pa.int64())),
                 later_slots,
                 current.overlay_gen[later],
             )
@@ -138,7 +146,7 @@ def _merge_base(state: ViewState) -> pa.Table:
     is_ov[ov_pos] = True
     source = np.empty(len(is_ov), dtype=np.int64)
     source[~is_ov] = kept_rows
-    source[is_ov] = state.n_base + order  # index into concat(base, overlay)
+    source[is_ov] = state.n_base + state.overlay_rows[order]  # index into concat(base, overlay)
     both = pa.concat_tables([state.base, state.overlay])
     return both.take(pa.array(source, pa.int64())).combine_chunks()
 
@@ -218,14 +226,4 @@ def _merge(state: ViewState, items: Sequence[tuple[str, pa.Table]], now: int, lo
     # Slots: the known keep theirs, the new ones get the next free slots.
     new_slots = np.concatenate([slots[known], state.n_persons + np.arange(n_new)])
     extra_ids = np.concatenate([state.extra_ids, touched[~known]]) if n_new else state.extra_ids
-    generation = state.generation + 1
-    keep = ~sets.isin(state.overlay_slots, new_slots)
-    overlay = pa.concat_tables([state.overlay.filter(pa.array(keep)), rows_table])
-    return with_overlay(
-        state,
-        overlay,
-        np.concatenate([state.overlay_slots[keep], new_slots]),
-        np.concatenate([state.overlay_gen[keep], np.full(len(new_slots), generation, dtype=np.int64)]),
-        extra_ids=extra_ids,
-        generation=generation,
-    )
+    return appended(state, rows_table, new_slots, state.generation + 1, extra_ids=extra_ids)

@@ -7,13 +7,18 @@ current row (SPEC §3 form) of every person ingest touched since the base was bu
 row when it has one and its base row otherwise.  Readers take one state and use it throughout; the view
 (:mod:`healthcode.live.view`) builds new states and swaps them.
 
+The overlay grows by appending: each ingest group appends its persons' new rows, and a sorted index (slot -> overlay
+row) points at the current one, so an apply costs in proportion to its group, not to the overlay (a superseded row
+stays until the next compaction; the chunks are combined every :data:`MAX_OVERLAY_CHUNKS` appends).
+
 Region index: in-window visits by region code over the base rows, and over the overlay rows; the persons visiting a
-region are the union (a base row superseded by an overlay row may still be listed: a harmless superset, because
-callers evaluate and diff).
+region are the union (a base row superseded by an overlay row, or a superseded overlay row, may still be listed: a
+harmless superset, because callers evaluate and diff).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +33,9 @@ from healthcode.rules.flat import explode, filled, list_elements, to_numpy, vali
 from healthcode.rules.regions import CODE_MIN, N_CODES
 from healthcode.rules.timebase import day, midnight
 from healthcode.store import NEW, STORED, UNKNOWN
+
+#: Overlay appends before its chunks are combined into one (a take over many chunks is slow).
+MAX_OVERLAY_CHUNKS = 32
 
 
 def window(now: int, lookback_days: int) -> tuple[int, int, int]:
@@ -82,11 +90,13 @@ class ViewState:
     region_offsets: np.ndarray  # base region index (see _region_index)
     region_rows: np.ndarray
     extra_ids: np.ndarray  # uint64: persons stored after the base was built, slot n_base + i
-    overlay: pa.Table  # current rows of the persons ingest touched since the base (sorted by slot)
-    overlay_slots: np.ndarray  # int64, sorted
-    overlay_gen: np.ndarray  # int64: the apply generation that wrote each overlay row
-    overlay_visit_regions: np.ndarray  # int32 codes of the overlay's visits, sorted
+    overlay: pa.Table  # rows of the persons ingest touched since the base, in append order (superseded ones kept)
+    overlay_slots: np.ndarray  # int64, sorted: the slots with an overlay row
+    overlay_gen: np.ndarray  # int64: the apply generation that wrote each slot's current overlay row
+    overlay_visit_regions: np.ndarray  # int32 codes of the overlay rows' visits, sorted
     overlay_visit_rows: np.ndarray  # int64 overlay row of each of those visits
+    overlay_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # current row of each
+    overlay_row_slots: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # slot per row
     generation: int = 0
     prepared_base: engine.Prepared | None = None  # the base as one checked kernel batch (selected-row evaluation)
 
@@ -124,7 +134,7 @@ class ViewState:
             return np.full(len(slots), -1, dtype=np.int64)
         pos = np.searchsorted(self.overlay_slots, slots)
         hit = (pos < k) & (self.overlay_slots[np.minimum(pos, k - 1)] == slots)
-        return np.where(hit, pos, -1)
+        return np.where(hit, self.overlay_rows[np.minimum(pos, k - 1)], -1)
 
     def rows(self, slots: np.ndarray) -> pa.Table:
         """The current rows of ``slots`` (valid slots), in that order."""
@@ -151,7 +161,7 @@ class ViewState:
 
     @functools.cached_property
     def _prepared_overlay(self) -> engine.Prepared | None:
-        return _prepare(self.overlay)
+        return _prepare(self.overlay.combine_chunks())
 
     def slots_visiting(self, regions: np.ndarray) -> np.ndarray:
         """Slots of persons with an in-window visit to any of ``regions`` (codes), ascending."""
@@ -162,7 +172,7 @@ class ViewState:
         if len(self.overlay_visit_regions):
             lo = np.searchsorted(self.overlay_visit_regions, codes, side="left")
             hi = np.searchsorted(self.overlay_visit_regions, codes, side="right")
-            parts += [self.overlay_slots[self.overlay_visit_rows[a:b]] for a, b in zip(lo, hi, strict=True)]
+            parts += [self.overlay_row_slots[self.overlay_visit_rows[a:b]] for a, b in zip(lo, hi, strict=True)]
         if not parts:
             return np.zeros(0, dtype=np.int64)
         seen = np.zeros(self.n_persons, dtype=bool)  # a bitmap, not a sort: O(persons) bytes, no O(k log k)
@@ -201,7 +211,8 @@ class ViewState:
                 badge = np.concatenate([badge, np.zeros(grow, dtype=bool)])
                 entry = np.concatenate([entry, np.zeros(grow, dtype=bool)])
                 reasons = np.concatenate([reasons, np.zeros(grow, dtype=np.uint16)])
-            ob, oe, orr = _evaluate(self.overlay, ctx, n_threads, progress)
+            current = self.overlay.take(pa.array(self.overlay_rows, pa.int64()))
+            ob, oe, orr = _evaluate(current, ctx, n_threads, progress)
             badge[self.overlay_slots], entry[self.overlay_slots], reasons[self.overlay_slots] = ob, oe, orr
         return np.arange(self.n_persons, dtype=np.int64), badge, entry, reasons
 
@@ -325,13 +336,49 @@ def make_state(
 def with_overlay(
     state: ViewState, overlay: pa.Table, slots: np.ndarray, gen: np.ndarray, **changes: object
 ) -> ViewState:
-    order = np.argsort(slots, kind="stable")
-    if len(order) and not np.array_equal(order, np.arange(len(order))):
-        overlay, slots, gen = overlay.take(pa.array(order, pa.int64())), slots[order], gen[order]
+    """``state`` with a new overlay: ``overlay`` holds the current row of each of ``slots`` (distinct), written by
+    generations ``gen``."""
     overlay = overlay.combine_chunks()
+    order = np.argsort(slots, kind="stable")
     regions, rows = _overlay_visits(overlay)
     fields = dict(
-        overlay=overlay, overlay_slots=slots, overlay_gen=gen, overlay_visit_regions=regions, overlay_visit_rows=rows
+        overlay=overlay,
+        overlay_slots=np.asarray(slots, dtype=np.int64)[order],
+        overlay_gen=np.asarray(gen, dtype=np.int64)[order],
+        overlay_rows=order.astype(np.int64),
+        overlay_row_slots=np.asarray(slots, dtype=np.int64),
+        overlay_visit_regions=regions,
+        overlay_visit_rows=rows,
+    )
+    fields.update(changes)  # type: ignore[arg-type]
+    return replace_state(state, **fields)
+
+
+def appended(state: ViewState, rows: pa.Table, slots: np.ndarray, generation: int, **changes: object) -> ViewState:
+    """``state`` with ``rows`` (the new current rows of the distinct ``slots``) appended to its overlay: the index
+    and the overlay's region index are merged, not rebuilt, so the cost follows ``rows`` (plus moving the index
+    arrays), not the overlay."""
+    slots = np.asarray(slots, dtype=np.int64)
+    start = state.overlay.num_rows
+    overlay = pa.concat_tables([state.overlay, rows]) if start else rows
+    if overlay.column(0).num_chunks > MAX_OVERLAY_CHUNKS:
+        overlay = overlay.combine_chunks()
+    order = np.argsort(slots, kind="stable")
+    new_slots, new_rows = slots[order], start + order.astype(np.int64)
+    keep = ~sets.isin(state.overlay_slots, new_slots)
+    old_slots, old_rows, old_gen = state.overlay_slots[keep], state.overlay_rows[keep], state.overlay_gen[keep]
+    at = np.searchsorted(old_slots, new_slots)
+    regions, visit_rows = _overlay_visits(rows)
+    vat = np.searchsorted(state.overlay_visit_regions, regions, side="right")
+    fields = dict(
+        overlay=overlay,
+        overlay_slots=np.insert(old_slots, at, new_slots),
+        overlay_rows=np.insert(old_rows, at, new_rows),
+        overlay_gen=np.insert(old_gen, at, np.full(len(new_slots), generation, dtype=np.int64)),
+        overlay_row_slots=np.concatenate([state.overlay_row_slots, slots]),
+        overlay_visit_regions=np.insert(state.overlay_visit_regions, vat, regions),
+        overlay_visit_rows=np.insert(state.overlay_visit_rows, vat, visit_rows + start),
+        generation=generation,
     )
     fields.update(changes)  # type: ignore[arg-type]
     return replace_state(state, **fields)
