@@ -236,3 +236,46 @@ def test_through_the_server_a_file_loaded_again_and_events_sent_again_store_noth
         assert_no_duplicates(store)
         ids = store.table("entries")["person_id"].to_numpy()
         assert int(np.count_nonzero(ids == pid)) >= 1
+
+
+def test_a_load_killed_mid_way_leaves_whole_batches_and_a_second_load_completes_it(tmp_path: Path) -> None:
+    """kill -9 of ``healthcode load`` while it writes: each batch is one transaction, so every person in the store
+    has all of its events (nothing half-applied); loading the file again stores the rest, equal to a clean load."""
+    import signal
+    import subprocess
+    import time
+
+    population = pa.Table.from_batches(list(generate_batches(60_000, seed=9, as_of=AS_OF)))
+    parquet = tmp_path / "population.parquet"
+    pq.write_table(population, parquet)
+    path = tmp_path / "store.duckdb"
+    cmd = [*healthcode_cmd(), "load", str(parquet), "--store", str(path), "--batch-rows", "1000", "--progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    seen = b""
+    deadline = time.monotonic() + 120
+    while b"10.0k/" not in seen and b"11.0k/" not in seen and time.monotonic() < deadline:  # tqdm: rows done
+        chunk = proc.stderr.read1(4096)  # type: ignore[attr-defined]
+        if not chunk:
+            break
+        seen += chunk
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    with Store(tmp_path / "clean.duckdb") as clean:
+        clean.load_population(population)
+        want = {t: clean.table(t) for t in ("nat_results", "entries", "visits")}
+        want_persons = clean.table("persons").drop_columns(["updated_at"])
+    with Store(path) as store:
+        persons = store.table("persons")
+        assert 0 < persons.num_rows < want_persons.num_rows  # killed mid-way: some batches, not all
+        assert_no_duplicates(store)
+        held = pa.array(persons["person_id"].combine_chunks())
+        for table, full in want.items():
+            mine = full.filter(pa.compute.is_in(full["person_id"], value_set=held))
+            assert store.table(table).equals(mine), table  # every stored person has all of its events
+    done = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with Store(path) as store:
+        assert store.table("persons").drop_columns(["updated_at"]).equals(want_persons)
+        for table, full in want.items():
+            assert store.table(table).equals(full), table
