@@ -231,13 +231,13 @@ def stop_server(proc: subprocess.Popen[str]) -> float:
     return time.perf_counter() - started
 
 
-def _store_opened_seconds(log_path: str) -> float | None:
-    with open(log_path) as f:
-        for line in f:
-            m = re.search(r'"event": "store_opened".*"seconds": ([\d.]+)', line)
-            if m:
-                return float(m.group(1))
-    return None
+def _store_opened(log_path: str) -> dict:
+    """The server's ``store_opened`` log event: seconds, where the view came from, DuckDB's settings."""
+    events = _log_events(log_path, "store_opened")
+    if not events:
+        return {}
+    fields = ("seconds", "view_from", "persons", "duckdb_memory_limit", "duckdb_threads")
+    return {("store_opened_seconds" if k == "seconds" else k): events[0][k] for k in fields if k in events[0]}
 
 
 # -- 3. full re-evaluation ------------------------------------------------------------------------------------------
@@ -463,6 +463,53 @@ def view_size(store: str) -> dict:
     }
 
 
+def targets(r: dict) -> list[dict]:
+    """Issue 13's figures beside their targets and peers, from this run's report (reported, never asserted)."""
+    persons = r.get("load", {}).get("persons") or r["rows"]
+
+    def row(figure: str, value: object, target: str, peer: str | None = None) -> dict:
+        return {"figure": figure, "value": value, "target": target, **({"peer": peer} if peer else {})}
+
+    out = []
+    load, ceiling = r.get("load", {}), r.get("load_ceiling", {})
+    if "seconds" in load:
+        out.append(row("load seconds", load["seconds"], "<= 90 s at 22M", f"{ceiling.get('peer')}: "
+                       f"{ceiling.get('seconds')} s, ratio {ceiling.get('load_over_ceiling_seconds')} (<= 3 at 2M)"))
+    if "store_MB" in load:
+        out.append(row("store bytes per person after the load", load["store_bytes_per_person"], "<= 200",
+                       f"ceiling {ceiling.get('bytes_per_person')}, ratio {ceiling.get('load_over_ceiling_bytes')}"))
+    if "store_MB_end" in r:
+        out.append(row("store bytes per person at the end", round(r["store_MB_end"] * 1e6 / persons, 1), "<= 200"))
+    for phase in ("startup", "restart"):
+        p = r.get(phase, {})
+        if p:
+            out.append(row(f"{phase} seconds (view from {p.get('view_from', '?')})", p.get("seconds"), "<= 10 s"))
+            out.append(row(f"{phase} RSS over the view", p.get("rss_over_view"), "<= 2.5",
+                           f"view {r.get('view', {}).get('nbytes_MB')} MB, DuckDB memory_limit "
+                           f"{p.get('duckdb_memory_limit')}, threads {p.get('duckdb_threads')}"))
+    steady = r.get("reevaluate", {}).get("steady_state", {})
+    if steady:
+        out.append(row("steady-state full Reevaluate seconds", steady.get("seconds"), "< 1 s"))
+    risk = r.get("risk_list", {})
+    for name in ("add", "lift"):
+        if f"{name}_median_s" in risk:
+            out.append(row(f"PutRiskList {len(risk.get('counties', []))} counties {name}, median s",
+                           risk[f"{name}_median_s"], "<= 0.2 s (stretch 0.1 s)",
+                           f"ratio to the full Reevaluate {risk.get(f'{name}_ratio_to_full_reevaluate')}"))
+    bulk = r.get("ingest_bulk_arrow", {})
+    if bulk:
+        out.append(row("bulk Arrow ingest events/s", bulk.get("events_per_s"), ">= 200,000"))
+    single = r.get("ingest_single_event", {})
+    if single:
+        out.append(row("single-event RecordEntries calls/s at concurrency 32", single.get("calls_per_s"), ">= 1,000",
+                       f"p50 {single.get('p50_ms')} ms, p99 {single.get('p99_ms')} ms"))
+    during = r.get("ingest_during_checkpoint", {})
+    if during:
+        out.append(row("longest RecordEntries call while a checkpoint runs, ms", during.get("max_ms_during"),
+                       "<= 200 ms", f"p99 {during.get('p99_ms_during')} ms over {during.get('calls_during')} calls"))
+    return out  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=None, help=f"persons (default {DEFAULT_ROWS:,})")
@@ -522,16 +569,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["server_memory_end"] = _proc_memory(server.pid)
         report["stop_seconds"] = round(stop_server(server), 2)
         server = None
-        report["startup"]["store_opened_seconds"] = _store_opened_seconds(log_path)
+        report["startup"].update(_store_opened(log_path))
         report["compactions"] = _log_events(log_path, "view_compacted")
         server, target, restart, log_path = start_server(workdir, store, LONG)
         report["restart"] = {"seconds": round(restart, 2), **_proc_memory(server.pid)}
         report["stop_seconds_after_restart"] = round(stop_server(server), 2)
         server = None
-        report["restart"]["store_opened_seconds"] = _store_opened_seconds(log_path)
+        report["restart"].update(_store_opened(log_path))
         report["view"] = view_size(store)
         view_mb = report["view"]["nbytes_MB"]
-        report["startup"]["rss_over_view"] = round(report["startup"]["rss_MB"] / view_mb, 2) if view_mb else None
+        for phase in ("startup", "restart"):
+            report[phase]["rss_over_view"] = round(report[phase]["rss_MB"] / view_mb, 2) if view_mb else None
         report["store_MB_end"] = round(_file_bytes(store) / 1e6, 1)
     finally:
         if server is not None:
@@ -539,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     report["wall_seconds"] = round(time.perf_counter() - wall, 1)
+    report["targets"] = targets(report)
     print(json.dumps(report, indent=2))
     if args.json:
         with open(args.json, "w") as f:
