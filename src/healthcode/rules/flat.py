@@ -193,6 +193,47 @@ def _first_of_runs(*keys: np.ndarray) -> np.ndarray:
     return keep
 
 
+def _distinct_sorted(keys: np.ndarray) -> np.ndarray:
+    ordered = np.sort(keys, kind="stable")  # radix / merging runs: rows are mostly ascending already
+    if len(ordered) > 1:
+        first = np.ones(len(ordered), dtype=bool)
+        np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+        ordered = ordered[first]
+    return ordered
+
+
+def distinct_entries(row: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(row, t) sorted and distinct, through one packed uint64 key per entry (row high, instant offset low): one
+    sort of one column instead of a two-key lexsort.  None when the values do not fit the packing."""
+    if len(t) == 0:
+        return row, t
+    low = int(t.min())
+    if int(t.max()) - low >= 1 << 32 or int(row.max()) >= 1 << 31:
+        return None
+    keys = _distinct_sorted((row.astype(np.uint64) << np.uint64(32)) | (t - low).astype(np.uint64))
+    return (keys >> np.uint64(32)).astype(np.int64), (keys & np.uint64(0xFFFFFFFF)).astype(np.int64) + low
+
+
+def distinct_visits(
+    row: np.ndarray, region: np.ndarray, day: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(row, region, day) sorted by row, day, region and distinct, through one packed key (row; day offset, 12
+    bits; region offset, 20 bits).  None when the values do not fit the packing."""
+    if len(day) == 0:
+        return row, region, day
+    low, rlow = int(day.min()), int(region.min())
+    if int(day.max()) - low >= 1 << 12 or int(region.max()) - rlow >= 1 << 20 or int(row.max()) >= 1 << 31:
+        return None
+    low_bits = ((day.astype(np.int64) - low) << 20) | (region.astype(np.int64) - rlow)
+    keys = _distinct_sorted((row.astype(np.uint64) << np.uint64(32)) | low_bits.astype(np.uint64))
+    packed = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    return (
+        (keys >> np.uint64(32)).astype(np.int64),
+        ((packed & 0xFFFFF) + rlow).astype(np.int32),
+        ((packed >> 20) + low).astype(np.int32),
+    )
+
+
 def assemble(f: Flat) -> pa.Table:
     """Rows from a flat form: entries sorted by instant and visits by day then region, each without repeats.
 
@@ -202,17 +243,25 @@ def assemble(f: Flat) -> pa.Table:
     e_row, e_t = f.e_row, f.e_t
     if f.e_ok is not None:
         e_row, e_t = e_row[f.e_ok], e_t[f.e_ok]
-    order = np.lexsort((e_t, e_row))
-    e_row, e_t = e_row[order], e_t[order]
-    keep = _first_of_runs(e_row, e_t)
-    e_row, e_t = e_row[keep], e_t[keep]
+    packed = distinct_entries(e_row, e_t)
+    if packed is not None:
+        e_row, e_t = packed
+    else:
+        order = np.lexsort((e_t, e_row))
+        e_row, e_t = e_row[order], e_t[order]
+        keep = _first_of_runs(e_row, e_t)
+        e_row, e_t = e_row[keep], e_t[keep]
     v_row, v_region, v_day = f.v_row, f.v_region, f.v_day
     if f.v_ok is not None:
         v_row, v_region, v_day = v_row[f.v_ok], v_region[f.v_ok], v_day[f.v_ok]
-    order = np.lexsort((v_region, v_day, v_row))
-    v_row, v_region, v_day = v_row[order], v_region[order], v_day[order]
-    keep = _first_of_runs(v_row, v_day, v_region)
-    v_row, v_region, v_day = v_row[keep], v_region[keep], v_day[keep]
+    packed_v = distinct_visits(v_row, v_region, v_day)
+    if packed_v is not None:
+        v_row, v_region, v_day = packed_v
+    else:
+        order = np.lexsort((v_region, v_day, v_row))
+        v_row, v_region, v_day = v_row[order], v_region[order], v_day[order]
+        keep = _first_of_runs(v_row, v_day, v_region)
+        v_row, v_region, v_day = v_row[keep], v_region[keep], v_day[keep]
     return _table(
         f, _offsets(e_row, n), e_t, _offsets(v_row, n), pa.array(v_region, pa.int32()),
         pa.array(v_day, pa.int32()).cast(pa.date32()),

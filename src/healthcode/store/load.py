@@ -25,8 +25,8 @@ import pyarrow.compute as pc
 
 from healthcode.errors import StoreError
 from healthcode.rules import columns, sets
-from healthcode.rules.flat import explode
-from healthcode.rules.regions import CODE_MIN, valid_codes
+from healthcode.rules.flat import distinct_entries, distinct_visits, explode
+from healthcode.rules.regions import valid_codes
 from healthcode.store.connection import Connection
 from healthcode.store.writes import NEW, UNKNOWN, insert_events, upsert
 
@@ -59,44 +59,6 @@ class LoadSummary:
 
 def _all(ok: np.ndarray | None, n: int) -> np.ndarray:
     return np.ones(n, dtype=bool) if ok is None else ok
-
-
-def _distinct_keys(keys: np.ndarray) -> np.ndarray:
-    """The distinct values of ``keys`` (uint64), ascending.  Keys that lead with the row are nearly sorted already
-    (only each short list's order is off), which a stable sort (radix / runs) handles in about linear time."""
-    if len(keys) < 2:
-        return keys
-    ordered = np.sort(keys, kind="stable")
-    first = np.ones(len(ordered), dtype=bool)
-    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
-    return ordered[first]
-
-
-def _distinct_entries(rows: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(rows, instants) with each (row, instant) once, or None when the instants span too much to pack a key."""
-    if len(t) == 0:
-        return rows, t
-    low = int(t.min())
-    if int(t.max()) - low >= 1 << 32:
-        return None
-    keys = _distinct_keys((rows.astype(np.uint64) << np.uint64(32)) | (t - low).astype(np.uint64))
-    return (keys >> np.uint64(32)).astype(np.int64), (keys & np.uint64(0xFFFFFFFF)).astype(np.int64) + low
-
-
-def _distinct_visits(
-    rows: np.ndarray, region: np.ndarray, day: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(rows, regions, days) with each visit once (valid region codes), or None when the days span too much."""
-    if len(day) == 0:
-        return rows, region, day
-    low = int(day.min())
-    if int(day.max()) - low >= 1 << 12:
-        return None
-    low_bits = ((day.astype(np.int64) - low) << 20) | (region.astype(np.int64) - CODE_MIN)
-    keys = _distinct_keys((rows.astype(np.uint64) << np.uint64(32)) | low_bits.astype(np.uint64))
-    packed = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
-    rows = (keys >> np.uint64(32)).astype(np.int64)
-    return rows, ((packed & 0xFFFFF) + CODE_MIN).astype(np.int32), ((packed >> 20) + low).astype(np.int32)
 
 
 def population_rows(batch: pa.RecordBatch) -> tuple[dict[str, pa.Table], list[int], bool]:
@@ -143,8 +105,8 @@ def population_rows(batch: pa.RecordBatch) -> tuple[dict[str, pa.Table], list[in
     v_row, v_region, v_day = f.v_row[v_keep], f.v_region[v_keep], f.v_day[v_keep]
     distinct = pc.count_distinct(persons.column("person_id")).as_py() == persons.num_rows
     if distinct:
-        got_e = _distinct_entries(e_row, e_t)
-        got_v = _distinct_visits(v_row, v_region, v_day)
+        got_e = distinct_entries(e_row, e_t)
+        got_v = distinct_visits(v_row, v_region, v_day)
         distinct = got_e is not None and got_v is not None
         if got_e is not None and got_v is not None:
             (e_row, e_t), (v_row, v_region, v_day) = got_e, got_v
