@@ -241,11 +241,10 @@ def test_through_the_server_a_file_loaded_again_and_events_sent_again_store_noth
 def test_a_load_killed_mid_way_leaves_whole_batches_and_a_second_load_completes_it(tmp_path: Path) -> None:
     """kill -9 of ``healthcode load`` while it writes: each batch is one transaction, so every person in the store
     has all of its events (nothing half-applied); loading the file again stores the rest, equal to a clean load."""
+    import re
     import signal
     import subprocess
     import time
-
-    import re
 
     population = pa.Table.from_batches(list(generate_batches(150_000, seed=9, as_of=AS_OF)))
     parquet = tmp_path / "population.parquet"
