@@ -15,6 +15,7 @@ readers take ``view.state`` once and use it throughout, writers build a new stat
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -158,11 +159,15 @@ def _merge(state: ViewState, items: Sequence[tuple[str, pa.Table]], now: int, lo
     touched = sets.unique(np.concatenate([to_numpy(t.column("person_id"), np.uint64) for _, t in items]))
     slots = state.slots_of(touched)
     known = slots >= 0
-    # Current rows of the known persons (in `touched` order), then blank rows for the new ones.
-    current = state.rows(slots[known]) if known.any() else POPULATION_SCHEMA.empty_table()
-    f = explode(current)
+    # Current rows of the known persons (in slot order: the rows the "is it stored" check read, remembered by the
+    # state), then blank rows for the new ones.  The flat form is copied: this merge changes it in place.
+    known_at = np.flatnonzero(known)
+    by_slot = known_at[np.argsort(slots[known_at], kind="stable")]
+    f = copy.deepcopy(state.flat_rows(slots[by_slot])) if len(by_slot) else explode(
+        POPULATION_SCHEMA.empty_table()
+    )
     row_of = np.full(len(touched), -1, dtype=np.int64)  # the flat row of each touched person
-    row_of[known] = np.arange(int(known.sum()))
+    row_of[by_slot] = np.arange(len(by_slot))
     n_new = int((~known).sum())
     if n_new:
         row_of[~known] = len(f.ids) + np.arange(n_new)
@@ -222,8 +227,8 @@ def _merge(state: ViewState, items: Sequence[tuple[str, pa.Table]], now: int, lo
     f.nat_sample_ok[r_rows[pick]] = r_ok[pick]
     f.e_row, f.e_t = np.concatenate(e_rows), np.concatenate(e_ts)
     f.v_row, f.v_region, f.v_day = np.concatenate(v_rows), np.concatenate(v_regions), np.concatenate(v_days)
-    rows_table = assemble(f)  # rows in `touched` order for the known, then the new persons
+    rows_table = assemble(f)  # rows in slot order for the known, then the new persons
     # Slots: the known keep theirs, the new ones get the next free slots.
-    new_slots = np.concatenate([slots[known], state.n_persons + np.arange(n_new)])
+    new_slots = np.concatenate([slots[by_slot], state.n_persons + np.arange(n_new)])
     extra_ids = np.concatenate([state.extra_ids, touched[~known]]) if n_new else state.extra_ids
     return appended(state, rows_table, new_slots, state.generation + 1, extra_ids=extra_ids)

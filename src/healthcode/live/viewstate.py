@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import pyarrow.compute as pc
 
 from healthcode.rules import engine, sets
 from healthcode.rules.columns import POPULATION_SCHEMA
-from healthcode.rules.flat import explode, filled, list_elements, to_numpy, valid_mask
+from healthcode.rules.flat import Flat, explode, filled, list_elements, to_numpy, valid_mask
 from healthcode.rules.regions import CODE_MIN, N_CODES
 from healthcode.rules.timebase import day, midnight
 from healthcode.store import NEW, STORED, UNKNOWN
@@ -99,6 +100,11 @@ class ViewState:
     overlay_row_slots: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # slot per row
     generation: int = 0
     prepared_base: engine.Prepared | None = None  # the base as one checked kernel batch (selected-row evaluation)
+    # The last answers of slots_of and flat_rows: one ingest group asks the same questions two or three times (is
+    # the person stored, which events are, the merge); this state's own, never copied to another state.
+    _memo: dict[str, tuple[bytes, object]] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def n_base(self) -> int:
@@ -113,9 +119,32 @@ class ViewState:
         """The person id of every slot."""
         return np.concatenate([self.base_ids, self.extra_ids]) if len(self.extra_ids) else self.base_ids
 
+    def _remembered(self, name: str, key: np.ndarray) -> tuple[bytes, object | None]:
+        digest = hashlib.blake2b(key.tobytes(), digest_size=16).digest()
+        held = self._memo.get(name)
+        return digest, (held[1] if held is not None and held[0] == digest else None)
+
     def slots_of(self, person_ids: np.ndarray) -> np.ndarray:
         """The slot of each person id, -1 where the view has no such person."""
-        pids = np.asarray(person_ids, dtype=np.uint64)
+        pids = np.ascontiguousarray(person_ids, dtype=np.uint64)
+        digest, known = self._remembered("slots_of", pids)
+        if known is not None:
+            return known.copy()  # type: ignore[attr-defined, no-any-return]
+        out = self._slots_of(pids)
+        self._memo["slots_of"] = (digest, out.copy())
+        return out
+
+    def flat_rows(self, slots: np.ndarray) -> Flat:
+        """The flat form (:func:`~healthcode.rules.flat.explode`) of the current rows of ``slots``, remembered for
+        the next call with the same slots (treat it as read-only)."""
+        slots = np.ascontiguousarray(slots, dtype=np.int64)
+        digest, known = self._remembered("flat_rows", slots)
+        if known is None:
+            known = explode(self.rows(slots))
+            self._memo["flat_rows"] = (digest, known)
+        return known  # type: ignore[return-value]
+
+    def _slots_of(self, pids: np.ndarray) -> np.ndarray:
         n = self.n_base
         out = sets.positions(self.base_ids, pids)
         if len(self.extra_ids):
@@ -233,13 +262,14 @@ def stored_events(state: ViewState, kind: str, events: pa.Table, now: int, lookb
     if kind == "nat_results":
         held = np.flatnonzero(slots >= 0)
         if len(held):
-            flat = explode(state.rows(slots[held]))
+            people, at = np.unique(slots[held], return_inverse=True)
+            flat = state.flat_rows(people)
             sample = events.column("sample_time")
             s_ok = valid_mask(sample)[held]
             s_val = filled(sample, np.int64)[held]
             report = to_numpy(events.column("report_time"), np.int64)[held]
-            same = flat.nat_report_ok & (flat.nat_report == report) & (flat.nat_sample_ok == s_ok)
-            same &= ~s_ok | (flat.nat_sample == s_val)
+            same = flat.nat_report_ok[at] & (flat.nat_report[at] == report) & (flat.nat_sample_ok[at] == s_ok)
+            same &= ~s_ok | (flat.nat_sample[at] == s_val)
             out[held[same]] = STORED
         return out
     if kind not in ("entries", "visits"):
@@ -254,7 +284,7 @@ def stored_events(state: ViewState, kind: str, events: pa.Table, now: int, lookb
     if not inside.any():
         return out
     people = sets.unique(slots[inside])
-    flat = explode(state.rows(people))
+    flat = state.flat_rows(people)
     # One uint64 key per (person, event): the person's slot in the high 32 bits, the event's offset in the window
     # (seconds, or day and region) in the low 32 bits.
     if kind == "entries":
@@ -385,7 +415,7 @@ def appended(state: ViewState, rows: pa.Table, slots: np.ndarray, generation: in
 
 
 def replace_state(state: ViewState, **fields: object) -> ViewState:
-    values = {name: getattr(state, name) for name in ViewState.__dataclass_fields__}
+    values = {name: getattr(state, name) for name, f in ViewState.__dataclass_fields__.items() if f.init}
     values.update(fields)
     return ViewState(**values)  # type: ignore[arg-type]
 
