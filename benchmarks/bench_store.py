@@ -1,7 +1,8 @@
-"""Store benchmarks (issue 4): a Beijing-scale store behind the server, client and server in separate processes.
+"""Store benchmarks (issues 4 and 13): a Beijing-scale store behind the server, client and server in separate processes.
 
 1. Generate the population (``healthcode generate DIR --rows N --seed 1``) and load it into a fresh DuckDB store
-   (``healthcode load``), both as subprocesses: times, rows/s, the store file size and the stored row counts.
+   (``healthcode load``), both as subprocesses: times, rows/s, the store file size and the stored row counts; then
+   the load's ceiling in the same run: DuckDB alone building the same four tables from the same Parquet file.
 2. ``healthcode serve --store ... --clock 2021-11-30T12:00:00+08:00``: start-up time (until it prints "healthcode
    serving on"; the server's own ``store_opened`` seconds from its log), resident memory (VmRSS, VmHWM) against the
    size of the columnar view (``Table.nbytes`` of ``Store.population``, computed here after the server stopped).
@@ -14,9 +15,12 @@
    events/s; single-event ``RecordEntries`` calls at concurrency 32 from a separate load-generator process
    (grpc.aio) as calls/s and p50/p99 (DuckDB syncs its WAL on every commit: durability on).  Committed ingest
    reaches the server's view as delta rows (compacted in the background past a threshold; the server logs each
-   compaction), so one more full ``Reevaluate`` covers the ingested events without a store re-read.
-6. SIGTERM the server and start it again: the restart reads the view and the published statuses (status
-   checkpoint plus the change-log tail); then SIGTERM, compute the view size, print the figures as JSON.
+   compaction), so one more full ``Reevaluate`` covers the ingested events without a store re-read.  Then the
+   same single-event load while the server writes its checkpoint (asked for with SIGUSR1): the calls that ran
+   during it, their p99 and longest.
+6. SIGTERM the server and start it again (the restart reads the view from the server's snapshot when the store
+   has not changed since; ``view_from`` says which); then SIGTERM, compute the view size, print the figures as JSON
+   and, last, ``targets``: each figure of issue 13 beside its target and its peer or ceiling from this run.
 
 ``python benchmarks/bench_store.py`` runs the Beijing scale (22M persons: generation ~1 min, the load several
 minutes); ``--rows N`` another size; ``--quick`` (CI) 100k persons in well under a minute.  Figures are reported,
@@ -37,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import duckdb
 import grpc
@@ -388,6 +392,7 @@ def bench_bulk_ingest(stub: pb_grpc.HealthCodeServiceStub, ids: np.ndarray, even
 
 async def _single_load(target: str, ids: list[int], concurrency: int, seconds: float) -> dict:
     latencies: list[float] = []
+    started_at: list[float] = []  # wall-clock start of each call (to line calls up with a checkpoint in the log)
     inserted = [0]
     counter = [0]
     base = AS_OF - 2 * DAY_SECONDS  # distinct instants: every call stores a new row
@@ -409,9 +414,11 @@ async def _single_load(target: str, ids: list[int], concurrency: int, seconds: f
         async def worker() -> None:
             while time.perf_counter() < stop_at:
                 data = payload()
+                wall = time.time()
                 t0 = time.perf_counter()
                 reply = await call(data, timeout=60)
                 latencies.append(time.perf_counter() - t0)
+                started_at.append(wall)
                 inserted[0] += pb.RecordEntriesResponse.FromString(reply).inserted
 
         started = time.perf_counter()
@@ -425,7 +432,10 @@ async def _single_load(target: str, ids: list[int], concurrency: int, seconds: f
         "calls_per_s": round(len(latencies) / elapsed, 1),
         "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 2),
         "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 2),
+        "max_ms": round(float(lat.max()) * 1000, 2),
         "inserted": inserted[0],
+        "calls_at": [round(x, 4) for x in started_at],
+        "latencies_ms": [round(x * 1000, 2) for x in latencies],
     }
 
 
@@ -433,14 +443,43 @@ def _single_process(args: tuple[str, list[int], int, float], queue: mp.Queue) ->
     queue.put(asyncio.run(_single_load(*args)))
 
 
-def bench_single_ingest(target: str, ids: np.ndarray, concurrency: int, seconds: float) -> dict:
+def bench_single_ingest(
+    target: str, ids: np.ndarray, concurrency: int, seconds: float, during: Callable[[], None] | None = None
+) -> dict:
+    """Single-event calls from a separate process for ``seconds``; ``during()`` runs here 2 s into the load."""
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
     proc = ctx.Process(target=_single_process, args=((target, ids[:10_000].tolist(), concurrency, seconds), queue))
     proc.start()
+    if during is not None:
+        time.sleep(2.0)
+        during()
     out = queue.get(timeout=seconds + 300)
     proc.join()
     return out  # type: ignore[no-any-return]
+
+
+def bench_ingest_during_checkpoint(
+    server: subprocess.Popen[str], target: str, ids: np.ndarray, log_path: str, seconds: float
+) -> dict:
+    """Single-event ingest while the server writes its checkpoint (SIGUSR1 asks for one now): the calls that ran
+    while it was written (the ``checkpoint_written`` log event gives its start and length), their p99 and max."""
+    load = bench_single_ingest(target, ids, 32, seconds, during=lambda: server.send_signal(signal.SIGUSR1))
+    events = _log_events(log_path, "checkpoint_written")
+    at, lat = np.array(load.pop("calls_at")), np.array(load.pop("latencies_ms"))
+    out: dict = {"load": load}
+    if not events:
+        return {**out, "note": "no checkpoint_written event in the server log"}
+    cp = events[-1]
+    start, end = float(cp["started_at"]), float(cp["started_at"]) + float(cp["seconds"])
+    overlap = (at <= end) & (at + lat / 1000 >= start)
+    out["checkpoint"] = {k: cp[k] for k in cp if k != "event"}
+    out["calls_during"] = int(overlap.sum())
+    if overlap.any():
+        out["p99_ms_during"] = round(float(np.percentile(lat[overlap], 99)), 2)
+        out["max_ms_during"] = round(float(lat[overlap].max()), 2)
+    out["checkpoint_outlasted_the_load"] = bool(end > at.max())
+    return out
 
 
 # -- 6. the view ----------------------------------------------------------------------------------------------------
@@ -526,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = args.rows or (QUICK_ROWS if args.quick else DEFAULT_ROWS)
     bulk_events = 100_000 if args.quick else 1_000_000
     single_seconds = 1.0 if args.quick else 5.0
+    checkpoint_seconds = 4.0 if args.quick else 20.0  # long enough to hold a whole checkpoint at 22M
     repeats = 3
 
     tmp = None
@@ -561,7 +601,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             counties = [int(c) for c in args.counties.split(",")] if args.counties else pick_counties(risk_csv)
             report["risk_list"] = bench_risk(stub, risk_csv, counties, repeats, steady["seconds"])
             report["ingest_bulk_arrow"] = bench_bulk_ingest(stub, ids, bulk_events, in_flight=2)
-            report["ingest_single_event"] = bench_single_ingest(target, ids, 32, single_seconds)
+            single = bench_single_ingest(target, ids, 32, single_seconds)
+            single.pop("calls_at"), single.pop("latencies_ms")
+            report["ingest_single_event"] = single
+            report["ingest_during_checkpoint"] = bench_ingest_during_checkpoint(
+                server, target, ids, log_path, checkpoint_seconds
+            )
             report["reevaluate_after_ingest"] = {
                 "note": "ingested events reached the view as delta rows; this evaluates the base and the overlay",
                 **reevaluate(stub),
