@@ -61,6 +61,26 @@ def _event_insert(kind: str, view: str, check: bool, returning: bool, distinct: 
     return sql + (f" RETURNING {cols}" if returning else "")
 
 
+#: Up to this many rows are appended as one ``INSERT ... VALUES`` statement: registering an Arrow table with
+#: DuckDB costs more than the statement itself for the few rows of a typical group of single-event calls.
+SMALL_INSERT_ROWS = 256
+
+
+def _values(table: pa.Table) -> str:
+    """A ``VALUES`` list of the rows of an all-integer-or-date table (nulls as NULL): numbers only, no text from
+    the input reaches the SQL."""
+    columns: list[list[str]] = []
+    for col in table.columns:
+        if pa.types.is_date(col.type):
+            days = col.cast(pa.int32()).to_pylist()
+            columns.append(["NULL" if d is None else f"DATE '{np.datetime64(int(d), 'D')}'" for d in days])
+        else:
+            if not pa.types.is_integer(col.type):
+                raise TypeError(f"column {col.type} cannot go into a VALUES list")
+            columns.append(["NULL" if v is None else str(int(v)) for v in col.to_pylist()])
+    return ", ".join(f"({', '.join(row)})" for row in zip(*columns, strict=True))
+
+
 def insert_events(
     db: Connection,
     kind: str,
@@ -85,6 +105,9 @@ def insert_events(
     total = 0
     for part, check in parts:
         if part.num_rows == 0:
+            continue
+        if not check and not returning and not distinct and part.num_rows <= SMALL_INSERT_ROWS:
+            total += db.count(f"INSERT INTO {kind} VALUES {_values(part.select(keys))}")
             continue
         view = db.register(part.select(keys))
         try:
