@@ -90,7 +90,7 @@ def _published_by_id(book: StatusBook) -> dict[int, tuple[bool, bool, int]]:
 
 def _assert_view_is_store(book: StatusBook, store: Store) -> None:
     got = book.view.state.table().sort_by("person_id")
-    want = store.population(AS_OF, LOOKBACK)
+    want = store.population(AS_OF, LOOKBACK, future=True)
     assert got.num_rows == want.num_rows
     for name in want.column_names:
         assert got.column(name).combine_chunks().equals(want.column(name).combine_chunks()), name
@@ -212,10 +212,10 @@ def test_the_view_knows_which_in_window_events_are_stored(tmp_path, population):
         got = book.stored_events(kind, prepared, AS_OF)
         for row, flag in zip(prepared.to_pylist(), got.tolist(), strict=True):
             if kind == "entries":
-                inside = t_first <= row["t"] <= AS_OF
+                inside = t_first <= row["t"]  # future-dated ones too: the view keeps them
                 truth = (row["person_id"], row["t"]) in stored_entries
             else:
-                inside = day(t_first) <= (row["day"] - dt.date(1970, 1, 1)).days <= day(AS_OF)
+                inside = day(t_first) <= (row["day"] - dt.date(1970, 1, 1)).days
                 truth = (row["person_id"], row["region"], row["day"]) in stored_visits
             expected = (STORED if truth else NEW) if inside else UNKNOWN
             assert flag == expected, (kind, row, flag, truth, inside)

@@ -283,3 +283,30 @@ def test_a_load_killed_mid_way_leaves_whole_batches_and_a_second_load_completes_
         assert store.table("persons").drop_columns(["updated_at"]).equals(want_persons)
         for table, full in want.items():
             assert store.table(table).equals(full), table
+
+
+@pytest.mark.skipif(engine._kernel is None, reason="the kernel is not built")
+def test_a_future_dated_event_replayed_after_its_time_is_stored_once_and_counts_then(tmp_path: Path, population):
+    """An entry dated two hours ahead (a device clock off) is kept by the view; replayed once its time has come,
+    the view still knows it (stored once), and an evaluation after its time counts it without a store re-read."""
+    ts = pa.timestamp("s", tz="UTC")
+    with Store(tmp_path / "s.duckdb") as store:
+        store.load_population(population)
+        book = StatusBook(store, default_policy(), AS_OF, kernel_threads=1, compact_rows=0)
+        pid = int(store.table("persons")["person_id"][0].as_py())
+        ahead = AS_OF + 2 * 3600
+        item = [("entries", Store.prepare_ingest("entries", pa.table({"person_id": pa.array([pid], pa.uint64()),
+                                                                      "t": pa.array([ahead], ts)})))]  # fmt: skip
+        first = store.ingest_group(item, prepared=True, known=book.knows,
+                                   seen=lambda k, e: book.stored_events(k, e, AS_OF))  # fmt: skip
+        book.ingested(item, AS_OF)
+        later = AS_OF + 3 * 3600
+        again = store.ingest_group(item, prepared=True, known=book.knows,
+                                   seen=lambda k, e: book.stored_events(k, e, later))  # fmt: skip
+        assert (first[0].inserted, again[0].inserted, again[0].already_present) == (1, 0, 1)
+        ids = store.table("entries")["person_id"].to_numpy()
+        t = store.table("entries")["t"].to_numpy()
+        assert int(np.count_nonzero((ids == pid) & (t == ahead))) == 1
+        row = book.view.state.rows(book.rows_of(np.array([pid], np.uint64)))
+        assert ahead in [int(x.timestamp()) for x in row.column("entry_times")[0].as_py()]
+        book.close()

@@ -100,7 +100,7 @@ class StatusBook:
 
     def _build(self, timeline: PolicyTimeline, as_of: int) -> None:
         lookback = timeline.longest_lookback_days
-        self.view = PopulationView(self.store.population(as_of, lookback), lookback, self._compact_rows)
+        self.view = PopulationView(self.store.population(as_of, lookback, future=True), lookback, self._compact_rows)
         self.view.on_compacted = self._renumber
         self._load_published()
 

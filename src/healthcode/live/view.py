@@ -65,8 +65,9 @@ class PopulationView:
 
         Persons items upsert the scalars (a new person gets the next slot); NAT results compete with the person's
         current one (the latest reported at or before ``now`` wins, by report then sample time, a null sample time
-        last); entries at or before ``now`` and visits up to ``day(now)``, both inside the window, are added
-        (replays de-duplicated)."""
+        last); entries and visits from the start of the window on are added, future-dated ones too (evaluation
+        ignores them until their time comes; kept, they count then without a re-read, and a replay of one is
+        recognised), replays de-duplicated."""
         with self._write_lock:
             state = self.state
             new = _merge(state, items, now, self.lookback_days)
@@ -178,7 +179,7 @@ def _merge(state: ViewState, items: Sequence[tuple[str, pa.Table]], now: int, lo
         for name in ("nat_sample", "nat_report"):
             setattr(f, name, np.concatenate([getattr(f, name), np.zeros(n_new, np.int64)]))
             setattr(f, name + "_ok", np.concatenate([getattr(f, name + "_ok"), np.zeros(n_new, bool)]))
-    t_first, d_first, today = window(now, lookback_days)
+    t_first, d_first, _ = window(now, lookback_days)
     upserted = np.zeros(len(f.ids), dtype=bool)
     nat_rows, nat_s, nat_s_ok, nat_r = [f.nat_report_ok.nonzero()[0]], [], [], []
     nat_s.append(f.nat_sample[nat_rows[0]])
@@ -202,12 +203,12 @@ def _merge(state: ViewState, items: Sequence[tuple[str, pa.Table]], now: int, lo
             nat_r.append(report[ok])
         elif kind == "entries":
             t = to_numpy(table.column("t"), np.int64)
-            ok = (t >= t_first) & (t <= now)
+            ok = t >= t_first  # future-dated ones too: evaluation ignores them until their time
             e_rows.append(rows[ok])
             e_ts.append(t[ok])
         elif kind == "visits":
             d = to_numpy(table.column("day").cast(pa.int32()), np.int32)
-            ok = (d >= d_first) & (d <= today)
+            ok = d >= d_first
             v_rows.append(rows[ok])
             v_regions.append(to_numpy(table.column("region"), np.int32)[ok])
             v_days.append(d[ok])

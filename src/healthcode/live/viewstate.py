@@ -250,9 +250,10 @@ def stored_events(state: ViewState, kind: str, events: pa.Table, now: int, lookb
     """What the view knows of ``events`` (validated store form of an ingest kind), per row: ``STORED`` (a replay),
     ``NEW`` (surely not stored) or ``UNKNOWN`` (the store checks), as :meth:`Store.ingest_group` takes them.
 
-    The view holds every stored entry and visit inside its window up to ``now``, so those are exact; a person the
-    view does not hold has no stored event at all; a NAT result equal to the person's latest one is a replay.
-    Everything else (older or future-dated events, other NAT results) is left to the store."""
+    The view holds every stored entry and visit from the start of its window on (future-dated ones too), so those
+    are exact; a person the view does not hold has no stored event at all; a NAT result equal to the person's
+    latest one is a replay.  Everything else (events older than the window, other NAT results) is left to the
+    store."""
     n = events.num_rows
     out = np.full(n, UNKNOWN, dtype=np.int8)
     if n == 0:
@@ -274,13 +275,13 @@ def stored_events(state: ViewState, kind: str, events: pa.Table, now: int, lookb
         return out
     if kind not in ("entries", "visits"):
         return out
-    t_first, d_first, today = window(now, lookback_days)
+    t_first, d_first, _ = window(now, lookback_days)
     if kind == "entries":
         value = to_numpy(events.column("t"), np.int64)
-        inside = (slots >= 0) & (value >= t_first) & (value <= now)
+        inside = (slots >= 0) & (value >= t_first)
     else:
         value = to_numpy(events.column("day").cast(pa.int32()), np.int32).astype(np.int64)
-        inside = (slots >= 0) & (value >= d_first) & (value <= today)
+        inside = (slots >= 0) & (value >= d_first)
     if not inside.any():
         return out
     people = sets.unique(slots[inside])

@@ -165,15 +165,19 @@ class Store:
         """
         return load.load_population(self._db, data, progress)
 
-    def population(self, as_of: _dt.datetime | int | float | str, lookback_days: int) -> pa.Table:
+    def population(
+        self, as_of: _dt.datetime | int | float | str, lookback_days: int, *, future: bool = False
+    ) -> pa.Table:
         """The SPEC §3 population at ``as_of`` (``columns.POPULATION_SCHEMA``), one row per person by person_id.
 
         ``nat_*`` is the latest NAT result whose report_time <= as_of (by report, then sample time); entries are
         those with ``t <= as_of`` and visits those with ``day <= day(as_of)``, both only from the local day
         ``day(as_of) - lookback_days + 1`` on.  Pass the longest window the policy needs (``max(risk.lookback_days,
-        commuter_pattern.window_days)``).  Lists are sorted; none in the window gives an empty list.
+        commuter_pattern.window_days)``).  Lists are sorted; none in the window gives an empty list.  ``future``:
+        entries and visits dated after ``as_of`` too (the server's view keeps them: evaluation ignores them until
+        their time, and a replay of one is recognised in memory).
         """
-        return read.population(self._db, as_of, lookback_days)
+        return read.population(self._db, as_of, lookback_days, future)
 
     # -- published statuses and the change log (mass re-evaluation) ---------------------------------------------
 

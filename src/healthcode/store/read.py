@@ -28,8 +28,11 @@ _QUERIES = {
 }
 
 
-def population(db: Connection, as_of: _dt.datetime | int | float | str, lookback_days: int) -> pa.Table:
-    """The population at ``as_of`` with ``lookback_days`` of events (see :meth:`Store.population`)."""
+def population(
+    db: Connection, as_of: _dt.datetime | int | float | str, lookback_days: int, future: bool = False
+) -> pa.Table:
+    """The population at ``as_of`` with ``lookback_days`` of events (see :meth:`Store.population`); ``future``:
+    entries and visits dated after ``as_of`` too."""
     if isinstance(lookback_days, bool) or not isinstance(lookback_days, int) or lookback_days < 1:
         raise StoreError(f"lookback_days must be a whole number >= 1, got {lookback_days!r}")
     try:
@@ -43,6 +46,8 @@ def population(db: Connection, as_of: _dt.datetime | int | float | str, lookback
     with db.lock:
         try:
             for name, sql in _QUERIES.items():
+                if future:
+                    sql = sql.replace(" AND t <= $as_of", "").replace(" AND day <= $d_today", "")
                 used = {k: v for k, v in params.items() if f"${k}" in sql}
                 parts[name] = db.con.sql(sql, params=used).to_arrow_table()
         except duckdb.Error as exc:
