@@ -66,7 +66,7 @@ def _region_index(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     parents, values = list_elements(table.column("visits"))
     regions = to_numpy(values.field("region"), np.int32)
     offsets, order = engine.group_by_code(regions - CODE_MIN, N_CODES)
-    return offsets, parents[order]
+    return offsets, parents.astype(np.int32)[order]  # int32 rows: half the bytes (a base has < 2**31 rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ class ViewState:
     base: pa.Table  # SPEC §3 rows by person id (one chunk per column)
     base_ids: np.ndarray  # uint64, sorted
     region_offsets: np.ndarray  # base region index (see _region_index)
-    region_rows: np.ndarray
+    region_rows: np.ndarray  # int32
     extra_ids: np.ndarray  # uint64: persons stored after the base was built, slot n_base + i
     overlay: pa.Table  # current rows of the persons ingest touched since the base (sorted by slot)
     overlay_slots: np.ndarray  # int64, sorted

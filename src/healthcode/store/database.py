@@ -163,6 +163,26 @@ class Store:
         """
         return read.population(self._db, as_of, lookback_days)
 
+    def population_mark(self) -> tuple[int, int, int, int, int]:
+        """The population's fingerprint, read-only and cheap (table statistics, no scan): the rows of ``persons``,
+        ``nat_results``, ``entries`` and ``visits`` and the last ``persons.updated_at`` (epoch microseconds).  Every
+        committed write that changes the population changes it; the server's snapshot is valid while it holds."""
+        return read.population_mark(self._db)
+
+    def events_after(self, after: int, as_of: int) -> list[tuple[str, pa.Table]]:
+        """``[("nat_results", ...), ("entries", ...), ("visits", ...)]``: the NAT results reported, entries made and
+        visits on local days in ``(after, as_of]``, in the store form ingest validates to (by person id)."""
+        return read.events_after(self._db, after, as_of)
+
+    def first_event_after(self, as_of: int) -> int | None:
+        """The earliest instant of a stored NAT report, entry or visit (its day's midnight) later than ``as_of``."""
+        return read.first_event_after(self._db, as_of)
+
+    def latest_changes_after(self, after: int) -> pa.Table:
+        """The latest status of each person in the change-log rows after sequence number ``after``
+        (``person_id``, ``commuter_badge``, ``entry_permitted``, ``reasons``)."""
+        return read.latest_changes_after(self._db, after)
+
     # -- published statuses and the change log (mass re-evaluation) ---------------------------------------------
 
     def published(self) -> pa.Table:
