@@ -128,7 +128,9 @@ class StatusBook:
             base = trim_window(snap.rows, as_of, lookback)
             view = PopulationView(base, lookback, self._compact_rows, as_of, store.first_event_after(as_of))
             # Events that were later than the snapshot's view then and are due now (future-dated when stored).
-            view.apply(store.events_after(snap.complete_to, as_of), as_of)
+            due = [(kind, events) for kind, events in store.events_after(snap.complete_to, as_of) if events.num_rows]
+            if due:
+                view.apply(due, as_of)
         else:
             self.view_from = "store"
             population = store.population(as_of, lookback)
@@ -141,6 +143,9 @@ class StatusBook:
         self._numbered_base = view.state.base  # the base the published arrays' slots belong to
         self._marked = (view.state.generation, mark)  # the store's fingerprint at this view generation
         self._load_published(snap)
+        # What the snapshot on disk already holds (nothing to write at close while it still matches).
+        unchanged = snap is not None and self.view_from == "snapshot" and view.state.generation == 0
+        self._snapshot_holds = (view.state, mark, snap.high_water_mark) if unchanged and snap else None
         pa.default_memory_pool().release_unused()  # the pool keeps freed read buffers otherwise
 
     def _take_published(self, slots: np.ndarray, known: np.ndarray | None, badge: np.ndarray,
@@ -397,6 +402,10 @@ class StatusBook:
                 copy[: len(arr)] = arr[:n]
                 published.append(copy)
             high_water_mark = self.high_water_mark
+        holds = (state, mark, high_water_mark)
+        held = self._snapshot_holds
+        if held is not None and held[0] is state and held[1:] == holds[1:]:
+            return True  # the snapshot on disk is this one
         rows, slots = merged_rows(state)
         if slots is not None:
             published = [arr[slots] for arr in published]
@@ -406,6 +415,7 @@ class StatusBook:
         )  # fmt: skip
         del rows, published
         self.snapshot_seq = max(self.snapshot_seq, high_water_mark)
+        self._snapshot_holds = holds
         event(
             log, "snapshot_written", persons=n, high_water_mark=high_water_mark, bytes=size,
             seconds=round(time.perf_counter() - started, 2),
