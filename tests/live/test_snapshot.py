@@ -14,7 +14,7 @@ from healthcode.generate import generate_batches, generate_risk_csv
 from healthcode.live import snapshot
 from healthcode.live.statusbook import StatusBook
 from healthcode.rules import engine, policy
-from healthcode.rules.regions import parse_risk_csv
+from healthcode.rules.regions import N_CODES, parse_risk_csv
 from healthcode.store import Store
 
 AS_OF = 1638244800  # 2021-11-30T12:00:00+08:00
@@ -110,7 +110,7 @@ def test_a_snapshot_older_than_the_store_is_not_used_for_the_view(store, caplog)
     assert _published(again) == _published(book)  # the statuses still come from the snapshot's arrays
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "version", "empty"])
+@pytest.mark.parametrize("damage", ["truncated", "header", "footer", "index", "version", "empty"])
 def test_a_damaged_snapshot_falls_back_to_the_store_with_one_warning(store, caplog, damage, monkeypatch):
     book = _book(store)
     book.reevaluate(RISK, TIMELINE, AS_OF)
@@ -120,8 +120,14 @@ def test_a_damaged_snapshot_falls_back_to_the_store_with_one_warning(store, capl
     data = open(path, "rb").read()
     if damage == "truncated":
         open(path, "wb").write(data[: len(data) // 2])
-    elif damage == "garbage":
+    elif damage == "header":
         open(path, "wb").write(data[:64] + bytes(range(256)) * 8 + data[64 + 2048 :])
+    elif damage == "footer":  # the Arrow file's footer
+        open(path, "wb").write(data[:-400] + bytes(range(200)) * 2)
+    elif damage == "index":  # a region index row past the last person
+        at = 4096 + 8 * (N_CODES + 1)
+        at += -at % 64
+        open(path, "wb").write(data[:at] + np.int32(2**30).tobytes() + data[at + 4 :])
     elif damage == "empty":
         open(path, "wb").close()
     else:

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from healthcode.live import snapshot
 from healthcode.live.view import PopulationView, merged_rows
-from healthcode.live.viewstate import ViewState, stored_events, trim_window
+from healthcode.live.viewstate import ViewState, region_index_of, stored_events, trim_window
 from healthcode.logs import event
 from healthcode.rules import engine
 from healthcode.rules.policy import PolicyTimeline
@@ -126,7 +126,8 @@ class StatusBook:
         if snap is not None and snap.mark == mark and snap.lookback_days == lookback and snap.now <= as_of:
             self.view_from = "snapshot"
             base = trim_window(snap.rows, as_of, lookback)
-            view = PopulationView(base, lookback, self._compact_rows, as_of, store.first_event_after(as_of))
+            index = (snap.region_offsets, snap.region_rows) if base is snap.rows else None  # None: trimmed, redo
+            view = PopulationView(base, lookback, self._compact_rows, as_of, store.first_event_after(as_of), index)
             # Events that were later than the snapshot's view then and are due now (future-dated when stored).
             due = [(kind, events) for kind, events in store.events_after(snap.complete_to, as_of) if events.num_rows]
             if due:
@@ -407,10 +408,12 @@ class StatusBook:
         if held is not None and held[0] is state and held[1:] == holds[1:]:
             return True  # the snapshot on disk is this one
         rows, slots = merged_rows(state)
+        region = (state.region_offsets, state.region_rows)
         if slots is not None:
             published = [arr[slots] for arr in published]
+            region = region_index_of(rows)
         size = snapshot.write(
-            self.snapshot_path, rows, (published[0], published[1], published[2], published[3]), mark=mark,
+            self.snapshot_path, rows, region, (published[0], published[1], published[2], published[3]), mark=mark,
             high_water_mark=high_water_mark, lookback_days=self.view.lookback_days, now=now, complete_to=complete_to,
         )  # fmt: skip
         del rows, published

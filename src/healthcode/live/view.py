@@ -39,9 +39,10 @@ class PopulationView:
     :meth:`Store.population` reads them).  ``compact_rows``: the overlay size that starts a background compaction
     (default: 2% of the base, at least 50,000 rows; 0 never compacts by itself).
 
-    ``now`` is the instant ``base`` was read at and ``first_missing`` the earliest instant of a stored event it
-    leaves out for being later (None: none); :meth:`current` keeps both up to date with the state, so the view knows
-    up to which instant it holds every stored event of its window (what a snapshot of it may claim).
+    ``region_index`` is the base's when it is known already (a snapshot's).  ``now`` is the instant ``base`` was
+    read at and ``first_missing`` the earliest instant of a stored event it leaves out for being later (None:
+    none); :meth:`current` keeps both up to date with the state, so the view knows up to which instant it holds
+    every stored event of its window (what a snapshot of it may claim).
     """
 
     def __init__(
@@ -51,9 +52,10 @@ class PopulationView:
         compact_rows: int | None = None,
         now: int = 0,
         first_missing: int | None = None,
+        region_index: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.lookback_days = lookback_days
-        self._current = (make_state(base), now, first_missing)
+        self._current = (make_state(base, region_index=region_index), now, first_missing)
         self.compact_rows = max(50_000, self.state.n_base // 50) if compact_rows is None else compact_rows
         self._write_lock = threading.Lock()  # appliers and the compaction swap
         self._compacting: threading.Thread | None = None
