@@ -147,6 +147,7 @@ class StatusBook:
         # What the snapshot on disk already holds (nothing to write at close while it still matches).
         unchanged = snap is not None and self.view_from == "snapshot" and view.state.generation == 0
         self._snapshot_holds = (view.state, mark, snap.high_water_mark) if unchanged and snap else None
+        store.drop_cached_blocks()  # the population read leaves a database-sized block cache behind
         pa.default_memory_pool().release_unused()  # the pool keeps freed read buffers otherwise
 
     def _take_published(self, slots: np.ndarray, known: np.ndarray | None, badge: np.ndarray,

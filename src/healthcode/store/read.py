@@ -126,3 +126,16 @@ def latest_changes_after(db: Connection, after: int) -> pa.Table:
             return db.con.sql(sql, params={"after": after}).to_arrow_table()
         except duckdb.Error as exc:
             raise StoreError(f"{db.path}: cannot read the change log after {after}: {first_line(exc)}") from None
+
+
+def drop_cached_blocks(db: Connection) -> None:
+    """Make DuckDB give back the table blocks it keeps cached after a big read (lowering its memory limit for a
+    moment evicts them; the limit in force is restored)."""
+    with db.lock:
+        try:
+            row = one(db.con.execute("SELECT current_setting('memory_limit')"))
+            assert row is not None
+            db.con.execute("SET memory_limit = '64MB'")
+            db.con.execute("SET memory_limit = $limit", {"limit": str(row[0])})
+        except duckdb.Error as exc:
+            raise StoreError(f"{db.path}: cannot release cached blocks: {first_line(exc)}") from None
