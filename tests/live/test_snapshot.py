@@ -13,6 +13,7 @@ import pytest
 from healthcode.generate import generate_batches, generate_risk_csv
 from healthcode.live import snapshot
 from healthcode.live.statusbook import StatusBook
+from healthcode.live.viewstate import region_index_of
 from healthcode.rules import engine, policy
 from healthcode.rules.regions import N_CODES, parse_risk_csv
 from healthcode.store import Store
@@ -69,6 +70,10 @@ def _assert_view_is_store(book: StatusBook, store: Store, as_of: int = AS_OF) ->
         assert got.column(name).combine_chunks().equals(want.column(name).combine_chunks()), name
 
 
+def _region(book: StatusBook) -> tuple[np.ndarray, np.ndarray]:
+    return book.view.state.region_offsets, book.view.state.region_rows
+
+
 def _statuses(book: StatusBook, as_of: int = AS_OF) -> pa.Table:
     ids = np.sort(book.ids)
     _, results = book.lookup(ids, RISK, TIMELINE, as_of)
@@ -86,6 +91,8 @@ def test_a_restart_from_the_snapshot_equals_a_read_of_the_store(store):
     again = _book(store)
     assert again.view_from == "snapshot"
     _assert_view_is_store(again, store)
+    for got, want in zip(region_index_of(again.view.state.base), _region(again), strict=True):
+        np.testing.assert_array_equal(got, want)
     assert _published(again) == _published(book)
     assert again.high_water_mark == book.high_water_mark
     assert _statuses(again).equals(_statuses(book))
@@ -94,8 +101,11 @@ def test_a_restart_from_the_snapshot_equals_a_read_of_the_store(store):
     changed = _published(again)
     again.snapshot_path = None  # a crash: no snapshot at close
     again.close()
-    third = _book(store, AS_OF + 3 * 86400)
+    third = _book(store, AS_OF + 3 * 86400)  # three days on: events left the window, the index is rebuilt
     assert third.view_from == "snapshot" and _published(third) == changed
+    _assert_view_is_store(third, store, AS_OF + 3 * 86400)
+    for got, want in zip(region_index_of(third.view.state.base), _region(third), strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_a_snapshot_older_than_the_store_is_not_used_for_the_view(store, caplog):
@@ -124,10 +134,9 @@ def test_a_damaged_snapshot_falls_back_to_the_store_with_one_warning(store, capl
         open(path, "wb").write(data[:64] + bytes(range(256)) * 8 + data[64 + 2048 :])
     elif damage == "footer":  # the Arrow file's footer
         open(path, "wb").write(data[:-400] + bytes(range(200)) * 2)
-    elif damage == "index":  # a region index row past the last person
-        at = 4096 + 8 * (N_CODES + 1)
-        at += -at % 64
-        open(path, "wb").write(data[:at] + np.int32(2**30).tobytes() + data[at + 4 :])
+    elif damage == "index":  # the region index does not cover the visits
+        at = 4096 + 8 * N_CODES  # its last offset
+        open(path, "wb").write(data[:at] + np.int64(7).tobytes() + data[at + 8 :])
     elif damage == "empty":
         open(path, "wb").close()
     else:

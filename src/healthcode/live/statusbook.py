@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from healthcode.live import snapshot
 from healthcode.live.view import PopulationView, merged_rows
-from healthcode.live.viewstate import ViewState, region_index_of, stored_events, trim_window
+from healthcode.live.viewstate import ViewState, region_index_of, stored_events, trim_window, window
 from healthcode.logs import event
 from healthcode.rules import engine
 from healthcode.rules.policy import PolicyTimeline
@@ -125,8 +125,12 @@ class StatusBook:
         mark: tuple[int, ...] | None = store.population_mark()
         if snap is not None and snap.mark == mark and snap.lookback_days == lookback and snap.now <= as_of:
             self.view_from = "snapshot"
-            base = trim_window(snap.rows, as_of, lookback)
-            index = (snap.region_offsets, snap.region_rows) if base is snap.rows else None  # None: trimmed, redo
+            t_first, d_first, _ = window(as_of, lookback)
+            inside = (snap.first_entry is None or snap.first_entry >= t_first) and (
+                snap.first_visit_day is None or snap.first_visit_day >= d_first
+            )  # nothing left the window: the rows and their region index as they are, nothing paged in
+            base = snap.rows if inside else trim_window(snap.rows, as_of, lookback)
+            index = (snap.region_offsets, snap.region_rows) if inside else None
             view = PopulationView(base, lookback, self._compact_rows, as_of, store.first_event_after(as_of), index)
             # Events that were later than the snapshot's view then and are due now (future-dated when stored).
             due = [(kind, events) for kind, events in store.events_after(snap.complete_to, as_of) if events.num_rows]
@@ -176,10 +180,13 @@ class StatusBook:
             self._snapshot_seq = 0
         else:
             if self.view_from == "snapshot":  # the same rows: slot i is the snapshot's row i
-                slots = np.arange(snap.rows.num_rows, dtype=np.int64)
+                m = snap.rows.num_rows
+                self.known[:m], self.badge[:m], self.entry[:m], self.reasons[:m] = (
+                    snap.known, snap.badge, snap.entry, snap.reasons
+                )
             else:
                 slots = state.slots_of(snap.rows.column("person_id").chunk(0).to_numpy())
-            self._take_published(slots, snap.known, snap.badge, snap.entry, snap.reasons)
+                self._take_published(slots, snap.known, snap.badge, snap.entry, snap.reasons)
             published = self.store.latest_changes_after(snap.high_water_mark)
             self._snapshot_seq = snap.high_water_mark
         if published.num_rows == 0 or n == 0:
