@@ -143,19 +143,40 @@ def test_group_by_code_is_a_stable_counting_sort():
         engine.group_by_code(np.array([0, 300], dtype=np.int32), 300)
 
 
-def test_the_status_checkpoint_is_written_in_the_background_once_publishes_pause(book):
+def _wait(done, seconds: float = 30) -> None:
     import time
+
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_the_snapshot_is_written_in_the_background_once_publishes_pause_and_at_close(book):
+    import os
 
     book.checkpoint_changes, book.checkpoint_quiet_seconds = 1, 0.2
     risk = parse_risk_csv(generate_risk_csv(4, AS_OF)).with_version(1)
     summary = book.reevaluate(risk, TIMELINE, AS_OF)
-    assert summary.changed > 0 and book.checkpoint_seq == 0
-    deadline = time.monotonic() + 30
-    while book.checkpoint_seq == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert book.checkpoint_seq == book.high_water_mark == book.store.checkpoint_seq()
-    # A checkpoint still waiting for a quiet moment is given up at close; the change log holds everything.
+    assert summary.changed > 0 and book.snapshot_seq == 0
+    _wait(lambda: book.snapshot_seq > 0)
+    assert book.snapshot_seq == book.high_water_mark and os.path.isfile(book.snapshot_path)
+    assert book.store.checkpoint_seq() == 0  # the store's checkpoint is not rewritten in the background
+    # A snapshot still waiting for a quiet moment is given up at close, which writes one itself, and the store's
+    # status checkpoint too (the change log past it is longer than checkpoint_changes).
     book.checkpoint_quiet_seconds = 3600
     book.reevaluate(risk.with_version(2), TIMELINE, AS_OF + 86400)
+    assert book.snapshot_seq < book.high_water_mark
     book.close()
-    assert book.store.checkpoint_seq() < book.high_water_mark
+    assert book.snapshot_seq == book.high_water_mark == book.store.checkpoint_seq()
+
+
+def test_an_in_memory_store_checkpoints_its_statuses_in_the_background(population):
+    store = Store(":memory:")
+    store.load_population(population)
+    book = StatusBook(store, TIMELINE, AS_OF, kernel_threads=1)
+    assert book.snapshot_path is None
+    book.checkpoint_changes, book.checkpoint_quiet_seconds = 1, 0.2
+    book.reevaluate(parse_risk_csv(generate_risk_csv(4, AS_OF)).with_version(1), TIMELINE, AS_OF)
+    _wait(lambda: book.checkpoint_seq > 0)
+    assert book.checkpoint_seq == book.high_water_mark == store.checkpoint_seq()
+    book.close()

@@ -119,6 +119,7 @@ class Control:
             "store_opened",
             persons=len(book.ids),
             published=int(book.known.sum()),
+            view_from=book.view_from,
             high_water_mark=book.high_water_mark,
             seconds=round(time.perf_counter() - started, 2),
             duckdb_memory_limit=settings["memory_limit"],

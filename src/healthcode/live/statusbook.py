@@ -1,8 +1,9 @@
 """Mass re-evaluation: the stored population in memory, the last published statuses, and their diff.
 
-At start-up the :class:`StatusBook` reads the population from the store (events inside the longest window any
-policy needs) into a :class:`~healthcode.live.view.PopulationView` (which also takes ingest as it commits), and loads
-the last published status of every person.  A risk-list change re-evaluates only the persons whose visits are in
+At start-up the :class:`StatusBook` builds a :class:`~healthcode.live.view.PopulationView` (which also takes ingest
+as it commits) of the population (events inside the longest window any policy needs) and loads the last published
+status of every person: from the server's snapshot (:mod:`healthcode.live.snapshot`) when it matches the store,
+otherwise from the store.  A risk-list change re-evaluates only the persons whose visits are in
 a region whose folded risk changed for today; :meth:`StatusBook.reevaluate` with no rows re-evaluates everyone
 (time moves on: NATs and patterns lapse).  Either way the new statuses are diffed against the published ones and
 the changed ones are appended to the store's change log in one transaction, then published in memory.
@@ -22,8 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from healthcode.live.view import PopulationView
-from healthcode.live.viewstate import ViewState, stored_events
+from healthcode.live import snapshot
+from healthcode.live.view import PopulationView, merged_rows
+from healthcode.live.viewstate import ViewState, region_index_of, stored_events, trim_window, window
+from healthcode.logs import event
 from healthcode.rules import engine
 from healthcode.rules.policy import PolicyTimeline
 from healthcode.rules.regions import CODE_MIN, RiskList, RiskTable
@@ -68,10 +71,17 @@ class StatusBook:
 
     Writers (re-evaluations, and the renumbering after a view compaction) are serialized by a lock; readers take a
     whole view state.  Published statuses are arrays by view slot (``known``, ``badge``, ``entry``, ``reasons``);
-    the store keeps them as the change log (one append per publish) plus a checkpoint written in the background
-    once ``checkpoint_changes`` changes (default: as many as there are persons, at least a million) have
-    accumulated past the last one and no publish happened for ``checkpoint_quiet_seconds`` (60).  A checkpoint
-    rewrites every status: at 22M persons it stalls ingest commits for a few seconds while it runs."""
+    the store keeps them as the change log (one append per publish).
+
+    Two checkpoints shorten a start-up's reading.  **The snapshot** (``snapshot_path``, beside the store; none for an
+    in-memory store) holds the view and the published statuses; it is written at :meth:`close` and in the
+    background once ``checkpoint_changes`` changes (default: as many as there are persons, at least a million)
+    have accumulated past the last one and no publish happened for ``checkpoint_quiet_seconds`` (60).  It is
+    written from an immutable view state and copies of the published arrays, outside the store's lock, so ingest
+    goes on meanwhile.  **The store's status checkpoint** (:meth:`checkpoint`, the ``statuses`` table) lets a start
+    without a usable snapshot read the published statuses quickly; it rewrites every status inside the database,
+    so it is written at :meth:`close` when the change log past it is longer than ``checkpoint_changes`` (and in
+    the background instead of a snapshot for an in-memory store)."""
 
     def __init__(
         self,
@@ -87,9 +97,12 @@ class StatusBook:
         self._lock = threading.Lock()
         self.stale = False  # set when an ingest group could not be merged into the view (a full rebuild follows)
         self._compact_rows = compact_rows
-        self._build(timeline, as_of)
+        self.snapshot_path = snapshot.path_beside(store.path)
         self.high_water_mark = store.high_water_mark()
+        self.view_from = "store"
+        self._build(timeline, as_of, use_snapshot=True)
         self.checkpoint_seq = store.checkpoint_seq()
+        self.snapshot_seq = self._snapshot_seq
         self.checkpoint_changes = (
             max(1_000_000, self.view.state.n_persons) if checkpoint_changes is None else checkpoint_changes
         )
@@ -98,34 +111,94 @@ class StatusBook:
         self._last_publish = time.monotonic()
         self._closing = threading.Event()
 
-    def _build(self, timeline: PolicyTimeline, as_of: int) -> None:
+    def _build(self, timeline: PolicyTimeline, as_of: int, use_snapshot: bool = False) -> None:
+        """The view and the published statuses: from the snapshot when it was taken of this store as it is now
+        (same population fingerprint and window, not taken later than ``as_of``), else from the store; the
+        published statuses from the snapshot plus the change log after it whenever it is of this store's change log
+        (its fingerprint may differ: the change log is complete), else from the store."""
+        store = self.store
         lookback = timeline.longest_lookback_days
-        self.view = PopulationView(self.store.population(as_of, lookback, future=True), lookback, self._compact_rows)
+        snap = snapshot.read(self.snapshot_path) if use_snapshot and self.snapshot_path else None
+        if snap is not None and snap.high_water_mark > self.high_water_mark:
+            event(log, "snapshot_unused", level=logging.WARNING, reason="its change log is ahead of the store's")
+            snap = None
+        mark: tuple[int, ...] | None = store.population_mark()
+        if snap is not None and snap.mark == mark and snap.lookback_days == lookback and snap.now <= as_of:
+            self.view_from = "snapshot"
+            t_first, d_first, _ = window(as_of, lookback)
+            inside = (snap.first_entry is None or snap.first_entry >= t_first) and (
+                snap.first_visit_day is None or snap.first_visit_day >= d_first
+            )  # nothing left the window: the rows and their region index as they are, nothing paged in
+            base = snap.rows if inside else trim_window(snap.rows, as_of, lookback)
+            index = (snap.region_offsets, snap.region_rows) if inside else None
+            view = PopulationView(base, lookback, self._compact_rows, as_of, store.first_nat_after(as_of), index)
+            # NAT results reported later than the snapshot's view then and due now (the view keeps future-dated
+            # entries and visits, and leaves NAT results out until they are reported).
+            due = store.nat_results_after(snap.complete_to, as_of)
+            if due.num_rows:
+                view.apply([("nat_results", due)], as_of)
+        else:
+            self.view_from = "store"
+            population = store.population(as_of, lookback, future=True)  # the view keeps future-dated events
+            if store.population_mark() != mark:  # ingest committed meanwhile (a rebuild of a running server)
+                mark = None
+            view = PopulationView(population, lookback, self._compact_rows, as_of, store.first_nat_after(as_of))
+            del population
+        self.view = view
         self.view.on_compacted = self._renumber
-        self._load_published()
+        self._numbered_base = view.state.base  # the base the published arrays' slots belong to
+        self._marked = (view.state.generation, mark)  # the store's fingerprint at this view generation
+        self._load_published(snap)
+        # What the snapshot on disk already holds (nothing to write at close while it still matches).
+        unchanged = snap is not None and self.view_from == "snapshot" and view.state.generation == 0
+        self._snapshot_holds = (view.state, mark, snap.high_water_mark) if unchanged and snap else None
+        store.drop_cached_blocks()  # the population read leaves a database-sized block cache behind
+        pa.default_memory_pool().release_unused()  # the pool keeps freed read buffers otherwise
+
+    def _take_published(self, slots: np.ndarray, known: np.ndarray | None, badge: np.ndarray,
+                        entry: np.ndarray, reasons: np.ndarray) -> None:  # fmt: skip
+        found = slots >= 0
+        slots = slots[found]
+        self.known[slots] = True if known is None else known[found]
+        self.badge[slots] = badge[found]
+        self.entry[slots] = entry[found]
+        self.reasons[slots] = reasons[found]
 
     @property
     def ids(self) -> np.ndarray:
         """The person id of every view slot."""
         return self.view.state.ids
 
-    def _load_published(self) -> None:
+    def _load_published(self, snap: snapshot.Snapshot | None) -> None:
         state = self.view.state
         n = state.n_persons
         self.known = np.zeros(n, dtype=bool)
         self.badge = np.zeros(n, dtype=bool)
         self.entry = np.zeros(n, dtype=bool)
         self.reasons = np.zeros(n, dtype=np.uint16)
-        published = self.store.published()
+        if snap is None:
+            published = self.store.published()
+            self._snapshot_seq = 0
+        else:
+            if self.view_from == "snapshot":  # the same rows: slot i is the snapshot's row i
+                m = snap.rows.num_rows
+                self.known[:m], self.badge[:m], self.entry[:m], self.reasons[:m] = (
+                    snap.known, snap.badge, snap.entry, snap.reasons
+                )
+            else:
+                slots = state.slots_of(snap.rows.column("person_id").chunk(0).to_numpy())
+                self._take_published(slots, snap.known, snap.badge, snap.entry, snap.reasons)
+            published = self.store.latest_changes_after(snap.high_water_mark)
+            self._snapshot_seq = snap.high_water_mark
         if published.num_rows == 0 or n == 0:
             return
-        slots = state.slots_of(published.column("person_id").to_numpy())
-        found = slots >= 0
-        slots = slots[found]
-        self.known[slots] = True
-        self.badge[slots] = published.column("commuter_badge").to_numpy(zero_copy_only=False)[found]
-        self.entry[slots] = published.column("entry_permitted").to_numpy(zero_copy_only=False)[found]
-        self.reasons[slots] = published.column("reasons").to_numpy()[found]
+        self._take_published(
+            state.slots_of(published.column("person_id").to_numpy()),
+            None,
+            published.column("commuter_badge").to_numpy(zero_copy_only=False),
+            published.column("entry_permitted").to_numpy(zero_copy_only=False),
+            published.column("reasons").to_numpy(),
+        )
 
     def _grow(self, n: int) -> None:
         """Published arrays cover ``n`` slots (persons ingest added are not published yet)."""
@@ -141,6 +214,7 @@ class StatusBook:
         with self._lock:
             if self.view.state is not old:  # a compaction of a view a refresh has replaced since
                 return
+            self._numbered_base = new.base
             n = len(self.known)
             target = remap[:n]
             arrays = []
@@ -156,10 +230,12 @@ class StatusBook:
         """Committed ingest items (validated store form, in commit order) reach the view; when they cannot be
         merged (a bug, or the view is behind the store) the view is marked stale and rebuilt before its next use."""
         try:
-            self.view.apply(items, now)
+            state = self.view.apply(items, now)
         except Exception:
             self.stale = True
             raise
+        # Ingest runs one group at a time: the store holds just this view generation's population now.
+        self._marked = (state.generation, self.store.population_mark())
 
     def knows(self, person_ids: np.ndarray) -> np.ndarray | None:
         """Which of ``person_ids`` are stored, from the view (None while it is stale: ask the store)."""
@@ -180,6 +256,7 @@ class StatusBook:
             if not self.stale:
                 return False
             self.stale = False
+            self.high_water_mark = self.store.high_water_mark()
             self._build(timeline, as_of)
             return True
 
@@ -286,7 +363,8 @@ class StatusBook:
 
     def _maybe_checkpoint(self) -> None:
         self._last_publish = time.monotonic()
-        if self.high_water_mark - self.checkpoint_seq < max(1, self.checkpoint_changes):
+        done = self.checkpoint_seq if self.snapshot_path is None else self.snapshot_seq
+        if self.high_water_mark - done < max(1, self.checkpoint_changes):
             return
         if self._checkpointing is not None and self._checkpointing.is_alive():
             return
@@ -294,26 +372,79 @@ class StatusBook:
         self._checkpointing.start()
 
     def _checkpoint_when_quiet(self) -> None:
-        """Checkpoint once no publish happened for ``checkpoint_quiet_seconds`` (a checkpoint rewrites every
-        status: it should not compete with a risk-list update); given up when the book closes first."""
+        """Write the snapshot (the store's status checkpoint for an in-memory store) once no publish happened for
+        ``checkpoint_quiet_seconds``, so it does not compete with a risk-list update; given up when the book closes
+        first."""
         while not self._closing.wait(1.0 if self.checkpoint_quiet_seconds > 1 else self.checkpoint_quiet_seconds):
             if time.monotonic() - self._last_publish >= self.checkpoint_quiet_seconds:
                 try:
-                    self.checkpoint()
+                    if self.snapshot_path is None:
+                        self.checkpoint()
+                    elif not self.write_snapshot():
+                        continue  # a compaction or an ingest merge was half-way: try again in a moment
                 except Exception:
-                    log.exception("status checkpoint failed (the change log is intact; it is retried later)")
+                    log.exception("checkpoint failed (the change log is intact; it is retried later)")
                 return
 
     def checkpoint(self) -> int:
-        """Write the store's status checkpoint now (normally in the background); the sequence number it covers."""
+        """Write the store's status checkpoint now (the ``statuses`` table, inside the database); the sequence number
+        it covers."""
         seq = self.store.write_checkpoint()
         self.checkpoint_seq = max(self.checkpoint_seq, seq)
         return seq
 
+    def write_snapshot(self) -> bool:
+        """Write the snapshot of the view and the published statuses now (False, nothing written, when there is no
+        snapshot path, the view is stale, or a compaction or an ingest merge is half-way).  Holds the book's lock
+        only to copy the published arrays; the rows are written from an immutable state."""
+        if self.snapshot_path is None or self.stale:
+            return False
+        started = time.perf_counter()
+        with self._lock:
+            state, now, complete_to = self.view.current()
+            generation, mark = self._marked
+            if state.base is not self._numbered_base or generation != state.generation or mark is None:
+                return False
+            n = state.n_persons
+            published = []
+            for arr in (self.known, self.badge, self.entry, self.reasons):
+                copy = np.zeros(n, dtype=arr.dtype)
+                copy[: len(arr)] = arr[:n]
+                published.append(copy)
+            high_water_mark = self.high_water_mark
+        holds = (state, mark, high_water_mark)
+        held = self._snapshot_holds
+        if held is not None and held[0] is state and held[1:] == holds[1:]:
+            return True  # the snapshot on disk is this one
+        rows, slots = merged_rows(state)
+        region = (state.region_offsets, state.region_rows)
+        if slots is not None:
+            published = [arr[slots] for arr in published]
+            region = region_index_of(rows)
+        size = snapshot.write(
+            self.snapshot_path, rows, region, (published[0], published[1], published[2], published[3]), mark=mark,
+            high_water_mark=high_water_mark, lookback_days=self.view.lookback_days, now=now, complete_to=complete_to,
+        )  # fmt: skip
+        del rows, published
+        self.snapshot_seq = max(self.snapshot_seq, high_water_mark)
+        self._snapshot_holds = holds
+        event(
+            log, "snapshot_written", persons=n, high_water_mark=high_water_mark, bytes=size,
+            seconds=round(time.perf_counter() - started, 2),
+        )  # fmt: skip
+        return True
+
     def close(self) -> None:
-        """Stop background work: a checkpoint waiting for a quiet moment is given up (the change log holds
-        everything; the next start reads its tail), one being written and a compaction are waited for."""
+        """Stop background work and leave the next start little to read: a checkpoint waiting for a quiet moment
+        is given up, one being written and a compaction are waited for, then the snapshot is written, and the
+        store's status checkpoint too when the change log past it is longer than ``checkpoint_changes``."""
         self._closing.set()
         if self._checkpointing is not None:
             self._checkpointing.join()
         self.view.wait_compaction()
+        try:
+            self.write_snapshot()
+            if self.high_water_mark - self.checkpoint_seq >= max(1, self.checkpoint_changes):
+                self.checkpoint()
+        except Exception:
+            log.exception("checkpoint at close failed (the change log is intact; the next start reads it)")

@@ -47,16 +47,41 @@ class PopulationView:
     ``lookback_days`` is the longest window any policy needs; events before it are not kept (as
     :meth:`Store.population` reads them).  ``compact_rows``: the overlay size that starts a background compaction
     (default: 2% of the base, at least 50,000 rows; 0 never compacts by itself).
+
+    ``region_index`` is the base's when it is known already (a snapshot's).  ``now`` is the instant ``base`` was
+    read at and ``first_missing`` the earliest instant of a stored event it leaves out for being later (None:
+    none); :meth:`current` keeps both up to date with the state, so the view knows up to which instant it holds
+    every stored event of its window (what a snapshot of it may claim).
     """
 
-    def __init__(self, base: pa.Table, lookback_days: int, compact_rows: int | None = None) -> None:
+    def __init__(
+        self,
+        base: pa.Table,
+        lookback_days: int,
+        compact_rows: int | None = None,
+        now: int = 0,
+        first_missing: int | None = None,
+        region_index: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         self.lookback_days = lookback_days
-        self.state = make_state(base)
+        self._current = (make_state(base, region_index=region_index), now, first_missing)
         self.compact_rows = max(50_000, self.state.n_base // 50) if compact_rows is None else compact_rows
         self._write_lock = threading.Lock()  # appliers and the compaction swap
         self._compacting: threading.Thread | None = None
         self.compactions = 0
         self.on_compacted: Callable[[ViewState, ViewState, np.ndarray], None] | None = None
+
+    @property
+    def state(self) -> ViewState:
+        """The current state (readers take it once and use it throughout)."""
+        return self._current[0]
+
+    def current(self) -> tuple[ViewState, int, int]:
+        """``(state, now, complete_to)`` of one moment: the state, the latest instant it was built, merged or trimmed
+        at, and the instant up to which it holds every stored event of its window (``now`` unless a stored event
+        that was in the future when it was merged is missing)."""
+        state, now, first_missing = self._current
+        return state, now, now if first_missing is None else min(now, first_missing - 1)
 
     # -- ingest -----------------------------------------------------------------------------------------------
 
@@ -69,9 +94,11 @@ class PopulationView:
         ignores them until their time comes; kept, they count then without a re-read, and a replay of one is
         recognised), replays de-duplicated."""
         with self._write_lock:
-            state = self.state
-            new = _merge(state, items, now, self.lookback_days)
-            self.state = new
+            state, seen, first_missing = self._current
+            new, later = _merge(state, items, now, self.lookback_days)
+            if later is not None:
+                first_missing = later if first_missing is None else min(first_missing, later)
+            self._current = (new, max(seen, now), first_missing)
         if self.compact_rows and new.overlay.num_rows >= self.compact_rows:
             self.compact_in_background(now)
         return new
@@ -99,7 +126,7 @@ class PopulationView:
         started = time.perf_counter()
         snapshot = self.state
         gen = snapshot.generation
-        merged = _merge_base(snapshot)
+        merged, _ = merged_rows(snapshot)
         merged = trim_window(merged, now, self.lookback_days)
         fresh = make_state(merged)
         with self._write_lock:
@@ -121,7 +148,8 @@ class PopulationView:
             remap = new.slots_of(cur_ids)
             if self.on_compacted is not None:
                 self.on_compacted(current, new, remap)
-            self.state = new
+            _, seen, first_missing = self._current
+            self._current = (new, max(seen, now), first_missing)
             self.compactions += 1
         event(
             log, "view_compacted", overlay_rows=len(snapshot.overlay_slots), persons=new.n_persons,
@@ -130,10 +158,11 @@ class PopulationView:
         return new
 
 
-def _merge_base(state: ViewState) -> pa.Table:
-    """Base rows not superseded, and overlay rows, merged by person id (both inputs are sorted or small)."""
+def merged_rows(state: ViewState) -> tuple[pa.Table, np.ndarray | None]:
+    """Every person's current row sorted by person id (base rows not superseded, and overlay rows, merged: both
+    inputs are sorted or small), and the slot of each row (None: the base as it is, row i is slot i)."""
     if len(state.overlay_slots) == 0:
-        return state.base
+        return state.base, None
     ov_ids = state.ids[state.overlay_slots]
     superseded = state.overlay_slots[state.overlay_slots < state.n_base]
     keep = np.ones(state.n_base, dtype=bool)
@@ -150,13 +179,19 @@ def _merge_base(state: ViewState) -> pa.Table:
     source[~is_ov] = kept_rows
     source[is_ov] = state.n_base + state.overlay_rows[order]  # index into concat(base, overlay)
     both = pa.concat_tables([state.base, state.overlay])
-    return both.take(pa.array(source, pa.int64())).combine_chunks()
+    slots = np.empty(len(is_ov), dtype=np.int64)
+    slots[~is_ov] = kept_rows
+    slots[is_ov] = state.overlay_slots[order]
+    return both.take(pa.array(source, pa.int64())).combine_chunks(), slots
 
 
-def _merge(state: ViewState, items: Sequence[tuple[str, pa.Table]], now: int, lookback_days: int) -> ViewState:
-    """The state after ingest items (see :meth:`PopulationView.apply`)."""
+def _merge(
+    state: ViewState, items: Sequence[tuple[str, pa.Table]], now: int, lookback_days: int
+) -> tuple[ViewState, int | None]:
+    """The state after ingest items (see :meth:`PopulationView.apply`), and the earliest instant of an event left
+    out for being later than ``now`` (None: none was)."""
     if not items:
-        return state
+        return state, None
     touched = sets.unique(np.concatenate([to_numpy(t.column("person_id"), np.uint64) for _, t in items]))
     slots = state.slots_of(touched)
     known = slots >= 0
@@ -186,6 +221,7 @@ def _merge(state: ViewState, items: Sequence[tuple[str, pa.Table]], now: int, lo
     nat_s_ok.append(f.nat_sample_ok[nat_rows[0]])
     nat_r.append(f.nat_report[nat_rows[0]])
     e_rows, e_ts, v_rows, v_regions, v_days = [f.e_row], [f.e_t], [f.v_row], [f.v_region], [f.v_day]
+    later: list[int] = []  # the earliest instant of each item's events after `now`
     for kind, table in items:
         rows = row_of[sets.search(touched, to_numpy(table.column("person_id"), np.uint64))]
         if kind == "persons":
@@ -196,6 +232,7 @@ def _merge(state: ViewState, items: Sequence[tuple[str, pa.Table]], now: int, lo
         elif kind == "nat_results":
             report = to_numpy(table.column("report_time"), np.int64)
             ok = report <= now
+            later += [int(report[~ok].min())] if not ok.all() else []
             sample = table.column("sample_time")
             nat_rows.append(rows[ok])
             nat_s.append(filled(sample, np.int64)[ok])
@@ -232,4 +269,6 @@ def _merge(state: ViewState, items: Sequence[tuple[str, pa.Table]], now: int, lo
     # Slots: the known keep theirs, the new ones get the next free slots.
     new_slots = np.concatenate([slots[by_slot], state.n_persons + np.arange(n_new)])
     extra_ids = np.concatenate([state.extra_ids, touched[~known]]) if n_new else state.extra_ids
-    return appended(state, rows_table, new_slots, state.generation + 1, extra_ids=extra_ids)
+    return appended(state, rows_table, new_slots, state.generation + 1, extra_ids=extra_ids), (
+        min(later) if later else None
+    )

@@ -62,6 +62,10 @@ def trim_window(table: pa.Table, now: int, lookback_days: int) -> pa.Table:
     t_first, d_first, _ = window(now, lookback_days)
     entries = table.column("entry_times").combine_chunks()
     visits = table.column("visits").combine_chunks()
+    first_t = pc.min(pc.list_flatten(entries)).cast(pa.int64()).as_py()
+    first_d = pc.min(pc.struct_field(pc.list_flatten(visits), "day")).cast(pa.int32()).as_py()
+    if (first_t is None or first_t >= t_first) and (first_d is None or first_d >= d_first):
+        return table  # nothing left the window (a min over the values: no copies)
     e_t = to_numpy(pc.list_flatten(entries).cast(pa.int64()), np.int64)
     v_day = to_numpy(pc.struct_field(pc.list_flatten(visits), "day").cast(pa.int32()), np.int32)
     e_keep, v_keep = e_t >= t_first, v_day >= d_first
@@ -71,12 +75,12 @@ def trim_window(table: pa.Table, now: int, lookback_days: int) -> pa.Table:
     return table.set_column(7, POPULATION_SCHEMA.field(7), _trim_list(visits, v_keep))
 
 
-def _region_index(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+def region_index_of(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """In-window visits by region: rows of code c are ``rows[offsets[c - CODE_MIN]:offsets[c - CODE_MIN + 1]]``."""
     parents, values = list_elements(table.column("visits"))
     regions = to_numpy(values.field("region"), np.int32)
     offsets, order = engine.group_by_code(regions - CODE_MIN, N_CODES)
-    return offsets, parents[order]
+    return offsets, parents.astype(np.int32)[order]  # int32 rows: half the bytes (a base has < 2**31 rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -88,8 +92,8 @@ class ViewState:
 
     base: pa.Table  # SPEC §3 rows by person id (one chunk per column)
     base_ids: np.ndarray  # uint64, sorted
-    region_offsets: np.ndarray  # base region index (see _region_index)
-    region_rows: np.ndarray
+    region_offsets: np.ndarray  # base region index (see region_index_of)
+    region_rows: np.ndarray  # int32
     extra_ids: np.ndarray  # uint64: persons stored after the base was built, slot n_base + i
     overlay: pa.Table  # rows of the persons ingest touched since the base, in append order (superseded ones kept)
     overlay_slots: np.ndarray  # int64, sorted: the slots with an overlay row
@@ -338,10 +342,12 @@ def make_state(
     overlay_slots: np.ndarray | None = None,
     overlay_gen: np.ndarray | None = None,
     generation: int = 0,
+    region_index: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ViewState:
-    """A state from a base table sorted by person id (indexed here) and an optional overlay."""
+    """A state from a base table sorted by person id (indexed here unless its ``region_index`` is given) and an
+    optional overlay."""
     base = base.combine_chunks()
-    offsets, rows = _region_index(base)
+    offsets, rows = region_index_of(base) if region_index is None else region_index
     empty = POPULATION_SCHEMA.empty_table()
     return with_overlay(
         ViewState(

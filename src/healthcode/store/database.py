@@ -179,6 +179,30 @@ class Store:
         """
         return read.population(self._db, as_of, lookback_days, future)
 
+    def population_mark(self) -> tuple[int, int, int, int, int]:
+        """The population's fingerprint, read-only and cheap (table statistics, no scan): the rows of ``persons``,
+        ``nat_results``, ``entries`` and ``visits`` and the last ``persons.updated_at`` (epoch microseconds).  Every
+        committed write that changes the population changes it; the server's snapshot is valid while it holds."""
+        return read.population_mark(self._db)
+
+    def nat_results_after(self, after: int, as_of: int) -> pa.Table:
+        """The NAT results reported in ``(after, as_of]``, in the store form ingest validates to (by person id)."""
+        return read.nat_results_after(self._db, after, as_of)
+
+    def first_nat_after(self, as_of: int) -> int | None:
+        """The earliest report time of a stored NAT result later than ``as_of``, or None."""
+        return read.first_nat_after(self._db, as_of)
+
+    def drop_cached_blocks(self) -> None:
+        """Give back the memory DuckDB keeps caching table blocks after a big read (:meth:`population` at
+        22M persons leaves 1.6 GB cached); later reads fetch them from the file again."""
+        read.drop_cached_blocks(self._db)
+
+    def latest_changes_after(self, after: int) -> pa.Table:
+        """The latest status of each person in the change-log rows after sequence number ``after``
+        (``person_id``, ``commuter_badge``, ``entry_permitted``, ``reasons``)."""
+        return read.latest_changes_after(self._db, after)
+
     # -- published statuses and the change log (mass re-evaluation) ---------------------------------------------
 
     def published(self) -> pa.Table:

@@ -1,0 +1,227 @@
+"""The server's snapshot (issue 13): a restart from it gives the same view and statuses as a read of the store, a
+stale, damaged or other-version snapshot is not used for the view, and events that were in the future when it
+was written are picked up once they are due."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from healthcode.generate import generate_batches, generate_risk_csv
+from healthcode.live import snapshot
+from healthcode.live.statusbook import StatusBook
+from healthcode.live.viewstate import region_index_of
+from healthcode.rules import engine, policy
+from healthcode.rules.regions import N_CODES, parse_risk_csv
+from healthcode.store import Store
+
+AS_OF = 1638244800  # 2021-11-30T12:00:00+08:00
+TIMELINE = policy.default_policy()
+LOOKBACK = TIMELINE.longest_lookback_days
+RISK = parse_risk_csv(generate_risk_csv(6, AS_OF)).with_version(1)
+
+pytestmark = pytest.mark.skipif(engine._kernel is None, reason="the kernel is not built")
+
+
+@pytest.fixture(scope="module")
+def population() -> pa.Table:
+    return pa.Table.from_batches(list(generate_batches(3000, seed=5, as_of=AS_OF)))
+
+
+@pytest.fixture
+def store(tmp_path, population) -> Store:
+    store = Store(tmp_path / "s.duckdb")
+    store.load_population(population)
+    return store
+
+
+def _book(store: Store, as_of: int = AS_OF) -> StatusBook:
+    return StatusBook(store, TIMELINE, as_of, kernel_threads=1, compact_rows=0)
+
+
+def _commit(store: Store, book: StatusBook, items: list[tuple[str, pa.Table]], now: int = AS_OF) -> None:
+    prepared = [(kind, Store.prepare_ingest(kind, table)) for kind, table in items]
+    results = store.ingest_group(prepared, prepared=True)
+    assert not [r for r in results if isinstance(r, Exception)], results
+    book.ingested(prepared, now)
+
+
+def _entries(person: int, *instants: int) -> tuple[str, pa.Table]:
+    n = len(instants)
+    return "entries", pa.table(
+        {"person_id": pa.array([person] * n, pa.uint64()), "t": pa.array(instants, pa.timestamp("s", "UTC"))}
+    )
+
+
+def _published(book: StatusBook) -> dict[int, tuple[bool, bool, int]]:
+    known = np.flatnonzero(book.known)
+    rows = zip(book.badge[known].tolist(), book.entry[known].tolist(), book.reasons[known].tolist(), strict=True)
+    return dict(zip(book.ids[known].tolist(), rows, strict=True))
+
+
+def _assert_view_is_store(book: StatusBook, store: Store, as_of: int = AS_OF) -> None:
+    got = book.view.state.table().sort_by("person_id")
+    want = store.population(as_of, LOOKBACK, future=True)  # the view keeps future-dated entries and visits
+    assert got.num_rows == want.num_rows
+    for name in want.column_names:
+        assert got.column(name).combine_chunks().equals(want.column(name).combine_chunks()), name
+
+
+def _region(book: StatusBook) -> tuple[np.ndarray, np.ndarray]:
+    return book.view.state.region_offsets, book.view.state.region_rows
+
+
+def _statuses(book: StatusBook, as_of: int = AS_OF) -> pa.Table:
+    ids = np.sort(book.ids)
+    _, results = book.lookup(ids, RISK, TIMELINE, as_of)
+    return results
+
+
+def test_a_restart_from_the_snapshot_equals_a_read_of_the_store(store):
+    book = _book(store)
+    assert book.view_from == "store"
+    book.reevaluate(RISK, TIMELINE, AS_OF)
+    person = int(book.ids[7])
+    _commit(store, book, [_entries(person, AS_OF - 600, AS_OF - 300)])  # the overlay is written merged
+    book.reevaluate(RISK.with_version(2), TIMELINE, AS_OF)
+    book.close()
+    again = _book(store)
+    assert again.view_from == "snapshot"
+    _assert_view_is_store(again, store)
+    for got, want in zip(region_index_of(again.view.state.base), _region(again), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert _published(again) == _published(book)
+    assert again.high_water_mark == book.high_water_mark
+    assert _statuses(again).equals(_statuses(book))
+    # Changes published after the snapshot come from the change log.
+    again.reevaluate(RISK.with_version(3), TIMELINE, AS_OF + 3 * 86400)
+    changed = _published(again)
+    again.snapshot_path = None  # a crash: no snapshot at close
+    again.close()
+    third = _book(store, AS_OF + 3 * 86400)  # three days on: events left the window, the index is rebuilt
+    assert third.view_from == "snapshot" and _published(third) == changed
+    _assert_view_is_store(third, store, AS_OF + 3 * 86400)
+    for got, want in zip(region_index_of(third.view.state.base), _region(third), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_snapshot_older_than_the_store_is_not_used_for_the_view(store, caplog):
+    book = _book(store)
+    book.reevaluate(RISK, TIMELINE, AS_OF)
+    book.close()
+    person = int(book.ids[3])
+    store.record_entries(_entries(person, AS_OF - 120)[1])  # written without the server: the snapshot misses it
+    again = _book(store)
+    assert again.view_from == "store"
+    _assert_view_is_store(again, store)
+    assert _published(again) == _published(book)  # the statuses still come from the snapshot's arrays
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header", "footer", "index", "version", "empty"])
+def test_a_damaged_snapshot_falls_back_to_the_store_with_one_warning(store, caplog, damage, monkeypatch):
+    book = _book(store)
+    book.reevaluate(RISK, TIMELINE, AS_OF)
+    book.close()
+    path = book.snapshot_path
+    assert path is not None
+    data = open(path, "rb").read()
+    if damage == "truncated":
+        open(path, "wb").write(data[: len(data) // 2])
+    elif damage == "header":
+        open(path, "wb").write(data[:64] + bytes(range(256)) * 8 + data[64 + 2048 :])
+    elif damage == "footer":  # the Arrow file's footer
+        open(path, "wb").write(data[:-400] + bytes(range(200)) * 2)
+    elif damage == "index":  # the region index does not cover the visits
+        at = 4096 + 8 * N_CODES  # its last offset
+        open(path, "wb").write(data[:at] + np.int64(7).tobytes() + data[at + 8 :])
+    elif damage == "empty":
+        open(path, "wb").close()
+    else:
+        monkeypatch.setattr(snapshot, "FORMAT_VERSION", snapshot.FORMAT_VERSION + 1)
+    with caplog.at_level(logging.INFO, logger="healthcode.live.snapshot"):
+        again = _book(store)
+    assert again.view_from == "store"
+    _assert_view_is_store(again, store)
+    assert _published(again) == _published(book)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "snapshot_unused" in warnings[0], warnings
+    assert str(int(book.ids[0])) not in warnings[0]
+
+
+def _nat(person: int, sample: int, report: int) -> tuple[str, pa.Table]:
+    ts = pa.timestamp("s", "UTC")
+    return "nat_results", pa.table({"person_id": pa.array([person], pa.uint64()), "sample_time": pa.array([sample], ts),
+                                    "report_time": pa.array([report], ts)})  # fmt: skip
+
+
+@pytest.mark.parametrize("when", ["stored before the view was built", "ingested while the view ran"])
+def test_events_in_the_future_when_the_snapshot_was_written_are_picked_up_once_due(store, when):
+    """A future-dated entry is in the view at once (evaluation ignores it until its time); a NAT result reported
+    later than the view's clock is left out, so the snapshot claims completeness only up to just before it, and a
+    restart from the snapshot once it is due reads it from the store."""
+    start = AS_OF + 3 * 86400  # the generated population has no events after this
+    assert store.first_nat_after(start) is None
+    person, other = (int(p) for p in store.table("persons")["person_id"].to_numpy()[[11, 12]])
+    due = start + 1800
+    if when == "stored before the view was built":
+        store.record_entries(_entries(person, due)[1])
+        store.record_nat_results(_nat(person, due - 600, due)[1])
+        book = _book(store, start)
+    else:
+        book = _book(store, start)
+        _commit(store, book, [_entries(person, due), _nat(person, due - 600, due)], now=start)
+    row = book.view.state.rows(book.rows_of(np.array([person], dtype=np.uint64)))
+    assert due in [t.timestamp() for t in row.column("entry_times").to_pylist()[0]]  # kept already
+    report = row.column("nat_report_time")[0].as_py()
+    assert report is None or report.timestamp() < due  # not reported yet as of the view's clock: left out
+    _commit(store, book, [_entries(other, start + 4000)], now=start + 5000)  # the view's clock moves on
+    _, now, complete_to = book.view.current()
+    assert now == start + 5000 and complete_to == due - 1
+    book.close()
+    later = start + 7200
+    again = _book(store, later)
+    assert again.view_from == "snapshot"
+    _assert_view_is_store(again, store, later)
+    row = again.view.state.rows(again.rows_of(np.array([person], dtype=np.uint64)))
+    assert due in [t.timestamp() for t in row.column("entry_times").to_pylist()[0]]
+    assert row.column("nat_report_time")[0].as_py().timestamp() == due
+
+
+def test_a_snapshot_of_another_window_or_a_later_instant_is_not_used(store):
+    import dataclasses
+
+    book = _book(store, AS_OF + 86400)
+    book.close()
+    assert _book(store, AS_OF).view_from == "store"  # taken later than this start's clock
+    book = _book(store)
+    book.close()
+    first = TIMELINE.policies[0]
+    wider = dataclasses.replace(first, risk=dataclasses.replace(first.risk, lookback_days=LOOKBACK + 5))
+    other = dataclasses.replace(TIMELINE, policies=(wider, *TIMELINE.policies[1:]))
+    assert StatusBook(store, other, AS_OF, kernel_threads=1).view_from == "store"
+
+
+def test_the_population_mark_changes_with_every_population_write(store):
+    marks = [store.population_mark()]
+    person = int(store.table("persons")["person_id"][0].as_py())
+    row = store.table("persons").slice(0, 1).select(["person_id", "home_region", "registered_commuter", "base_color"])
+    store.upsert_persons(row)  # the same values: nothing changes
+    assert store.population_mark() == marks[-1]
+    store.upsert_persons(row.set_column(3, "base_color", pa.array([(row["base_color"][0].as_py() + 1) % 3], pa.int8())))
+    marks.append(store.population_mark())
+    store.record_entries(_entries(person, AS_OF - 5)[1])
+    marks.append(store.population_mark())
+    store.record_visits(pa.table({
+        "person_id": pa.array([person], pa.uint64()), "region": pa.array([110101], pa.int32()),
+        "day": pa.array([18960], pa.date32()),
+    }))  # fmt: skip
+    marks.append(store.population_mark())
+    store.record_nat_results(pa.table({
+        "person_id": pa.array([person], pa.uint64()), "report_time": pa.array([AS_OF - 9], pa.timestamp("s", "UTC")),
+        "sample_time": pa.array([None], pa.timestamp("s", "UTC")),
+    }))  # fmt: skip
+    marks.append(store.population_mark())
+    assert len(set(marks)) == len(marks), marks

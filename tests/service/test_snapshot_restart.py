@@ -1,0 +1,114 @@
+"""Server restarts with the snapshot (issue 13), against real server processes: a restart from the snapshot answers
+GetStatus as one from the store, and a server killed while it writes the snapshot leaves the previous one whole."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+
+import grpc
+import pyarrow as pa
+import pytest
+from service_helpers import ServerProcess
+
+from healthcode._proto.v1 import healthcode_pb2 as pb
+from healthcode._proto.v1 import healthcode_pb2_grpc as pb_grpc
+from healthcode.generate import generate_batches, generate_risk_csv
+from healthcode.rules import engine
+from healthcode.store import Store
+
+AS_OF = 1638244800
+CLOCK = "2021-11-30T12:00:00+08:00"
+
+pytestmark = pytest.mark.skipif(engine._kernel is None, reason="the kernel is not built")
+
+
+@pytest.fixture(scope="module")
+def population() -> pa.Table:
+    return pa.Table.from_batches(list(generate_batches(3000, seed=13, as_of=AS_OF)))
+
+
+def _serve(tmp_path, path, name: str, env: dict[str, str] | None = None) -> ServerProcess:
+    return ServerProcess(
+        tmp_path, risk_csv=generate_risk_csv(8, AS_OF), env=env, name=name,
+        extra_args=["--store", str(path), "--clock", CLOCK],
+    )  # fmt: skip
+
+
+def _view_from(server: ServerProcess) -> str:
+    for line in server.stderr().splitlines():
+        if '"event": "store_opened"' in line:
+            return str(json.loads(line[line.index("{") :])["view_from"])
+    raise AssertionError(f"no store_opened line: {server.stderr()}")
+
+
+def _statuses(server: ServerProcess, ids: list[int]) -> list[bytes]:
+    with grpc.insecure_channel(server.address) as channel:
+        reply = pb_grpc.HealthCodeServiceStub(channel).GetStatus(pb.GetStatusRequest(person_ids=ids), timeout=30)
+    return [s.SerializeToString() for s in reply.statuses]
+
+
+def _reevaluate(server: ServerProcess, as_of: int = AS_OF) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        request = pb.ReevaluateRequest()
+        request.as_of.seconds = as_of
+        pb_grpc.HealthCodeServiceStub(channel).Reevaluate(request, timeout=60)
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_a_restart_from_the_snapshot_answers_as_one_from_the_store(tmp_path, population):
+    path = tmp_path / "store.duckdb"
+    with Store(path) as store:
+        store.load_population(population)
+        ids = [int(x) for x in store.table("persons")["person_id"].to_numpy()[:200]] + [424242]
+    server = _serve(tmp_path, path, "first")
+    _reevaluate(server)
+    want = _statuses(server, ids)
+    assert server.stop() == 0
+    snapshot = f"{path}.snapshot"
+    assert os.path.isfile(snapshot)
+    server = _serve(tmp_path, path, "from-snapshot")
+    assert _view_from(server) == "snapshot" and _statuses(server, ids) == want
+    server.stop()
+    os.unlink(snapshot)
+    server = _serve(tmp_path, path, "from-store")
+    assert _view_from(server) == "store" and _statuses(server, ids) == want
+    server.stop()
+
+
+def test_a_server_killed_while_writing_the_snapshot_leaves_the_previous_one(tmp_path, population):
+    path = tmp_path / "store.duckdb"
+    with Store(path) as store:
+        store.load_population(population)
+        ids = [int(x) for x in store.table("persons")["person_id"].to_numpy()[:200]]
+    server = _serve(tmp_path, path, "first")
+    _reevaluate(server)
+    assert server.stop() == 0
+    snapshot = f"{path}.snapshot"
+    before = _digest(snapshot)
+    # The next server publishes more (a later day), then is killed half-way through writing its snapshot at SIGTERM.
+    server = _serve(tmp_path, path, "killed", env={"HEALTHCODE_TEST_SNAPSHOT_PAUSE": "60"})
+    _reevaluate(server, AS_OF + 2 * 86400)
+    want = _statuses(server, ids)
+    server.sigterm()
+    deadline = time.monotonic() + 30
+    folder = os.listdir(tmp_path)
+    while not any(name.startswith("store.duckdb.snapshot.tmp-") for name in folder):
+        assert time.monotonic() < deadline and server.proc.poll() is None, server.stderr()
+        time.sleep(0.05)
+        folder = os.listdir(tmp_path)
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    server.stop()
+    assert _digest(snapshot) == before  # the previous snapshot, whole
+    # The next start uses it and reads the change log past it: the statuses the killed server published.
+    server = _serve(tmp_path, path, "after")
+    assert _view_from(server) == "snapshot" and _statuses(server, ids) == want
+    server.stop()
