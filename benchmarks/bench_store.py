@@ -465,11 +465,11 @@ def bench_ingest_during_checkpoint(
     """Single-event ingest while the server writes its checkpoint (SIGUSR1 asks for one now): the calls that ran
     while it was written (the ``checkpoint_written`` log event gives its start and length), their p99 and max."""
     load = bench_single_ingest(target, ids, 32, seconds, during=lambda: server.send_signal(signal.SIGUSR1))
-    events = _log_events(log_path, "checkpoint_written")
+    events = _log_events(log_path, "snapshot_written")
     at, lat = np.array(load.pop("calls_at")), np.array(load.pop("latencies_ms"))
     out: dict = {"load": load}
     if not events:
-        return {**out, "note": "no checkpoint_written event in the server log"}
+        return {**out, "note": "no snapshot_written event in the server log"}
     cp = events[-1]
     start, end = float(cp["started_at"]), float(cp["started_at"]) + float(cp["seconds"])
     overlap = (at <= end) & (at + lat / 1000 >= start)

@@ -112,3 +112,36 @@ def test_a_server_killed_while_writing_the_snapshot_leaves_the_previous_one(tmp_
     server = _serve(tmp_path, path, "after")
     assert _view_from(server) == "snapshot" and _statuses(server, ids) == want
     server.stop()
+
+
+def test_sigusr1_writes_the_checkpoint_now_while_ingest_goes_on(tmp_path, population):
+    """An operator's SIGUSR1 asks the server for its checkpoint now (the snapshot, in the background): it is
+    written, ingest calls during it succeed, and a restart uses it."""
+    path = tmp_path / "store.duckdb"
+    with Store(path) as store:
+        store.load_population(population)
+        pid = int(store.table("persons")["person_id"][0].as_py())
+    server = _serve(tmp_path, path, "first")
+    snap = str(path) + ".snapshot"
+    try:
+        _reevaluate(server)
+        os.kill(server.proc.pid, signal.SIGUSR1)
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.HealthCodeServiceStub(channel)
+            for i in range(20):
+                event = pb.EntryEvent(person_id=pid)
+                event.time.seconds = AS_OF - 100 - i
+                assert stub.RecordEntries(pb.RecordEntriesRequest(entries=[event]), timeout=30).inserted == 1
+        deadline = time.monotonic() + 60
+        while '"event": "snapshot_written"' not in server.stderr() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = server.stderr()
+        assert '"event": "checkpoint_requested"' in log and '"event": "snapshot_written"' in log
+        assert os.path.exists(snap)
+    finally:
+        server.stop()
+    again = _serve(tmp_path, path, "second")
+    try:
+        assert _view_from(again) == "snapshot"
+    finally:
+        again.stop()

@@ -386,6 +386,27 @@ class StatusBook:
                     log.exception("checkpoint failed (the change log is intact; it is retried later)")
                 return
 
+    def checkpoint_now(self) -> bool:
+        """Start writing the checkpoint (the snapshot; the store's status checkpoint for an in-memory store) in the
+        background now, without waiting for a quiet moment (an operator's SIGUSR1); False when one is running."""
+        if self._closing.is_set() or (self._checkpointing is not None and self._checkpointing.is_alive()):
+            return False
+        event(log, "checkpoint_requested")
+
+        def work() -> None:
+            try:
+                if self.snapshot_path is None:
+                    self.checkpoint()
+                    return
+                while not self.write_snapshot() and not self._closing.wait(0.05) and not self.stale:
+                    pass  # a compaction or an ingest merge was half-way: again in a moment
+            except Exception:
+                log.exception("checkpoint failed (the change log is intact; it is retried later)")
+
+        self._checkpointing = threading.Thread(target=work, name="healthcode-checkpoint")
+        self._checkpointing.start()
+        return True
+
     def checkpoint(self) -> int:
         """Write the store's status checkpoint now (the ``statuses`` table, inside the database); the sequence number
         it covers."""
@@ -399,7 +420,7 @@ class StatusBook:
         only to copy the published arrays; the rows are written from an immutable state."""
         if self.snapshot_path is None or self.stale:
             return False
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         with self._lock:
             state, now, complete_to = self.view.current()
             generation, mark = self._marked
@@ -430,7 +451,7 @@ class StatusBook:
         self._snapshot_holds = holds
         event(
             log, "snapshot_written", persons=n, high_water_mark=high_water_mark, bytes=size,
-            seconds=round(time.perf_counter() - started, 2),
+            started_at=round(started_at, 3), seconds=round(time.perf_counter() - started, 3),
         )  # fmt: skip
         return True
 

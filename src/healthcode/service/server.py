@@ -294,6 +294,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if book is not None:  # an operator (or a benchmark) asks for the checkpoint now
+        loop.add_signal_handler(signal.SIGUSR1, book.checkpoint_now)
     failed: list[str] = []
     watcher = None
     if shedder is not None:
