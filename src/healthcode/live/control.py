@@ -60,6 +60,10 @@ def initial_state(policy_path: str | os.PathLike[str] | None, risk_path: str | o
     return State(risk, timeline, text)
 
 
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 2)
+
+
 @dataclass(frozen=True)
 class Change:
     """What a change did: the snapshot now in force and, with a store, the re-evaluation it caused."""
@@ -184,6 +188,8 @@ class Control:
     def put_risk_list(self, risk: RiskList, now: int, who: str) -> Change:
         """Replace the risk list (already validated): re-evaluate the persons it may affect, commit them with the
         new version, publish, audit, notify."""
+        t0 = time.perf_counter()
+        ms: dict[str, float] = {}
         with self._lock:
             summary = None
             if self.book is not None:
@@ -191,10 +197,15 @@ class Control:
                 new = risk.with_version(old.risk_version + 1)
                 self.book.refresh(old.policy, now)
                 summary = self.book.reevaluate_risk_change(old.risk, new, old.policy, now, keep=True)
+                ms["reevaluate"] = _ms(t0)
                 self._audit(who, "put_risk_list", new.version, f"{len(risk)} entries", summary)
+                ms["audit"] = _ms(t0) - ms["reevaluate"]
             snap = self.state.put_risk_list(risk)
         logs.event(log, "risk_list_replaced", version=snap.risk_version, entries=len(risk))
-        return self._notify(Change(snap, summary))
+        change = self._notify(Change(snap, summary))
+        ms["total"] = _ms(t0)
+        logs.event(log, "risk_list_timings", level=logging.DEBUG, ms=ms)
+        return change
 
     def put_policy(self, timeline: PolicyTimeline, text: str, now: int, who: str) -> Change:
         """Replace the policy timeline (already validated; ``text`` its TOML): everyone is re-evaluated under it

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from healthcode import logs
 from healthcode.live.view import PopulationView
 from healthcode.live.viewstate import ViewState, stored_events
 from healthcode.rules import engine
@@ -61,6 +62,25 @@ def changed_regions(old: RiskTable, new: RiskTable) -> np.ndarray:
         if not (np.array_equal(old.lo[a], new.lo[b]) and np.array_equal(old.hi[a], new.hi[b])):
             differs[idx] = True
     return np.flatnonzero(differs).astype(np.int64) + CODE_MIN
+
+
+class _Spans:
+    """Milliseconds per stage of one call, logged at debug level as one event (for profiling at scale)."""
+
+    def __init__(self) -> None:
+        self.enabled = log.isEnabledFor(logging.DEBUG)
+        self.last = time.perf_counter()
+        self.ms: dict[str, float] = {}
+
+    def mark(self, stage: str) -> None:
+        if self.enabled:
+            now = time.perf_counter()
+            self.ms[stage] = round((now - self.last) * 1000, 2)
+            self.last = now
+
+    def log(self, name: str, **fields: int) -> None:
+        if self.enabled:
+            logs.event(log, name, level=logging.DEBUG, **fields, ms=self.ms)
 
 
 class StatusBook:
@@ -222,18 +242,23 @@ class StatusBook:
         log (one transaction), then publish them in memory.  ``keep_risk_list`` stores ``risk`` as its version, and
         ``keep_policy`` ``(version, toml)`` a policy, in that same transaction."""
         version = risk.version or 0
+        spans = _Spans()
         ctx = engine.make_context(risk, timeline, as_of)
+        spans.mark("context")
         with self._lock:
             state = self.view.state
             if regions is not None:
                 rows = state.slots_visiting(regions)
+                spans.mark("slots_visiting")
             idx, badge, entry, reasons = state.evaluate(rows, ctx, self.kernel_threads, progress)
+            spans.mark("evaluate")
             self._grow(state.n_persons)
             known = self.known[idx]
             old_badge, old_entry, old_reasons = self.badge[idx], self.entry[idx], self.reasons[idx]
             changed = ~known | (badge != old_badge) | (entry != old_entry) | (reasons != old_reasons)
             pick = np.flatnonzero(changed)
             n_changed = len(pick)
+            spans.mark("diff")
             was_known = known[pick]
             changes = pa.table(
                 {
@@ -247,7 +272,9 @@ class StatusBook:
                 }
             )
             kept_list = (version, risk.to_csv()) if keep_risk_list else None
+            spans.mark("changes_table")
             high_water_mark = self.store.publish(changes, risk_list=kept_list, policy=keep_policy)
+            spans.mark("store_publish")
             # Committed: publish in memory.
             slots_changed = idx[pick]
             self.known[slots_changed] = True
@@ -255,7 +282,9 @@ class StatusBook:
             self.entry[slots_changed] = entry[pick]
             self.reasons[slots_changed] = reasons[pick]
             self.high_water_mark = high_water_mark
+            spans.mark("memory_publish")
         self._maybe_checkpoint()
+        spans.log("reevaluation_timings", evaluated=len(idx), changed=n_changed)
         return Summary(
             evaluated=len(idx),
             changed=n_changed,
@@ -275,9 +304,13 @@ class StatusBook:
         """A risk-list replacement: re-evaluate only the persons with in-window visits to regions whose folded
         risk for ``day(as_of)`` changed (SPEC §4.3 hierarchy included), with the new list (``keep``: and store the
         new list as its version in the same transaction as the changes)."""
+        spans = _Spans()
         ctx_old = engine.make_context(old, timeline, as_of)
         ctx_new = engine.make_context(new, timeline, as_of)
+        spans.mark("contexts")
         regions = changed_regions(ctx_old.risk_table, ctx_new.risk_table)
+        spans.mark("changed_regions")
+        spans.log("risk_change_timings", regions=len(regions))
         return self.reevaluate(
             new, timeline, as_of, regions=regions, regions_changed=len(regions), keep_risk_list=keep
         )
