@@ -338,7 +338,8 @@ class StatusBook:
             high_water_mark = self.store.publish(changes, risk_list=kept_list, policy=keep_policy, admin=admin)
             spans.mark("store_publish")
             # Committed: publish in memory.
-            self.known[slots_changed] = True
+            if not all_known:
+                self.known[slots_changed] = True
             self.badge[slots_changed] = badge[pick]
             self.entry[slots_changed] = entry[pick]
             self.reasons[slots_changed] = reasons[pick]
