@@ -302,14 +302,14 @@ class StatusBook:
             n_changed = len(pick)
             slots_changed = idx[pick]
             was_known = known[pick]
-            old_changed = pack_state(old_badge[pick], old_entry[pick], old_reasons[pick])
-            new_changed = pack_state(badge[pick], entry[pick], reasons[pick])
+            had_badge, had_entry, has_badge, has_entry = old_badge[pick], old_entry[pick], badge[pick], entry[pick]
+            old_changed = pack_state(had_badge, had_entry, old_reasons[pick])
+            new_changed = pack_state(has_badge, has_entry, reasons[pick])
             spans.mark("diff")
             # Only a changed person can lose or gain a badge or an entry permission (an unchanged one is known and
             # has the same status), so the counts come from the changes.
-            had_badge = was_known & ((old_changed & 1) == 1)
-            had_entry = was_known & ((old_changed & 2) == 2)
-            has_badge, has_entry = (new_changed & 1) == 1, (new_changed & 2) == 2
+            had_badge &= was_known
+            had_entry &= was_known
             summary = Summary(
                 evaluated=len(idx),
                 changed=n_changed,
@@ -340,8 +340,8 @@ class StatusBook:
             # Committed: publish in memory.
             if not all_known:
                 self.known[slots_changed] = True
-            self.badge[slots_changed] = badge[pick]
-            self.entry[slots_changed] = entry[pick]
+            self.badge[slots_changed] = has_badge
+            self.entry[slots_changed] = has_entry
             self.reasons[slots_changed] = reasons[pick]
             self.high_water_mark = high_water_mark
             spans.mark("memory_publish")
