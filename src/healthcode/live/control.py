@@ -27,7 +27,7 @@ from importlib import resources
 from healthcode import logs
 from healthcode.errors import Precondition
 from healthcode.live.state import Snapshot, State
-from healthcode.live.statusbook import StatusBook, Summary
+from healthcode.live.statusbook import AdminRow, StatusBook, Summary
 from healthcode.rules.policy import PolicyTimeline, default_policy, parse_policy
 from healthcode.rules.regions import RiskList, load_risk_list, parse_risk_csv
 from healthcode.store import Store
@@ -60,6 +60,10 @@ def initial_state(policy_path: str | os.PathLike[str] | None, risk_path: str | o
     return State(risk, timeline, text)
 
 
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 2)
+
+
 @dataclass(frozen=True)
 class Change:
     """What a change did: the snapshot now in force and, with a store, the re-evaluation it caused."""
@@ -79,6 +83,7 @@ class Control:
         self.book = book
         self._lock = threading.Lock()
         self._listeners: list[Listener] = []
+        self._last_list: RiskList | None = None  # the list the last risk-list change installed
 
     # -- opening ----------------------------------------------------------------------------------------------
 
@@ -174,31 +179,46 @@ class Control:
             raise Precondition(NO_STORE)
         return self.book
 
-    def _audit(self, who: str, action: str, version: int | None, detail: str, summary: Summary | None) -> None:
-        assert self.book is not None
-        if summary is not None:
-            detail = (
-                f"{detail}; evaluated {summary.evaluated}, changed {summary.changed}, high-water mark "
-                f"{summary.high_water_mark}"
+    @staticmethod
+    def _audit(who: str, action: str, version: int | None, detail: str) -> Callable[[Summary], AdminRow]:
+        """The admin-log row of a change, made from its summary (kept in the transaction of its changes)."""
+
+        def row(summary: Summary) -> AdminRow:
+            counts = (
+                f"evaluated {summary.evaluated}, changed {summary.changed}, high-water mark {summary.high_water_mark}"
             )
-        self.book.store.record_admin(who, action, version, detail)
+            return who, action, version, f"{detail}; {counts}"
+
+        return row
 
     # -- changes ----------------------------------------------------------------------------------------------
 
     def put_risk_list(self, risk: RiskList, now: int, who: str) -> Change:
         """Replace the risk list (already validated): re-evaluate the persons it may affect, commit them with the
-        new version, publish, audit, notify."""
+        new version and the audit row, publish, notify."""
+        started = time.perf_counter()
         with self._lock:
             summary = None
             if self.book is not None:
                 old = self.state.snapshot
                 new = risk.with_version(old.risk_version + 1)
                 self.book.refresh(old.policy, now)
-                summary = self.book.reevaluate_risk_change(old.risk, new, old.policy, now, keep=True)
-                self._audit(who, "put_risk_list", new.version, f"{len(risk)} entries", summary)
+                audit = self._audit(who, "put_risk_list", new.version, f"{len(risk)} entries")
+                summary = self.book.reevaluate_risk_change(
+                    self._installed(old), new, old.policy, now, keep=True, audit=audit
+                )
+                self._last_list = new
             snap = self.state.put_risk_list(risk)
         logs.event(log, "risk_list_replaced", version=snap.risk_version, entries=len(risk))
-        return self._notify(Change(snap, summary))
+        change = self._notify(Change(snap, summary))
+        logs.event(log, "risk_list_timings", level=logging.DEBUG, ms=_ms(started))
+        return change
+
+    def _installed(self, snap: Snapshot) -> RiskList:
+        """The list in force, as the object the last change evaluated with (whose folded tables are built already)
+        when it is that version."""
+        last = self._last_list
+        return last if last is not None and last.version == snap.risk_version else snap.risk
 
     def put_policy(self, timeline: PolicyTimeline, text: str, now: int, who: str) -> Change:
         """Replace the policy timeline (already validated; ``text`` its TOML): everyone is re-evaluated under it
@@ -209,8 +229,8 @@ class Control:
                 current = self.state.snapshot
                 version = current.policy_version + 1
                 self.book.refresh(timeline, now)
-                summary = self.book.reevaluate(current.risk, timeline, now, keep_policy=(version, text))
-                self._audit(who, "put_policy", version, f"{len(timeline.policies)} policies", summary)
+                audit = self._audit(who, "put_policy", version, f"{len(timeline.policies)} policies")
+                summary = self.book.reevaluate(current.risk, timeline, now, keep_policy=(version, text), audit=audit)
             snap = self.state.put_policy(timeline, text)
         logs.event(log, "policy_replaced", version=snap.policy_version, policies=len(timeline.policies))
         return self._notify(Change(snap, summary))
@@ -222,8 +242,8 @@ class Control:
         with self._lock:
             snap = self.state.snapshot
             book.refresh(snap.policy, as_of)
-            summary = book.reevaluate(snap.risk, snap.policy, as_of, progress=progress)
-            self._audit(who, "reevaluate", snap.risk_version, f"as_of {as_of}", summary)
+            audit = self._audit(who, "reevaluate", snap.risk_version, f"as_of {as_of}")
+            summary = book.reevaluate(snap.risk, snap.policy, as_of, progress=progress, audit=audit)
         logs.event(log, "reevaluated", evaluated=summary.evaluated, changed=summary.changed)
         return self._notify(Change(snap, summary))
 

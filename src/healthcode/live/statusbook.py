@@ -18,11 +18,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 
+from healthcode import logs
 from healthcode.live import snapshot
 from healthcode.live.view import PopulationView, merged_rows
 from healthcode.live.viewstate import ViewState, region_index_of, stored_events, trim_window, window
@@ -56,14 +57,64 @@ def changed_regions(old: RiskTable, new: RiskTable) -> np.ndarray:
 
     Regions with several intervals in either table count as changed unless their hulls and intervals are equal; the
     comparison is vectorized over the dense tables (a superset is harmless: the statuses are diffed afterwards)."""
-    differs = np.any(old.span != new.span, axis=1)
-    multi = np.unpackbits(old.multi | new.multi, bitorder="little")[: len(differs)].astype(bool)
-    for idx in np.flatnonzero(multi & ~differs):
+    differs = _rows_differ(old.span, new.span)
+    either = old.multi | new.multi
+    words = np.flatnonzero(either)  # the few regions with several intervals: their hull alone may hide a change
+    multi = np.unpackbits(either[words], bitorder="little").reshape(-1, 8)
+    word, bit = np.nonzero(multi)
+    for idx in words[word] * 8 + bit:
+        if idx >= len(differs) or differs[idx]:
+            continue
         a = slice(old.offsets[idx], old.offsets[idx + 1])
         b = slice(new.offsets[idx], new.offsets[idx + 1])
         if not (np.array_equal(old.lo[a], new.lo[b]) and np.array_equal(old.hi[a], new.hi[b])):
             differs[idx] = True
     return np.flatnonzero(differs).astype(np.int64) + CODE_MIN
+
+
+#: An admin-log row: (caller, action, version, detail).
+AdminRow = tuple[str, str, int | None, str]
+
+
+def _ids_of(state: ViewState, slots: np.ndarray) -> np.ndarray:
+    """The person id of each of ``slots`` (no copy of the whole id column when ingest added persons)."""
+    n_base = state.n_base
+    if len(state.extra_ids) == 0:
+        return state.base_ids[slots]
+    out = np.empty(len(slots), dtype=np.uint64)
+    in_base = slots < n_base
+    out[in_base] = state.base_ids[slots[in_base]]
+    out[~in_base] = state.extra_ids[slots[~in_base] - n_base]
+    return out
+
+
+class _Spans:
+    """Wall and CPU milliseconds (all threads of the process) per stage of one call, logged at debug level as one
+    event (profiling at scale: CPU time is what a loaded machine does not blur)."""
+
+    def __init__(self) -> None:
+        self.enabled = log.isEnabledFor(logging.DEBUG)
+        self.last = (time.perf_counter(), time.process_time())
+        self.ms: dict[str, float] = {}
+        self.cpu_ms: dict[str, float] = {}
+
+    def mark(self, stage: str) -> None:
+        if self.enabled:
+            now = (time.perf_counter(), time.process_time())
+            self.ms[stage] = round((now[0] - self.last[0]) * 1000, 2)
+            self.cpu_ms[stage] = round((now[1] - self.last[1]) * 1000, 2)
+            self.last = now
+
+    def log(self, name: str, **fields: int) -> None:
+        if self.enabled:
+            logs.event(log, name, level=logging.DEBUG, **fields, ms=self.ms, cpu_ms=self.cpu_ms)
+
+
+def _rows_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Which rows of two equal-shape 2-D arrays differ (one comparison a row when a row is 8 bytes)."""
+    if a.shape == b.shape and a.ndim == 2 and a.dtype == b.dtype and a.dtype.itemsize * a.shape[1] == 8:
+        return np.ascontiguousarray(a).view(np.int64).ravel() != np.ascontiguousarray(b).view(np.int64).ravel()
+    return np.any(a != b, axis=1)
 
 
 class StatusBook:
@@ -293,70 +344,109 @@ class StatusBook:
         regions: np.ndarray | None = None,
         keep_risk_list: bool = False,
         keep_policy: tuple[int, str] | None = None,
+        audit: Callable[[Summary], AdminRow] | None = None,
     ) -> Summary:
         """Evaluate view slots ``rows`` (None: everyone; or the persons visiting ``regions``) with ``risk`` (whose
         ``version`` is recorded), diff against the published statuses, append the changes to the store's change
-        log (one transaction), then publish them in memory.  ``keep_risk_list`` stores ``risk`` as its version, and
-        ``keep_policy`` ``(version, toml)`` a policy, in that same transaction."""
+        log (one transaction), then publish them in memory.  ``keep_risk_list`` stores ``risk`` as its version,
+        ``keep_policy`` ``(version, toml)`` a policy, and ``audit`` (given the summary) the admin-log row, all in
+        that same transaction.
+
+        Past the evaluation, the cost is the number of evaluated persons and of changes: the diff compares packed
+        statuses, the counts come from the changed persons only, and the change-log rows are built as whole
+        columns."""
         version = risk.version or 0
+        spans = _Spans()
         ctx = engine.make_context(risk, timeline, as_of)
+        spans.mark("context")
         with self._lock:
             state = self.view.state
             if regions is not None:
                 rows = state.slots_visiting(regions)
+                spans.mark("slots_visiting")
             idx, badge, entry, reasons = state.evaluate(rows, ctx, self.kernel_threads, progress)
+            spans.mark("evaluate")
             self._grow(state.n_persons)
-            known = self.known[idx]
-            old_badge, old_entry, old_reasons = self.badge[idx], self.entry[idx], self.reasons[idx]
-            changed = ~known | (badge != old_badge) | (entry != old_entry) | (reasons != old_reasons)
+            # Everyone (slots 0..n-1): the published arrays themselves, else their rows of the evaluated slots.
+            sel = slice(None) if rows is None and len(idx) == len(self.known) else idx
+            known, old_badge = self.known[sel], self.badge[sel]
+            old_entry, old_reasons = self.entry[sel], self.reasons[sel]
+            changed = badge != old_badge
+            changed |= entry != old_entry
+            changed |= reasons != old_reasons
+            changed |= ~known
             pick = np.flatnonzero(changed)
             n_changed = len(pick)
+            slots_changed = idx[pick]
             was_known = known[pick]
+            had_badge, had_entry, has_badge, has_entry = old_badge[pick], old_entry[pick], badge[pick], entry[pick]
+            old_changed = pack_state(had_badge, had_entry, old_reasons[pick])
+            new_changed = pack_state(has_badge, has_entry, reasons[pick])
+            spans.mark("diff")
+            # Only a changed person can lose or gain a badge or an entry permission (an unchanged one is known and
+            # has the same status), so the counts come from the changes.
+            had_badge &= was_known
+            had_entry &= was_known
+            summary = Summary(
+                evaluated=len(idx),
+                changed=n_changed,
+                badges_lost=int(np.count_nonzero(had_badge & ~has_badge)),
+                badges_gained=int(np.count_nonzero(has_badge & ~had_badge)),
+                entries_lost=int(np.count_nonzero(had_entry & ~has_entry)),
+                entries_gained=int(np.count_nonzero(has_entry & ~had_entry)),
+                high_water_mark=self.high_water_mark,
+                risk_list_version=version,
+                as_of=as_of,
+                regions_changed=regions_changed,
+            )
+            all_known = bool(was_known.all())
             changes = pa.table(
                 {
-                    "person_id": pa.array(state.ids[idx[pick]], pa.uint64()),
-                    "old_state": pa.array(
-                        pack_state(old_badge[pick], old_entry[pick], old_reasons[pick]), mask=~was_known
-                    ),
-                    "new_state": pa.array(pack_state(badge[pick], entry[pick], reasons[pick])),
+                    "person_id": pa.array(_ids_of(state, slots_changed), pa.uint64()),
+                    "old_state": pa.array(old_changed, mask=None if all_known else ~was_known),
+                    "new_state": pa.array(new_changed),
                     "risk_list_version": pa.array(np.full(n_changed, version, dtype=np.int64)),
                     "as_of": pa.array(np.full(n_changed, as_of, dtype=np.int64)),
                 }
             )
             kept_list = (version, risk.to_csv()) if keep_risk_list else None
-            high_water_mark = self.store.publish(changes, risk_list=kept_list, policy=keep_policy)
+            admin = None if audit is None else (lambda hwm: audit(replace(summary, high_water_mark=hwm)))
+            spans.mark("changes_table")
+            high_water_mark = self.store.publish(changes, risk_list=kept_list, policy=keep_policy, admin=admin)
+            spans.mark("store_publish")
             # Committed: publish in memory.
-            slots_changed = idx[pick]
-            self.known[slots_changed] = True
-            self.badge[slots_changed] = badge[pick]
-            self.entry[slots_changed] = entry[pick]
+            if not all_known:
+                self.known[slots_changed] = True
+            self.badge[slots_changed] = has_badge
+            self.entry[slots_changed] = has_entry
             self.reasons[slots_changed] = reasons[pick]
             self.high_water_mark = high_water_mark
+            spans.mark("memory_publish")
         self._maybe_checkpoint()
-        return Summary(
-            evaluated=len(idx),
-            changed=n_changed,
-            badges_lost=int(np.sum(known & old_badge & ~badge)),
-            badges_gained=int(np.sum(badge & ~(known & old_badge))),
-            entries_lost=int(np.sum(known & old_entry & ~entry)),
-            entries_gained=int(np.sum(entry & ~(known & old_entry))),
-            high_water_mark=high_water_mark,
-            risk_list_version=version,
-            as_of=as_of,
-            regions_changed=regions_changed,
-        )
+        spans.log("reevaluation_timings", evaluated=len(idx), changed=n_changed)
+        return replace(summary, high_water_mark=high_water_mark)
 
     def reevaluate_risk_change(
-        self, old: RiskList, new: RiskList, timeline: PolicyTimeline, as_of: int, keep: bool = False
+        self,
+        old: RiskList,
+        new: RiskList,
+        timeline: PolicyTimeline,
+        as_of: int,
+        keep: bool = False,
+        audit: Callable[[Summary], AdminRow] | None = None,
     ) -> Summary:
         """A risk-list replacement: re-evaluate only the persons with in-window visits to regions whose folded
         risk for ``day(as_of)`` changed (SPEC §4.3 hierarchy included), with the new list (``keep``: and store the
-        new list as its version in the same transaction as the changes)."""
+        new list as its version in the same transaction as the changes; ``audit`` as for :meth:`reevaluate`)."""
+        spans = _Spans()
         ctx_old = engine.make_context(old, timeline, as_of)
         ctx_new = engine.make_context(new, timeline, as_of)
+        spans.mark("contexts")
         regions = changed_regions(ctx_old.risk_table, ctx_new.risk_table)
+        spans.mark("changed_regions")
+        spans.log("risk_change_timings", regions=len(regions))
         return self.reevaluate(
-            new, timeline, as_of, regions=regions, regions_changed=len(regions), keep_risk_list=keep
+            new, timeline, as_of, regions=regions, regions_changed=len(regions), keep_risk_list=keep, audit=audit
         )
 
     # -- checkpoints --------------------------------------------------------------------------------------------

@@ -197,7 +197,12 @@ class ViewState:
         return _prepare(self.overlay.combine_chunks())
 
     def slots_visiting(self, regions: np.ndarray) -> np.ndarray:
-        """Slots of persons with an in-window visit to any of ``regions`` (codes), ascending."""
+        """Slots of persons with an in-window visit to any of ``regions`` (codes), ascending.
+
+        Proportional to the visits of those regions: each region's slots are ascending already (base index and
+        overlay once sorted), so one region is its run with repeats dropped, and several are merged with a stable sort
+        (which merges sorted runs).  Only when the visits are a large share of the population is a bitmap over
+        every slot cheaper, and it is used then."""
         codes = np.asarray(regions, dtype=np.int64)
         idx = codes - CODE_MIN
         idx = idx[(idx >= 0) & (idx < N_CODES)]
@@ -205,13 +210,23 @@ class ViewState:
         if len(self.overlay_visit_regions):
             lo = np.searchsorted(self.overlay_visit_regions, codes, side="left")
             hi = np.searchsorted(self.overlay_visit_regions, codes, side="right")
-            parts += [self.overlay_row_slots[self.overlay_visit_rows[a:b]] for a, b in zip(lo, hi, strict=True)]
+            # The overlay's rows are in append order: each region's slots sorted here (the overlay is small).
+            rows = self.overlay_visit_rows
+            parts += [np.sort(self.overlay_row_slots[rows[a:b]]) for a, b in zip(lo, hi, strict=True)]
+        parts = [part for part in parts if len(part)]
         if not parts:
             return np.zeros(0, dtype=np.int64)
-        seen = np.zeros(self.n_persons, dtype=bool)  # a bitmap, not a sort: O(persons) bytes, no O(k log k)
-        for part in parts:
-            seen[part] = True
-        return np.flatnonzero(seen)
+        total = sum(len(part) for part in parts)
+        if total * 8 >= self.n_persons:
+            seen = np.zeros(self.n_persons, dtype=bool)
+            for part in parts:
+                seen[part] = True
+            return np.flatnonzero(seen)
+        if len(parts) == 1:
+            return _drop_repeats(np.asarray(parts[0], dtype=np.int64))
+        merged = np.concatenate(parts).astype(np.int64, copy=False)
+        merged.sort(kind="stable")
+        return _drop_repeats(merged)
 
     def evaluate(
         self,
@@ -225,6 +240,11 @@ class ViewState:
             slots = np.asarray(slots, dtype=np.int64)
             ov = self._overlay_rows_of(slots)
             in_ov = ov >= 0
+            if not in_ov.any() and self.prepared_base is not None:  # base rows only: no masks, no copies
+                b, e, r = engine.evaluate_selected(ctx, self.prepared_base, slots, n_threads)
+                if progress is not None:
+                    progress(len(slots))
+                return slots, b, e, r
             badge = np.zeros(len(slots), dtype=bool)
             entry = np.zeros(len(slots), dtype=bool)
             reasons = np.zeros(len(slots), dtype=np.uint16)
@@ -308,6 +328,16 @@ def stored_events(state: ViewState, kind: str, events: pa.Table, now: int, lookb
         ).astype(np.uint64)
     out[inside] = np.where(sets.isin(ask, have), STORED, NEW)
     return out
+
+
+def _drop_repeats(ascending: np.ndarray) -> np.ndarray:
+    """An ascending array without its repeated values."""
+    if len(ascending) < 2:
+        return ascending
+    keep = np.empty(len(ascending), dtype=bool)
+    keep[0] = True
+    np.not_equal(ascending[1:], ascending[:-1], out=keep[1:])
+    return ascending[keep]
 
 
 def _evaluate(

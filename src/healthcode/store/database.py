@@ -227,7 +227,11 @@ class Store:
         return self._journal.high_water_mark()
 
     def publish(
-        self, changes: pa.Table, risk_list: tuple[int, str] | None = None, policy: tuple[int, str] | None = None
+        self,
+        changes: pa.Table,
+        risk_list: tuple[int, str] | None = None,
+        policy: tuple[int, str] | None = None,
+        admin: Callable[[int], tuple[str, str, int | None, str]] | None = None,
     ) -> int:
         """Append status changes to the change log in one transaction, numbered on from the high-water mark in
         the order given; returns the new high-water mark.  ``risk_list`` / ``policy`` ``(version, text)`` are kept
@@ -236,8 +240,10 @@ class Store:
 
         ``changes`` has the columns ``person_id``, ``old_state`` (null for a first publish), ``new_state`` (see
         :func:`pack_state`), ``risk_list_version`` and ``as_of``.  This process is the store's only writer, so the
-        high-water mark is kept in memory and the sequence numbers are made here."""
-        return self._journal.publish(changes, risk_list, policy)
+        high-water mark is kept in memory and the sequence numbers are made here.  ``admin``, given the new
+        high-water mark, returns the admin-log row ``(caller, action, version, detail)`` to keep in that same
+        transaction (as :meth:`record_admin`)."""
+        return self._journal.publish(changes, risk_list, policy, admin)
 
     def changes(self, after: int, limit: int = 10_000) -> pa.Table:
         """Change-log rows with ``seq > after``, in order, at most ``limit`` of them."""

@@ -12,6 +12,7 @@ policy versions are kept with the publish they produced, and ``admin_log`` says 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import duckdb
 import numpy as np
@@ -91,8 +92,15 @@ class Journal:
             return self._hwm
 
     def publish(
-        self, changes: pa.Table, risk_list: tuple[int, str] | None = None, policy: tuple[int, str] | None = None
+        self,
+        changes: pa.Table,
+        risk_list: tuple[int, str] | None = None,
+        policy: tuple[int, str] | None = None,
+        admin: Callable[[int], tuple[str, str, int | None, str]] | None = None,
     ) -> int:
+        """One transaction, one commit: the changes (numbered on from the cached high-water mark, read from the
+        registered Arrow table by DuckDB: no per-row Python, no scan of the change log), the kept versions and the
+        admin-log row ``admin(new high-water mark)``."""
         db = self.db
 
         def work() -> int:
@@ -113,6 +121,8 @@ class Journal:
                 db.con.execute("INSERT OR REPLACE INTO risk_lists VALUES (?, now(), ?)", list(risk_list))
             if policy is not None:
                 db.con.execute("INSERT OR REPLACE INTO policies VALUES (?, now(), ?)", list(policy))
+            if admin is not None:
+                db.con.execute("INSERT INTO admin_log VALUES (now(), ?, ?, ?, ?)", list(admin(base + changes.num_rows)))
             return base + changes.num_rows
 
         try:
