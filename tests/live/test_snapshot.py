@@ -225,3 +225,21 @@ def test_the_population_mark_changes_with_every_population_write(store):
     }))  # fmt: skip
     marks.append(store.population_mark())
     assert len(set(marks)) == len(marks), marks
+
+
+def test_the_population_mark_carried_forward_over_event_groups_equals_the_stores(store):
+    """After a group of events the book carries the store's population mark forward from the group's counts
+    instead of asking the store; it always equals what the store says (persons groups ask the store)."""
+    book = _book(store)
+    person = int(store.table("persons")["person_id"][0].as_py())
+    for i in range(4):
+        group = [_entries(person, AS_OF - 100 - i, AS_OF - 100 - i), _nat(person, AS_OF - 999, AS_OF - 500 - i)]
+        items = [(kind, Store.prepare_ingest(kind, table)) for kind, table in group]
+        counts = store.ingest_group(items, prepared=True, known=book.knows,
+                                    seen=lambda k, e: book.stored_events(k, e, AS_OF))  # fmt: skip
+        inserted: dict[str, int] = {}
+        for (kind, _), c in zip(items, counts, strict=True):
+            inserted[kind] = inserted.get(kind, 0) + c.inserted
+        book.ingested(items, AS_OF, inserted)
+        assert book._marked == (book.view.state.generation, store.population_mark())
+    book.close()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -277,16 +277,34 @@ class StatusBook:
 
     # -- ingest -----------------------------------------------------------------------------------------------
 
-    def ingested(self, items: Sequence[tuple[str, pa.Table]], now: int) -> None:
+    def ingested(
+        self, items: Sequence[tuple[str, pa.Table]], now: int, inserted: Mapping[str, int] | None = None
+    ) -> None:
         """Committed ingest items (validated store form, in commit order) reach the view; when they cannot be
-        merged (a bug, or the view is behind the store) the view is marked stale and rebuilt before its next use."""
+        merged (a bug, or the view is behind the store) the view is marked stale and rebuilt before its next use.
+
+        ``inserted`` (rows newly stored per kind, as the group's counts say) lets the store's population mark be
+        carried forward without asking the store, for a group of events only right after the last marked one
+        (this process is the store's only writer): event rows only add to the counts."""
+        previous_generation, previous = self._marked
         try:
             state = self.view.apply(items, now)
         except Exception:
             self.stale = True
             raise
         # Ingest runs one group at a time: the store holds just this view generation's population now.
-        self._marked = (state.generation, self.store.population_mark())
+        kinds = {kind for kind, _ in items}
+        if inserted is not None and previous is not None and "persons" not in kinds and (
+            previous_generation == state.generation - 1
+        ):
+            persons, nat, entries, visits, updated = previous
+            mark: tuple[int, ...] = (
+                persons, nat + inserted.get("nat_results", 0), entries + inserted.get("entries", 0),
+                visits + inserted.get("visits", 0), updated,
+            )  # fmt: skip
+        else:
+            mark = self.store.population_mark()
+        self._marked = (state.generation, mark)
 
     def knows(self, person_ids: np.ndarray) -> np.ndarray | None:
         """Which of ``person_ids`` are stored, from the view (None while it is stale: ask the store)."""

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from healthcode import logs
 from healthcode._proto.v1 import healthcode_pb2 as pb
 from healthcode.live.control import Control, initial_state
-from healthcode.live.ingest import IngestQueue
+from healthcode.live.ingest import Committed, IngestQueue
 from healthcode.live.statusbook import StatusBook
 from healthcode.rules import engine
 from healthcode.rules.timebase import to_datetime, to_instant
@@ -201,6 +201,14 @@ async def _demo_lines(
         )
 
 
+def _inserted(done: list[Committed]) -> dict[str, int]:
+    """Rows newly stored per ingest kind in a committed group."""
+    out: dict[str, int] = {}
+    for c in done:
+        out[c.kind] = out.get(c.kind, 0) + c.counts.inserted
+    return out
+
+
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit code."""
     logs.configure(settings.log_level)
@@ -221,7 +229,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
         if book is None
         else IngestQueue(
             book.store,
-            on_commit=lambda done: book.ingested([(c.kind, c.table) for c in done], settings.now()),
+            on_commit=lambda done: book.ingested(
+                [(c.kind, c.table) for c in done], settings.now(), _inserted(done)
+            ),
             known=book.knows,
             seen=lambda kind, events: book.stored_events(kind, events, settings.now()),
         )
