@@ -126,6 +126,7 @@ class PopulationView:
         started = time.perf_counter()
         snapshot = self.state
         gen = snapshot.generation
+        event(log, "view_compaction_started", overlay_rows=snapshot.overlay.num_rows, persons=snapshot.n_persons)
         merged, _ = merged_rows(snapshot)
         merged = trim_window(merged, now, self.lookback_days)
         fresh = make_state(merged)
