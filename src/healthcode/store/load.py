@@ -149,21 +149,25 @@ def _last_per_person(persons: pa.Table) -> pa.Table:
     return persons.take(pa.array(np.sort(order[last]), pa.int64()))
 
 
-def _write_batch(db: Connection, parts: dict[str, pa.Table], distinct: bool, maybe_stored: bool) -> tuple[int, ...]:
+def _write_batch(
+    db: Connection, parts: dict[str, pa.Table], distinct: bool, maybe_stored: bool, held: np.ndarray | None = None
+) -> tuple[int, ...]:
     """One batch's rows in the open transaction: (persons inserted, updated, NAT results, entries, visits stored).
-    ``distinct``: the batch's persons and events are distinct already (:func:`population_rows`)."""
+    ``distinct``: the batch's persons and events are distinct already (:func:`population_rows`).  ``held``: the
+    batch's persons the store holds already, when the caller knows (else asked of the store if ``maybe_stored``)."""
     persons = parts["persons"].drop_columns(["_row"])
     if not distinct:
         persons = _last_per_person(persons)
-    held = np.zeros(0, dtype=np.uint64)
-    if maybe_stored and persons.num_rows:
-        view = db.register(persons.select(["person_id"]))
-        try:
-            held = db.con.sql(f"SELECT person_id FROM {view} SEMI JOIN persons USING (person_id)").fetchnumpy()[
-                "person_id"
-            ]
-        finally:
-            db.unregister(view)
+    if held is None:
+        held = np.zeros(0, dtype=np.uint64)
+        if maybe_stored and persons.num_rows:
+            view = db.register(persons.select(["person_id"]))
+            try:
+                held = db.con.sql(f"SELECT person_id FROM {view} SEMI JOIN persons USING (person_id)").fetchnumpy()[
+                    "person_id"
+                ]
+            finally:
+                db.unregister(view)
     view = db.register(persons)
     try:
         if len(held):
@@ -195,6 +199,9 @@ def load_population(db: Connection, data: Any, progress: Callable[[int], None] |
     order, one transaction each; the first failure stops the load (earlier batches stay stored)."""
     summary = LoadSummary()
     maybe_stored = db.count("SELECT count(*) FROM persons") > 0
+    # Into an empty store, the persons held already are those of earlier batches of this load: kept here sorted
+    # (a merge per batch) instead of a semi-join against the growing table per batch (quadratic at 22M).
+    loaded: np.ndarray | None = None if maybe_stored else np.zeros(0, dtype=np.uint64)
     pending: tuple[Future[tuple[int, ...]], int] | None = None
 
     def finish(job: tuple[Future[tuple[int, ...]], int]) -> None:
@@ -218,7 +225,13 @@ def load_population(db: Connection, data: Any, progress: Callable[[int], None] |
                     summary.skipped[reason] += k
                 if pending is not None:
                     finish(pending)
-                write = functools.partial(_write_batch, db, parts, distinct, maybe_stored)
+                held = None
+                if loaded is not None:
+                    ids = sets.unique(parts["persons"].column("person_id").to_numpy())
+                    seen = sets.positions(loaded, ids) >= 0  # `loaded` is ascending and distinct
+                    held = ids[seen]
+                    loaded = np.sort(np.concatenate([loaded, ids[~seen]]), kind="stable")  # two sorted runs: a merge
+                write = functools.partial(_write_batch, db, parts, distinct, maybe_stored, held)
                 pending = (writer.submit(db.transaction, write), batch.num_rows)
                 maybe_stored = maybe_stored or parts["persons"].num_rows > 0
             if pending is not None:
