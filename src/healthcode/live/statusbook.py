@@ -25,8 +25,8 @@ import pyarrow as pa
 
 from healthcode import logs
 from healthcode.live import snapshot
-from healthcode.live.view import PopulationView, merged_rows
-from healthcode.live.viewstate import ViewState, region_index_of, stored_events, trim_window, window
+from healthcode.live.view import PopulationView
+from healthcode.live.viewstate import ViewState, stored_events, trim_window, window
 from healthcode.logs import event
 from healthcode.rules import engine
 from healthcode.rules.policy import PolicyTimeline
@@ -182,7 +182,13 @@ class StatusBook:
             )  # nothing left the window: the rows and their region index as they are, nothing paged in
             base = snap.rows if inside else trim_window(snap.rows, as_of, lookback)
             index = (snap.region_offsets, snap.region_rows) if inside else None
-            view = PopulationView(base, lookback, self._compact_rows, as_of, store.first_nat_after(as_of), index)
+            overlay = None
+            if snap.overlay.num_rows or len(snap.extra_ids):
+                rows = snap.overlay if inside else trim_window(snap.overlay, as_of, lookback)
+                overlay = (rows, snap.overlay_slots, snap.extra_ids)
+            view = PopulationView(
+                base, lookback, self._compact_rows, as_of, store.first_nat_after(as_of), index, overlay
+            )
             # NAT results reported later than the snapshot's view then and due now (the view keeps future-dated
             # entries and visits, and leaves NAT results out until they are reported).
             due = store.nat_results_after(snap.complete_to, as_of)
@@ -231,13 +237,13 @@ class StatusBook:
             published = self.store.published()
             self._snapshot_seq = 0
         else:
-            if self.view_from == "snapshot":  # the same rows: slot i is the snapshot's row i
-                m = snap.rows.num_rows
+            if self.view_from == "snapshot":  # the same slots: slot i is the snapshot's slot i
+                m = len(snap.known)
                 self.known[:m], self.badge[:m], self.entry[:m], self.reasons[:m] = (
                     snap.known, snap.badge, snap.entry, snap.reasons
                 )
             else:
-                slots = state.slots_of(snap.rows.column("person_id").chunk(0).to_numpy())
+                slots = state.slots_of(snap.ids)
                 self._take_published(slots, snap.known, snap.badge, snap.entry, snap.reasons)
             published = self.store.latest_changes_after(snap.high_water_mark)
             self._snapshot_seq = snap.high_water_mark
@@ -545,16 +551,17 @@ class StatusBook:
         held = self._snapshot_holds
         if held is not None and held[0] is state and held[1:] == holds[1:]:
             return True  # the snapshot on disk is this one
-        rows, slots = merged_rows(state)
-        region = (state.region_offsets, state.region_rows)
-        if slots is not None:
-            published = [arr[slots] for arr in published]
-            region = region_index_of(rows)
+        # The view as it is, base and overlay apart: nothing merged, the base's region index as it is.
+        overlay = None
+        if len(state.overlay_slots) or len(state.extra_ids):
+            current = state.overlay.take(pa.array(state.overlay_rows, pa.int64()))
+            overlay = (current, state.overlay_slots, state.extra_ids)
         size = snapshot.write(
-            self.snapshot_path, rows, region, (published[0], published[1], published[2], published[3]), mark=mark,
-            high_water_mark=high_water_mark, lookback_days=self.view.lookback_days, now=now, complete_to=complete_to,
+            self.snapshot_path, state.base, (state.region_offsets, state.region_rows),
+            (published[0], published[1], published[2], published[3]), mark=mark, high_water_mark=high_water_mark,
+            lookback_days=self.view.lookback_days, now=now, complete_to=complete_to, overlay=overlay,
         )  # fmt: skip
-        del rows, published
+        del published, overlay
         self.snapshot_seq = max(self.snapshot_seq, high_water_mark)
         self._snapshot_holds = holds
         event(

@@ -48,7 +48,8 @@ class PopulationView:
     :meth:`Store.population` reads them).  ``compact_rows``: the overlay size that starts a background compaction
     (default: 2% of the base, at least 50,000 rows; 0 never compacts by itself).
 
-    ``region_index`` is the base's when it is known already (a snapshot's).  ``now`` is the instant ``base`` was
+    ``region_index`` is the base's when it is known already (a snapshot's), and ``overlay`` a snapshot's overlay
+    ``(current rows, their slots, ids of the slots after the base)``.  ``now`` is the instant ``base`` was
     read at and ``first_missing`` the earliest instant of a stored event it leaves out for being later (None:
     none); :meth:`current` keeps both up to date with the state, so the view knows up to which instant it holds
     every stored event of its window (what a snapshot of it may claim).
@@ -62,9 +63,19 @@ class PopulationView:
         now: int = 0,
         first_missing: int | None = None,
         region_index: tuple[np.ndarray, np.ndarray] | None = None,
+        overlay: tuple[pa.Table, np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.lookback_days = lookback_days
-        self._current = (make_state(base, region_index=region_index), now, first_missing)
+        if overlay is None:
+            state = make_state(base, region_index=region_index)
+        else:  # a snapshot's: the current rows of its sorted slots, and the ids of the slots after the base
+            rows, slots, extra_ids = overlay
+            slots = np.asarray(slots, dtype=np.int64)
+            state = make_state(
+                base, np.asarray(extra_ids, dtype=np.uint64), rows, slots, np.zeros(len(slots), np.int64),
+                region_index=region_index,
+            )  # fmt: skip
+        self._current = (state, now, first_missing)
         self.compact_rows = max(50_000, self.state.n_base // 50) if compact_rows is None else compact_rows
         self._write_lock = threading.Lock()  # appliers and the compaction swap
         self._compacting: threading.Thread | None = None
