@@ -91,6 +91,41 @@ def path_beside(store_path: str) -> str | None:
     return None if store_path == ":memory:" else f"{store_path}.snapshot"
 
 
+#: The writer syncs every this many bytes: 2 GB of dirty pages flushed at once would queue every ingest commit's
+#: own log sync (DuckDB's) behind them for hundreds of milliseconds.
+SYNC_BYTES = 32 << 20
+
+
+class _Syncing:
+    """A file written through in slices of :data:`SYNC_BYTES`, each synced to disk before the next."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.pending = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), SYNC_BYTES):
+            piece = view[start : start + SYNC_BYTES]
+            self.f.write(piece)
+            self.pending += len(piece)
+            if self.pending >= SYNC_BYTES:
+                self.f.flush()
+                os.fdatasync(self.f.fileno())
+                self.pending = 0
+        return len(view)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self.f.closed
+
+
 def _pad(f: BinaryIO) -> None:
     f.write(b"\0" * (-f.tell() % _ALIGN))
 
@@ -156,11 +191,12 @@ def write(
         with open(tmp, "wb") as f:
             f.write(MAGIC + struct.pack("<Q", len(header)) + header)
             f.write(b"\0" * (header_size - f.tell()))
+            out = _Syncing(f)
             for arr in arrays:
-                f.write(arr.data)
+                out.write(arr.data)
                 _pad(f)
             assert f.tell() == at_arrow
-            with pa.ipc.new_file(pa.PythonFile(f, mode="w"), SCHEMA) as writer:
+            with pa.ipc.new_file(pa.PythonFile(out, mode="w"), SCHEMA) as writer:
                 writer.write_batch(base)
                 writer.write_batch(over)
                 pause = float(os.environ.get(PAUSE_ENV) or 0)
