@@ -182,7 +182,7 @@ def _offsets(rows: np.ndarray, n: int) -> np.ndarray:
     return offsets
 
 
-def _first_of_runs(*keys: np.ndarray) -> np.ndarray:
+def first_of_runs(*keys: np.ndarray) -> np.ndarray:
     """True at the first element of each run of equal key tuples (the keys are sorted together)."""
     keep = np.ones(len(keys[0]), dtype=bool)
     if len(keep) > 1:
@@ -249,7 +249,7 @@ def assemble(f: Flat) -> pa.Table:
     else:
         order = np.lexsort((e_t, e_row))
         e_row, e_t = e_row[order], e_t[order]
-        keep = _first_of_runs(e_row, e_t)
+        keep = first_of_runs(e_row, e_t)
         e_row, e_t = e_row[keep], e_t[keep]
     v_row, v_region, v_day = f.v_row, f.v_region, f.v_day
     if f.v_ok is not None:
@@ -260,7 +260,7 @@ def assemble(f: Flat) -> pa.Table:
     else:
         order = np.lexsort((v_region, v_day, v_row))
         v_row, v_region, v_day = v_row[order], v_region[order], v_day[order]
-        keep = _first_of_runs(v_row, v_day, v_region)
+        keep = first_of_runs(v_row, v_day, v_region)
         v_row, v_region, v_day = v_row[keep], v_region[keep], v_day[keep]
     return _table(
         f, _offsets(e_row, n), e_t, _offsets(v_row, n), pa.array(v_region, pa.int32()),

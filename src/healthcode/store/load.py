@@ -28,7 +28,7 @@ from healthcode.rules import columns, sets
 from healthcode.rules.flat import distinct_entries, distinct_visits, explode
 from healthcode.rules.regions import valid_codes
 from healthcode.store.connection import Connection
-from healthcode.store.writes import NEW, UNKNOWN, insert_events, upsert
+from healthcode.store.writes import insert_events, upsert
 
 #: Why a population row was skipped (SPEC §4.1), in the order the checks apply; each row counts once.
 SKIP_REASONS = (
@@ -184,10 +184,12 @@ def _write_batch(
     counts = []
     for kind, name in (("nat_results", "nat"), ("entries", "entries"), ("visits", "visits")):
         events = parts[name]
-        answer = None
-        if len(held_ids):
-            answer = np.where(sets.isin(events.column("person_id").to_numpy(), held_ids), UNKNOWN, NEW)
-        counts.append(int(insert_events(db, kind, events, answer, distinct=not distinct)))
+        # Events of persons stored before this batch are checked against the table; the others are all new.
+        of_held = sets.isin(events.column("person_id").to_numpy(), held_ids)
+        n = int(insert_events(db, kind, events.filter(pa.array(~of_held)), check=False, distinct=not distinct))
+        if of_held.any():
+            n += int(insert_events(db, kind, events.filter(pa.array(of_held)), distinct=not distinct))
+        counts.append(n)
     return (inserted, updated, *counts)
 
 

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from healthcode.errors import StoreError
 from healthcode.rules import sets
-from healthcode.rules.flat import filled, valid_mask
+from healthcode.rules.flat import filled, first_of_runs, valid_mask
 from healthcode.store.connection import Connection, one
 from healthcode.store.validate import CLEANERS, INGEST_KINDS, row_error
 
@@ -85,42 +85,25 @@ def insert_events(
     db: Connection,
     kind: str,
     events: pa.Table,
-    answer: np.ndarray | None = None,
+    check: bool = True,
     returning: bool = False,
     distinct: bool = True,
 ) -> pa.Table | int:
-    """Append the distinct events of ``events`` that are not stored yet (inside the open transaction).
-
-    ``answer`` (per row: :data:`STORED`, :data:`NEW` or :data:`UNKNOWN`; None: all unknown) says what the caller
-    knows: stored rows are left out, new ones appended without a check, unknown ones checked against the table.
-    Returns the rows appended (``returning``) or their number.  ``distinct`` False: the caller knows ``events``
-    holds no event twice (no ``DISTINCT`` then)."""
-    parts: list[tuple[pa.Table, bool]]
-    if answer is None:
-        parts = [(events, True)]
-    else:
-        parts = [(events.filter(pa.array(answer == NEW)), False), (events.filter(pa.array(answer == UNKNOWN)), True)]
+    """Append the distinct events of ``events`` (inside the open transaction): those not stored yet (``check``,
+    an anti-join against the table), or all of them (the caller knows none is stored).  Returns the rows appended
+    (``returning``) or their number.  ``distinct`` False: the caller knows ``events`` holds no event twice (no
+    ``DISTINCT`` then)."""
     keys = list(EVENT_KEYS[kind])
-    out: list[pa.Table] = []
-    total = 0
-    for part, check in parts:
-        if part.num_rows == 0:
-            continue
-        if not check and not returning and not distinct and part.num_rows <= SMALL_INSERT_ROWS:
-            total += db.count(f"INSERT INTO {kind} VALUES {_values(part.select(keys))}")
-            continue
-        view = db.register(part.select(keys))
-        try:
-            sql = _event_insert(kind, view, check, returning, distinct)
-            if returning:
-                out.append(db.con.sql(sql).to_arrow_table())
-            else:
-                total += db.count(sql)
-        finally:
-            db.unregister(view)
-    if not returning:
-        return total
-    return pa.concat_tables(out) if out else events.select(keys).slice(0, 0)
+    if events.num_rows == 0:
+        return events.select(keys) if returning else 0
+    if not check and not returning and not distinct and events.num_rows <= SMALL_INSERT_ROWS:
+        return db.count(f"INSERT INTO {kind} VALUES {_values(events.select(keys))}")
+    view = db.register(events.select(keys))
+    try:
+        sql = _event_insert(kind, view, check, returning, distinct)
+        return db.con.sql(sql).to_arrow_table() if returning else db.count(sql)
+    finally:
+        db.unregister(view)
 
 
 def _first_unknown(tagged: pa.Table, stored: np.ndarray) -> list[tuple[int, int, int]]:
@@ -150,12 +133,7 @@ def _first_of_each(events: pa.Table, keys: tuple[str, ...]) -> np.ndarray:
             cols.append(valid_mask(col))
         cols.append(filled(col, col.type.to_pandas_dtype()))
     order = np.lexsort(cols[::-1])  # stable: equal events keep their row order
-    first = np.ones(n, dtype=bool)
-    differs = np.zeros(n - 1, dtype=bool)
-    for c in cols:
-        ordered = c[order]
-        differs |= ordered[1:] != ordered[:-1]
-    first[1:] = differs
+    first = first_of_runs(*(c[order] for c in cols))
     out = np.zeros(n, dtype=bool)
     out[order[first]] = True
     return out
@@ -334,12 +312,12 @@ def _group_events(
         fresh = tagged.filter(pa.array(answer == NEW))
         if fresh.num_rows:
             fresh = fresh.filter(pa.array(_first_of_each(fresh, keys)))
-            insert_events(db, kind, fresh, np.full(fresh.num_rows, NEW, dtype=np.int8), distinct=False)
+            insert_events(db, kind, fresh, check=False, distinct=False)
             per = np.bincount(fresh.column("_sub").to_numpy())
             credited = {int(i): int(k) for i, k in enumerate(per) if k}
         rest = tagged.filter(pa.array(answer == UNKNOWN))
     if rest.num_rows:  # checked against the table; the rows appended come back to be credited
-        new = insert_events(db, kind, rest, None, returning=True)
+        new = insert_events(db, kind, rest, returning=True)
         assert isinstance(new, pa.Table)
         for i, k in (_credit(rest, new, keys) if new.num_rows else {}).items():
             credited[i] = credited.get(i, 0) + k
