@@ -137,6 +137,7 @@ test: build lint java
 	$(BIN)/python -m pytest -q benchmarks --benchmark-enable --benchmark-only --quick
 	$(BIN)/python benchmarks/bench_service.py --quick
 	$(BIN)/python benchmarks/bench_store.py --quick
+	$(BIN)/python benchmarks/bench_change_log.py --quick
 	$(BIN)/python benchmarks/bench_load.py --quick
 	$(BIN)/python benchmarks/bench_spark.py --quick
 
@@ -147,6 +148,7 @@ bench: build
 	$(BIN)/python -m pytest -q benchmarks --benchmark-enable --benchmark-only -s
 	$(BIN)/python benchmarks/bench_service.py
 	$(BIN)/python benchmarks/bench_store.py --rows $(STORE_ROWS)
+	$(BIN)/python benchmarks/bench_change_log.py
 	$(BIN)/python benchmarks/bench_load.py
 	$(BIN)/python benchmarks/bench_spark.py
 

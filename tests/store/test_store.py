@@ -443,7 +443,7 @@ def test_a_schema_1_store_is_migrated_with_its_published_statuses_and_change_log
     """)
     con.close()
     with Store(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 3
+        assert store.schema_version == SCHEMA_VERSION == 4
         assert store.high_water_mark() == store.checkpoint_seq() == 3
         published = store.published()
         assert published.column("person_id").to_pylist() == [7, 8]
@@ -454,6 +454,12 @@ def test_a_schema_1_store_is_migrated_with_its_published_statuses_and_change_log
         assert changes.column("old_badge").to_pylist() == [None, None, True]
         assert changes.column("new_reasons").to_pylist() == [0, 4112, 32]
         assert changes.column("old_reasons").to_pylist() == [None, None, 0]
+        assert changes.column("risk_list_version").to_pylist() == [1, 1, 2]
+        assert changes.column("as_of").to_pylist() == [100, 100, 200]
+        assert store.table("publishes").to_pylist() == [
+            {"first_seq": 1, "last_seq": 2, "risk_list_version": 1, "as_of": 100},
+            {"first_seq": 3, "last_seq": 3, "risk_list_version": 2, "as_of": 200},
+        ]
 
 
 def test_a_schema_2_store_of_the_previous_release_upgrades_in_place_with_the_same_statuses(tmp_path):
@@ -475,15 +481,20 @@ def test_a_schema_2_store_of_the_previous_release_upgrades_in_place_with_the_sam
         book = StatusBook(store, default_policy(), as_of, kernel_threads=1)
         book.reevaluate(risk, default_policy(), as_of)
         book.close()
-        expected = {name: store.table(name) for name in ("persons", "nat_results", "entries", "visits", "change_log")}
+        names = ("persons", "nat_results", "entries", "visits", "change_log", "publishes")
+        expected = {name: store.table(name) for name in names}
         published = store.published()
     old = tmp_path / "v2.duckdb"
     con = duckdb.connect(str(old))
     con.execute((Path(__file__).parent / "schema2.sql").read_text())
     con.execute("INSERT INTO schema_version (version) VALUES (2)")
     con.execute(f"ATTACH '{current}' AS cur (READ_ONLY)")
-    for name in ("persons", "nat_results", "entries", "visits", "change_log", "checkpoint", "statuses"):
+    for name in ("persons", "nat_results", "entries", "visits", "checkpoint", "statuses"):
         con.execute(f"INSERT INTO {name} SELECT * FROM cur.{name}")
+    con.execute(
+        "INSERT INTO change_log SELECT c.seq, c.person_id, c.old_state, c.new_state, p.risk_list_version, p.as_of "
+        "FROM cur.change_log c ASOF JOIN cur.publishes p ON c.seq >= p.first_seq"
+    )  # 0.2.0 kept each change's version and as_of in its row
     con.close()
     with Store(old) as store:
         assert store.schema_version == SCHEMA_VERSION
@@ -548,3 +559,36 @@ def test_memory_settings_are_honoured_and_a_small_limit_still_loads_and_serves(t
         server.stop()
     log = server.stderr_path.read_text()
     assert '"duckdb_memory_limit": "61.0 MiB"' in log and '"duckdb_threads": "1"' in log
+
+
+def test_a_schema_3_change_log_keeps_each_publish_version_and_as_of(tmp_path):
+    """Schema 3 kept every change's risk-list version and as_of in its row; schema 4 keeps them once per publish:
+    the runs of equal values in sequence order, even when a later publish repeats an earlier one's."""
+    import duckdb
+
+    path = str(tmp_path / "v3.duckdb")
+    con = duckdb.connect(path)
+    con.execute("""
+        CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());
+        INSERT INTO schema_version (version) VALUES (3);
+        CREATE TABLE change_log (seq BIGINT NOT NULL, person_id UBIGINT NOT NULL, old_state INTEGER,
+            new_state INTEGER NOT NULL, risk_list_version BIGINT, as_of BIGINT NOT NULL);
+        INSERT INTO change_log VALUES (1, 7, NULL, 3, 1, 100), (2, 8, NULL, 2, 1, 100), (3, 7, 3, 2, 2, 200),
+                                      (4, 7, 2, 3, NULL, 300), (5, 8, 2, 3, 1, 100), (6, 7, 3, 1, 1, 100);
+    """)
+    con.close()
+    with Store(path) as store:
+        assert store.schema_version == SCHEMA_VERSION
+        assert [(p["first_seq"], p["last_seq"]) for p in store.table("publishes").to_pylist()] == [
+            (1, 2), (3, 3), (4, 4), (5, 6),
+        ]  # fmt: skip
+        changes = store.changes(0)
+        assert changes.column("seq").to_pylist() == [1, 2, 3, 4, 5, 6]
+        assert changes.column("risk_list_version").to_pylist() == [1, 1, 2, None, 1, 1]
+        assert changes.column("as_of").to_pylist() == [100, 100, 200, 300, 100, 100]
+        assert changes.column("new_reasons").to_pylist() == [0, 0, 0, 0, 0, 0]
+        assert changes.column("new_badge").to_pylist() == [True, False, False, True, True, True]
+        published = {p["person_id"]: p for p in store.published().to_pylist()}
+        assert (published[7]["risk_list_version"], published[7]["as_of"]) == (1, 100)
+        assert published[8]["entry_permitted"] is True
+        assert store.high_water_mark() == 6

@@ -429,14 +429,14 @@ class StatusBook:
                     "person_id": pa.array(_ids_of(state, slots_changed), pa.uint64()),
                     "old_state": pa.array(old_changed, mask=None if all_known else ~was_known),
                     "new_state": pa.array(new_changed),
-                    "risk_list_version": pa.array(np.full(n_changed, version, dtype=np.int64)),
-                    "as_of": pa.array(np.full(n_changed, as_of, dtype=np.int64)),
                 }
             )
             kept_list = (version, risk.to_csv()) if keep_risk_list else None
             admin = None if audit is None else (lambda hwm: audit(replace(summary, high_water_mark=hwm)))
             spans.mark("changes_table")
-            high_water_mark = self.store.publish(changes, risk_list=kept_list, policy=keep_policy, admin=admin)
+            high_water_mark = self.store.publish(
+                changes, version, as_of, risk_list=kept_list, policy=keep_policy, admin=admin
+            )
             spans.mark("store_publish")
             # Committed: publish in memory.
             if not all_known:

@@ -229,6 +229,8 @@ class Store:
     def publish(
         self,
         changes: pa.Table,
+        risk_list_version: int | None,
+        as_of: int,
         risk_list: tuple[int, str] | None = None,
         policy: tuple[int, str] | None = None,
         admin: Callable[[int], tuple[str, str, int | None, str]] | None = None,
@@ -238,12 +240,13 @@ class Store:
         in the same transaction: the statuses a new list or policy produced are never stored without it, nor it
         without them.
 
-        ``changes`` has the columns ``person_id``, ``old_state`` (null for a first publish), ``new_state`` (see
-        :func:`pack_state`), ``risk_list_version`` and ``as_of``.  This process is the store's only writer, so the
-        high-water mark is kept in memory and the sequence numbers are made here.  ``admin``, given the new
+        ``changes`` has the columns ``person_id``, ``old_state`` (null for a first publish) and ``new_state`` (see
+        :func:`pack_state`); ``risk_list_version`` and ``as_of`` are those of every change of the publish (kept once,
+        in ``publishes``).  This process is the store's only writer, so the high-water mark is kept in memory and
+        the sequence numbers are made here.  ``admin``, given the new
         high-water mark, returns the admin-log row ``(caller, action, version, detail)`` to keep in that same
         transaction (as :meth:`record_admin`)."""
-        return self._journal.publish(changes, risk_list, policy, admin)
+        return self._journal.publish(changes, risk_list_version, as_of, risk_list, policy, admin)
 
     def changes(self, after: int, limit: int = 10_000) -> pa.Table:
         """Change-log rows with ``seq > after``, in order, at most ``limit`` of them."""

@@ -2,9 +2,10 @@
 
 ``change_log`` holds every published status change in ``seq`` order: **the record of the published statuses**; a
 status is stored packed as ``badge | entry << 1 | reasons << 2`` (:func:`pack_state`; ``old_state`` null for a
-first publish).  A publish appends to it and nothing else (one transaction), so its cost is the number of
-changes, not the size of the population.  ``statuses`` is a checkpoint of the last published status per person as
-of change ``checkpoint.seq``; the current statuses are that checkpoint overridden by the later changes
+first publish); ``publishes`` holds each publish's risk-list version and ``as_of`` once, with the range of
+sequence numbers it appended.  A publish appends to them and nothing else (one transaction), so its cost is the
+number of changes, not the size of the population.  ``statuses`` is a checkpoint of the last published status per
+person as of change ``checkpoint.seq``; the current statuses are that checkpoint overridden by the later changes
 (:meth:`Journal.published`), and :meth:`Journal.write_checkpoint` rewrites it in the background.  Risk-list and
 policy versions are kept with the publish they produced, and ``admin_log`` says who changed what.
 """
@@ -21,16 +22,30 @@ import pyarrow as pa
 from healthcode.errors import StoreError
 from healthcode.store.connection import Connection, first_line, one
 
-#: The published statuses: the checkpoint overridden by the later changes up to sequence number ``$upto``.
+#: The published statuses: the checkpoint overridden by the later changes up to sequence number ``$upto`` (each
+#: change's risk-list version and as_of are its publish's).
 _PUBLISHED = """
 WITH cp AS (SELECT coalesce(max(seq), 0) AS seq FROM checkpoint),
-tail AS (
-    SELECT person_id, (new_state & 1) = 1 AS commuter_badge, (new_state & 2) = 2 AS entry_permitted,
-           (new_state >> 2)::USMALLINT AS reasons, risk_list_version, as_of
-    FROM change_log WHERE seq > (SELECT seq FROM cp) AND seq <= $upto
+latest AS (
+    SELECT seq, person_id, new_state FROM change_log WHERE seq > (SELECT seq FROM cp) AND seq <= $upto
     QUALIFY row_number() OVER (PARTITION BY person_id ORDER BY seq DESC) = 1
+),
+tail AS (
+    SELECT l.person_id, (l.new_state & 1) = 1 AS commuter_badge, (l.new_state & 2) = 2 AS entry_permitted,
+           (l.new_state >> 2)::USMALLINT AS reasons, p.risk_list_version, p.as_of
+    FROM latest l ASOF JOIN publishes p ON l.seq >= p.first_seq
 )
 SELECT * FROM (SELECT s.* FROM statuses s ANTI JOIN tail t USING (person_id) UNION ALL SELECT * FROM tail)
+"""
+
+#: The change-log rows after ``$after``, at most ``$limit``, each with its publish's version and as_of.
+_CHANGES = """
+WITH c AS (SELECT * FROM change_log WHERE seq > $after ORDER BY seq LIMIT $limit)
+SELECT c.seq, c.person_id, (c.old_state & 1) = 1 AS old_badge, (c.new_state & 1) = 1 AS new_badge,
+       (c.old_state & 2) = 2 AS old_entry, (c.new_state & 2) = 2 AS new_entry,
+       (c.old_state >> 2)::USMALLINT AS old_reasons, (c.new_state >> 2)::USMALLINT AS new_reasons,
+       p.risk_list_version, p.as_of
+FROM c ASOF JOIN publishes p ON c.seq >= p.first_seq ORDER BY c.seq
 """
 
 
@@ -94,36 +109,39 @@ class Journal:
     def publish(
         self,
         changes: pa.Table,
+        risk_list_version: int | None,
+        as_of: int,
         risk_list: tuple[int, str] | None = None,
         policy: tuple[int, str] | None = None,
         admin: Callable[[int], tuple[str, str, int | None, str]] | None = None,
     ) -> int:
         """One transaction, one commit: the changes (numbered on from the cached high-water mark, read from the
-        registered Arrow table by DuckDB: no per-row Python, no scan of the change log), the kept versions and the
-        admin-log row ``admin(new high-water mark)``."""
+        registered Arrow table by DuckDB: no per-row Python, no scan of the change log), their publish row, the kept
+        versions and the admin-log row ``admin(new high-water mark)``."""
         db = self.db
 
         def work() -> int:
             if self._hwm is None:
                 self._hwm = db.count("SELECT coalesce(max(seq), 0) FROM change_log")
             base = self._hwm
-            if changes.num_rows:
-                seq = pa.array(np.arange(base + 1, base + 1 + changes.num_rows, dtype=np.int64))
+            n = changes.num_rows
+            if n:
+                seq = pa.array(np.arange(base + 1, base + 1 + n, dtype=np.int64))
                 view = db.register(changes.add_column(0, "seq", seq))
                 try:
-                    db.con.execute(
-                        f"INSERT INTO change_log SELECT seq, person_id, old_state, new_state, risk_list_version, "
-                        f"as_of FROM {view}"
-                    )
+                    db.con.execute(f"INSERT INTO change_log SELECT seq, person_id, old_state, new_state FROM {view}")
                 finally:
                     db.unregister(view)
+                db.con.execute(
+                    "INSERT INTO publishes VALUES (?, ?, ?, ?)", [base + 1, base + n, risk_list_version, as_of]
+                )
             if risk_list is not None:
                 db.con.execute("INSERT OR REPLACE INTO risk_lists VALUES (?, now(), ?)", list(risk_list))
             if policy is not None:
                 db.con.execute("INSERT OR REPLACE INTO policies VALUES (?, now(), ?)", list(policy))
             if admin is not None:
-                db.con.execute("INSERT INTO admin_log VALUES (now(), ?, ?, ?, ?)", list(admin(base + changes.num_rows)))
-            return base + changes.num_rows
+                db.con.execute("INSERT INTO admin_log VALUES (now(), ?, ?, ?, ?)", list(admin(base + n)))
+            return base + n
 
         try:
             hwm = db.transaction(work)
@@ -135,13 +153,7 @@ class Journal:
 
     def changes(self, after: int, limit: int) -> pa.Table:
         with self.db.lock:
-            return self.db.con.sql(
-                "SELECT seq, person_id, (old_state & 1) = 1 AS old_badge, (new_state & 1) = 1 AS new_badge, "
-                "(old_state & 2) = 2 AS old_entry, (new_state & 2) = 2 AS new_entry, "
-                "(old_state >> 2)::USMALLINT AS old_reasons, (new_state >> 2)::USMALLINT AS new_reasons, "
-                "risk_list_version, as_of FROM change_log WHERE seq > ? ORDER BY seq LIMIT ?",
-                params=[after, limit],
-            ).to_arrow_table()
+            return self.db.con.sql(_CHANGES, params={"after": after, "limit": limit}).to_arrow_table()
 
     def record_admin(self, caller: str, action: str, version: int | None, detail: str) -> None:
         self.db.transaction(
