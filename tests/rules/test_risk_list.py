@@ -388,3 +388,22 @@ def test_build_risk_table_known_values():
     for match in ("since_visit", "on_visit_day"):
         t = build_risk_table(rl, BASE_DAY, 14, match)
         assert not any(table_hit(t, 130102, d) for d in range(BASE_DAY - 20, BASE_DAY + 5))
+
+
+def test_a_list_read_again_finds_the_table_its_first_reading_folded(tmp_path):
+    """A caller giving the list as a path (or fresh text) every call folds it once per content and day: the same
+    entries read again share the table; another list, another day or another rule does not."""
+    path = tmp_path / "risk.csv"
+    path.write_text("region,start_date,end_date,kind\n110105,2021-11-20,,local_case\n110000,2021-11-01,2021-11-03,border_port\n")
+    today = 18961  # 2021-11-30
+    first = load_risk_list(path).table(today, 14, "since_visit")
+    again = load_risk_list(path).table(today, 14, "since_visit")
+    assert again is first
+    assert load_risk_list(path).with_version(7).table(today, 14, "since_visit") is first  # the version is not content
+    assert load_risk_list(path).table(today + 1, 14, "since_visit") is not first
+    assert load_risk_list(path).table(today, 14, "on_visit_day") is not first
+    other = parse_risk_csv("region,start_date,end_date,kind\n110105,2021-11-21,,local_case\n")
+    assert other.table(today, 14, "since_visit") is not first
+    rebuilt = build_risk_table(load_risk_list(path), today, 14, "since_visit")
+    for name in ("span", "multi", "offsets", "lo", "hi"):
+        assert np.array_equal(getattr(rebuilt, name), getattr(first, name)), name

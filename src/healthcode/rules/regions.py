@@ -9,9 +9,12 @@ table indexed by the visit's region, once per evaluation.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,14 +164,45 @@ class RiskList:
         return out.getvalue()
 
     def table(self, today: int, lookback_days: int, match: str) -> RiskTable:
-        """The kernel's lookup table for ``today`` (memoised: one list serves many evaluations of a day)."""
+        """The kernel's lookup table for ``today`` (memoised: one list serves many evaluations of a day, and a list
+        read again, from the same file or text, finds the table its first reading folded)."""
         key = (today, lookback_days, match)
         cached = self._tables.get(key)
         if cached is None:
             if len(self._tables) > 8:
                 self._tables.clear()
-            cached = self._tables[key] = build_risk_table(self, today, lookback_days, match)
+            cached = self._tables[key] = _shared_table(self, today, lookback_days, match)
         return cached
+
+    def digest(self) -> bytes:
+        """A digest of the entries (regions, days, kinds): equal for equal lists, whatever their version."""
+        h = hashlib.blake2b(digest_size=16)
+        for arr in (self.region, self.start_day, self.end_day):
+            h.update(np.ascontiguousarray(arr, dtype=np.int32).tobytes())
+        h.update("\x00".join(self.kind).encode())
+        return h.digest()
+
+
+#: Folded tables of the lists seen last, by (digest, today, lookback_days, match): a caller that gives the list as
+#: a path or as fresh text every call folds it once per version and day (a table is ~11 MB: a few are kept).
+_SHARED: OrderedDict[tuple[bytes, int, int, str], RiskTable] = OrderedDict()
+_SHARED_MAX = 4
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared_table(risk: RiskList, today: int, lookback_days: int, match: str) -> RiskTable:
+    key = (risk.digest(), today, lookback_days, match)
+    with _SHARED_LOCK:
+        table = _SHARED.get(key)
+        if table is not None:
+            _SHARED.move_to_end(key)
+            return table
+    table = build_risk_table(risk, today, lookback_days, match)
+    with _SHARED_LOCK:
+        _SHARED[key] = table
+        while len(_SHARED) > _SHARED_MAX:
+            _SHARED.popitem(last=False)
+    return table
 
 
 def _day_text(d: int, unbounded: int) -> str:
@@ -328,24 +362,41 @@ def build_risk_table(risk: RiskList, today: int, lookback_days: int, match: str)
     return _risk_table(idx[starts], lo_all[starts], run_hi[ends])
 
 
-def _risk_table(idx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> RiskTable:
-    """The table from merged intervals sorted by region index, then by day."""
-    per_region = np.bincount(idx, minlength=N_CODES)
-    offsets = np.zeros(N_CODES + 1, dtype=np.int32)
-    np.cumsum(per_region, out=offsets[1:])
+def _empty_span() -> np.ndarray:
     span = np.empty((N_CODES, 2), dtype=np.int32)
     span[:, 0] = np.iinfo(np.int32).max
     span[:, 1] = np.iinfo(np.int32).min
     span[_INVALID_CODE, 1] = SPAN_INVALID
+    span.setflags(write=False)
+    return span
+
+
+#: The hull of every region of an empty list (no hit day; invalid codes marked): each table starts as a copy.
+_EMPTY_SPAN = _empty_span()
+
+
+def _risk_table(idx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> RiskTable:
+    """The table from merged intervals sorted by region index, then by day.
+
+    Work in proportion to the intervals, past three block copies of the dense tables (the kernel indexes them by
+    code): the empty hulls copied, the offsets' steps set at the listed regions and summed in place."""
+    first = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]]) if len(idx) else np.zeros(0, dtype=np.int64)
+    regions = idx[first]
+    counts = np.diff(np.r_[first, len(idx)]).astype(np.int32)
+    offsets = np.zeros(N_CODES + 1, dtype=np.int32)
+    offsets[regions + 1] = counts
+    np.cumsum(offsets, out=offsets)
+    span = _EMPTY_SPAN.copy()
+    multi = np.zeros(N_CODES, dtype=bool)
     if len(idx):
         # Sorted by day within a region and disjoint: the first interval starts the hull, the last ends it.
-        first = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
         last = np.r_[first[1:], len(idx)] - 1
-        span[idx[first], 0] = lo[first]
-        span[idx[first], 1] = hi[last]
+        span[regions, 0] = lo[first]
+        span[regions, 1] = hi[last]
+        multi[regions[counts > 1]] = True
     return RiskTable(
         span=span,
-        multi=np.packbits(per_region > 1, bitorder="little"),
+        multi=np.packbits(multi, bitorder="little"),
         offsets=offsets,
         lo=lo.astype(np.int32),
         hi=hi.astype(np.int32),
