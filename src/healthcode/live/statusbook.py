@@ -31,7 +31,7 @@ from healthcode.logs import event
 from healthcode.rules import engine
 from healthcode.rules.policy import PolicyTimeline
 from healthcode.rules.regions import CODE_MIN, RiskList, RiskTable
-from healthcode.store import Store, pack_state
+from healthcode.store import Store
 
 log = logging.getLogger("healthcode.live.statusbook")
 
@@ -376,9 +376,8 @@ class StatusBook:
         ``keep_policy`` ``(version, toml)`` a policy, and ``audit`` (given the summary) the admin-log row, all in
         that same transaction.
 
-        Past the evaluation, the cost is the number of evaluated persons and of changes: the diff compares packed
-        statuses, the counts come from the changed persons only, and the change-log rows are built as whole
-        columns."""
+        Past the evaluation, the cost is the number of evaluated persons and of changes: the diff is one pass
+        (:func:`~healthcode.rules.engine.diff_published`), and the change-log rows are built as whole columns."""
         version = risk.version or 0
         spans = _Spans()
         ctx = engine.make_context(risk, timeline, as_of)
@@ -391,33 +390,21 @@ class StatusBook:
             idx, badge, entry, reasons = state.evaluate(rows, ctx, self.kernel_threads, progress)
             spans.mark("evaluate")
             self._grow(state.n_persons)
-            # Everyone (slots 0..n-1): the published arrays themselves, else their rows of the evaluated slots.
-            sel = slice(None) if rows is None and len(idx) == len(self.known) else idx
-            known, old_badge = self.known[sel], self.badge[sel]
-            old_entry, old_reasons = self.entry[sel], self.reasons[sel]
-            changed = badge != old_badge
-            changed |= entry != old_entry
-            changed |= reasons != old_reasons
-            changed |= ~known
-            pick = np.flatnonzero(changed)
+            # One pass: the changed (or never published) positions, their packed states and the counts (only a
+            # changed person can lose or gain a badge or an entry permission).
+            pick, old_changed, new_changed, was_known, counts = engine.diff_published(
+                idx, badge, entry, reasons, self.known, self.badge, self.entry, self.reasons
+            )
             n_changed = len(pick)
             slots_changed = idx[pick]
-            was_known = known[pick]
-            had_badge, had_entry, has_badge, has_entry = old_badge[pick], old_entry[pick], badge[pick], entry[pick]
-            old_changed = pack_state(had_badge, had_entry, old_reasons[pick])
-            new_changed = pack_state(has_badge, has_entry, reasons[pick])
             spans.mark("diff")
-            # Only a changed person can lose or gain a badge or an entry permission (an unchanged one is known and
-            # has the same status), so the counts come from the changes.
-            had_badge &= was_known
-            had_entry &= was_known
             summary = Summary(
                 evaluated=len(idx),
                 changed=n_changed,
-                badges_lost=int(np.count_nonzero(had_badge & ~has_badge)),
-                badges_gained=int(np.count_nonzero(has_badge & ~had_badge)),
-                entries_lost=int(np.count_nonzero(had_entry & ~has_entry)),
-                entries_gained=int(np.count_nonzero(has_entry & ~had_entry)),
+                badges_lost=counts[0],
+                badges_gained=counts[1],
+                entries_lost=counts[2],
+                entries_gained=counts[3],
                 high_water_mark=self.high_water_mark,
                 risk_list_version=version,
                 as_of=as_of,
@@ -441,9 +428,9 @@ class StatusBook:
             # Committed: publish in memory.
             if not all_known:
                 self.known[slots_changed] = True
-            self.badge[slots_changed] = has_badge
-            self.entry[slots_changed] = has_entry
-            self.reasons[slots_changed] = reasons[pick]
+            self.badge[slots_changed] = (new_changed & 1).astype(bool)
+            self.entry[slots_changed] = (new_changed & 2).astype(bool)
+            self.reasons[slots_changed] = (new_changed >> 2).astype(np.uint16)
             self.high_water_mark = high_water_mark
             spans.mark("memory_publish")
         self._maybe_checkpoint()

@@ -201,8 +201,8 @@ class ViewState:
 
         Proportional to the visits of those regions: each region's slots are ascending already (base index and
         overlay once sorted), so one region is its run with repeats dropped, and several are merged with a stable sort
-        (which merges sorted runs).  Only when the visits are a large share of the population is a bitmap over
-        every slot cheaper, and it is used then."""
+        (which merges sorted runs).  When the visits are more than a 64th of the population, a bitmap over every
+        slot (one bit each) is cheaper, and it is used then."""
         codes = np.asarray(regions, dtype=np.int64)
         idx = codes - CODE_MIN
         idx = idx[(idx >= 0) & (idx < N_CODES)]
@@ -217,11 +217,8 @@ class ViewState:
         if not parts:
             return np.zeros(0, dtype=np.int64)
         total = sum(len(part) for part in parts)
-        if total * 8 >= self.n_persons:
-            seen = np.zeros(self.n_persons, dtype=bool)
-            for part in parts:
-                seen[part] = True
-            return np.flatnonzero(seen)
+        if total * 64 >= self.n_persons:
+            return engine.union_slots(parts, self.n_persons)
         if len(parts) == 1:
             return _drop_repeats(np.asarray(parts[0], dtype=np.int64))
         merged = np.concatenate(parts).astype(np.int64, copy=False)

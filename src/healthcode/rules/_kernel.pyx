@@ -743,6 +743,93 @@ def group_by_code(const int32_t[::1] codes, int64_t n_codes):
     return offsets_arr, order_arr
 
 
+def union_slots(list parts, int64_t n):
+    """The ascending distinct values of int64 arrays ``parts`` (each in 0 .. n - 1), by a bitmap over 0 .. n - 1:
+    O(total + n / 64) for the status book's persons visiting some regions (the bitmap of 22M slots is 2.75 MB,
+    cache-friendly where a sort of the millions of postings is not)."""
+    cdef int64_t words = (n + 63) // 64, k, w, total = 0, count = 0, v
+    bitmap_arr = np.zeros(max(words, 1), dtype=np.uint64)
+    cdef uint64_t[::1] bitmap = bitmap_arr
+    cdef const int64_t[::1] part
+    cdef uint64_t bits
+    for obj in parts:
+        part = obj
+        for k in range(part.shape[0]):
+            if not 0 <= part[k] < n:
+                raise ValueError(f"slot {part[k]} is outside 0..{n - 1}")
+        with nogil:
+            for k in range(part.shape[0]):
+                v = part[k]
+                bitmap[v >> 6] |= (<uint64_t>1) << (v & 63)
+        total += part.shape[0]
+    with nogil:
+        for w in range(words):
+            count += hc_popcount64(bitmap[w])
+    out_arr = np.empty(count, dtype=np.int64)
+    cdef int64_t[::1] out = out_arr
+    k = 0
+    with nogil:
+        for w in range(words):
+            bits = bitmap[w]
+            while bits:
+                out[k] = w * 64 + hc_ctz64(bits)
+                k += 1
+                bits &= bits - 1
+    return out_arr
+
+
+def diff_published(const int64_t[::1] slots, const uint8_t[::1] badge, const uint8_t[::1] entry,
+                   const uint16_t[::1] reasons, const uint8_t[::1] known, const uint8_t[::1] old_badge,
+                   const uint8_t[::1] old_entry, const uint16_t[::1] old_reasons):
+    """One pass over evaluated ``slots`` and their new (badge, entry, reasons) against the published arrays (by
+    slot): the positions whose status changed (or was never published), their packed old and new states
+    (``badge | entry << 1 | reasons << 2``), whether each was published, and the counts (badges lost, gained,
+    entries lost, gained)."""
+    cdef int64_t m = slots.shape[0], n = known.shape[0], k, s, c = 0
+    cdef int64_t lost_b = 0, got_b = 0, lost_e = 0, got_e = 0
+    cdef int32_t new_state, old_state
+    cdef uint8_t was, hb, he, nb, ne
+    if badge.shape[0] < m or entry.shape[0] < m or reasons.shape[0] < m:
+        raise ValueError("the new statuses are shorter than slots")
+    if old_badge.shape[0] < n or old_entry.shape[0] < n or old_reasons.shape[0] < n:
+        raise ValueError("the published arrays differ in length")
+    for k in range(m):
+        if not 0 <= slots[k] < n:
+            raise IndexError(f"slot {slots[k]} is outside the published arrays")
+    pick_arr = np.empty(m, dtype=np.int64)
+    old_arr = np.empty(m, dtype=np.int32)
+    new_arr = np.empty(m, dtype=np.int32)
+    was_arr = np.empty(m, dtype=np.bool_)
+    cdef int64_t[::1] pick = pick_arr
+    cdef int32_t[::1] olds = old_arr
+    cdef int32_t[::1] news = new_arr
+    cdef uint8_t[::1] wass = was_arr.view(np.uint8)
+    with nogil:
+        for k in range(m):
+            s = slots[k]
+            nb = badge[k] != 0
+            ne = entry[k] != 0
+            new_state = nb | (ne << 1) | (<int32_t>reasons[k] << 2)
+            was = known[s] != 0
+            hb = old_badge[s] != 0
+            he = old_entry[s] != 0
+            old_state = hb | (he << 1) | (<int32_t>old_reasons[s] << 2)
+            if was and new_state == old_state:
+                continue
+            pick[c] = k
+            olds[c] = old_state
+            news[c] = new_state
+            wass[c] = was
+            c += 1
+            hb &= was
+            he &= was
+            lost_b += hb & (1 - nb)
+            got_b += nb & (1 - hb)
+            lost_e += he & (1 - ne)
+            got_e += ne & (1 - he)
+    return pick_arr[:c], old_arr[:c], new_arr[:c], was_arr[:c], (lost_b, got_b, lost_e, got_e)
+
+
 include "rowform.pxi"
 
 

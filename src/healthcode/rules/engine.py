@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +40,46 @@ def group_by_code(codes: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarr
     offsets = np.zeros(n_codes + 1, dtype=np.int64)
     np.cumsum(np.bincount(codes, minlength=n_codes), out=offsets[1:])
     return offsets, order
+
+
+def union_slots(parts: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """The ascending distinct values of int64 arrays ``parts``, each in ``0 .. n - 1`` (see _kernel)."""
+    parts = [np.ascontiguousarray(part, dtype=np.int64) for part in parts]
+    if _kernel is not None:
+        return _kernel.union_slots(parts, n)  # type: ignore[no-any-return]
+    seen = np.zeros(n, dtype=bool)
+    for part in parts:
+        seen[part] = True
+    return np.flatnonzero(seen)
+
+
+def diff_published(
+    slots: np.ndarray, badge: np.ndarray, entry: np.ndarray, reasons: np.ndarray,
+    known: np.ndarray, old_badge: np.ndarray, old_entry: np.ndarray, old_reasons: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int, int]]:  # fmt: skip
+    """New statuses of ``slots`` against the published arrays by slot, in one pass: (positions in ``slots`` whose
+    status changed or was never published, their packed old and new states ``badge | entry << 1 | reasons << 2``,
+    whether each was published, (badges lost, gained, entries lost, gained)) (see _kernel)."""
+    slots = np.ascontiguousarray(slots, dtype=np.int64)
+    if _kernel is not None:
+        u8 = [np.ascontiguousarray(a, dtype=bool).view(np.uint8) for a in (badge, entry, known, old_badge, old_entry)]
+        return _kernel.diff_published(  # type: ignore[no-any-return]
+            slots, u8[0], u8[1], np.ascontiguousarray(reasons, dtype=np.uint16), u8[2], u8[3], u8[4],
+            np.ascontiguousarray(old_reasons, dtype=np.uint16),
+        )  # fmt: skip
+    new = badge.astype(np.int32) | (entry.astype(np.int32) << 1) | (reasons.astype(np.int32) << 2)
+    was = known[slots]
+    old = old_badge[slots].astype(np.int32) | (old_entry[slots].astype(np.int32) << 1)
+    old |= old_reasons[slots].astype(np.int32) << 2
+    pick = np.flatnonzero((new != old) | ~was)
+    old_c, new_c, was_c = old[pick], new[pick], was[pick]
+    hb, he = (old_c & 1).astype(bool) & was_c, (old_c & 2).astype(bool) & was_c
+    nb, ne = (new_c & 1).astype(bool), (new_c & 2).astype(bool)
+    counts = (
+        int(np.count_nonzero(hb & ~nb)), int(np.count_nonzero(nb & ~hb)),
+        int(np.count_nonzero(he & ~ne)), int(np.count_nonzero(ne & ~he)),
+    )  # fmt: skip
+    return pick, old_c, new_c, was_c, counts
 
 
 def use_reference() -> bool:
