@@ -65,6 +65,7 @@ def write_demo(
     as_of: int = DEFAULT_AS_OF,
     progress: Progress = True,
     batch_rows: int = 1_000_000,
+    itineraries: str = "beijing",
 ) -> dict[str, str]:
     """Write ``population.parquet`` (streamed batch by batch) and ``risk.csv`` into ``outdir``.
 
@@ -79,7 +80,7 @@ def write_demo(
         _progress(progress, rows) as advance,
         pq.ParquetWriter(pop_path, POPULATION_SCHEMA, compression="zstd") as writer,
     ):
-        _write_batches(generate_batches(rows, seed, as_of, batch_rows), writer.write_batch, advance)
+        _write_batches(generate_batches(rows, seed, as_of, batch_rows, itineraries), writer.write_batch, advance)
     return {"population": pop_path, "risk": _write_risk(outdir, seed, as_of)}
 
 
@@ -132,6 +133,7 @@ def write_partitioned(
     files_per_partition: int = 1,
     progress: Progress = True,
     batch_rows: int = 1_000_000,
+    itineraries: str = "beijing",
 ) -> PartitionedPopulation:
     """Write the population :func:`write_demo` writes (the same rows for a seed) as hive-partitioned Parquet
     in ``outdir/population/``, and ``risk.csv`` beside it.
@@ -197,7 +199,7 @@ def write_partitioned(
     try:
         with _progress(progress, rows) as advance:
             try:
-                _write_batches(generate_batches(rows, seed, as_of, batch_rows), write, advance)
+                _write_batches(generate_batches(rows, seed, as_of, batch_rows, itineraries), write, advance)
             finally:
                 for writer in writers.values():
                     writer.close()

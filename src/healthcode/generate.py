@@ -43,6 +43,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
+from healthcode.rules.codes import PROVINCES
 from healthcode.rules.columns import POPULATION_SCHEMA, VISIT_TYPE
 from healthcode.rules.regions import RISK_CSV_HEADER
 from healthcode.rules.timebase import DAY_SECONDS, OFFSET_SECONDS, day, day_to_date, to_instant
@@ -189,14 +190,62 @@ _VISIT_THRESHOLDS = np.cumsum(
     ),
     axis=1,
 )
+# Country-wide itineraries: the same buckets, with a larger share of travel (the last one), which goes anywhere.
+_COUNTRY_THRESHOLDS = np.cumsum(
+    np.array(
+        [
+            [0.40, 0.30, 0.02, 0.005, 0.00],  # commuter: 27.5% travel
+            [0.35, 0.30, 0.02, 0.005, 0.05],  # resident: 27.5%
+            [0.30, 0.25, 0.02, 0.005, 0.00],  # visitor: 42.5%
+        ]
+    ),
+    axis=1,
+)
 _SLOTS = 4096  # the bucket of a visit is one gather: _VISIT_BUCKET[category * _SLOTS + uniform slot]
-_VISIT_BUCKET = np.concatenate(
-    [np.searchsorted(t, (np.arange(_SLOTS) + 0.5) / _SLOTS, side="right") for t in _VISIT_THRESHOLDS]
-).astype(np.int8)
 
 
-def _batch(rng: np.random.Generator, start: int, n: int, seed: int, as_of: int) -> pa.RecordBatch:
+def _buckets(thresholds: np.ndarray) -> np.ndarray:
+    return np.concatenate(
+        [np.searchsorted(t, (np.arange(_SLOTS) + 0.5) / _SLOTS, side="right") for t in thresholds]
+    ).astype(np.int8)
+
+
+_VISIT_BUCKET = _buckets(_VISIT_THRESHOLDS)
+_COUNTRY_BUCKET = _buckets(_COUNTRY_THRESHOLDS)
+
+#: The itinerary modes: ``beijing`` (travel to the few dozen cities visitors come from, the risk-listed areas and
+#: the border ports) and ``country`` (more travel, over the whole spread of county codes: every province-level
+#: prefix, prefectures 01-20 and counties 01-30 of each, 20,400 codes, with the same Beijing and ring-area
+#: concentration of the other visits).
+ITINERARIES = ("beijing", "country")
+
+
+def _country_codes() -> np.ndarray:
+    provinces = np.array(PROVINCES, dtype=np.int32)
+    prefectures = np.arange(1, 21, dtype=np.int32)
+    counties = np.arange(1, 31, dtype=np.int32)
+    grid = provinces[:, None, None] * 10000 + prefectures[None, :, None] * 100 + counties[None, None, :]
+    return grid.ravel()
+
+
+#: Every county code of the country-wide mode.
+COUNTRY_CODES = _country_codes()
+
+
+def _country_travel(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Country-wide travel: three quarters anywhere (uniform over :data:`COUNTRY_CODES`), a quarter the Beijing
+    mode's destinations (so the risk-listed areas and the border ports keep being visited)."""
+    out = COUNTRY_CODES[rng.integers(0, len(COUNTRY_CODES), size=size)]
+    rest = np.flatnonzero(rng.random(size) >= 0.75)
+    out[rest] = _TRAVEL.draw(rng, len(rest))
+    return out
+
+
+def _batch(
+    rng: np.random.Generator, start: int, n: int, seed: int, as_of: int, itineraries: str = "beijing"
+) -> pa.RecordBatch:
     today = day(as_of)
+    country = itineraries == "country"
     u = rng.random(n)
     cat = np.where(u < MIX[0], COMMUTER, np.where(u < MIX[0] + MIX[1], RESIDENT, VISITOR)).astype(np.int8)
     is_c, is_r = cat == COMMUTER, cat == RESIDENT
@@ -261,14 +310,14 @@ def _batch(rng: np.random.Generator, start: int, n: int, seed: int, as_of: int) 
     mv = len(v_parent)
     slot = rng.integers(0, _SLOTS, size=mv, dtype=np.int32)
     slot += np.repeat(cat.astype(np.int32) * _SLOTS, n_visits)
-    bucket = _VISIT_BUCKET[slot]
+    bucket = (_COUNTRY_BUCKET if country else _VISIT_BUCKET)[slot]
     del slot
     visit_region = home[v_parent]  # bucket 0: home
     idx = np.flatnonzero(bucket == 2)
     visit_region[idx] = visit_region[idx] // 100 * 100  # the home prefecture (city-level check-in)
     for b, codes in ((1, _BEIJING), (3, _PREFECTURE), (4, _RING), (5, _TRAVEL)):
         idx = np.flatnonzero(bucket == b)
-        visit_region[idx] = codes.draw(rng, len(idx))
+        visit_region[idx] = _country_travel(rng, len(idx)) if country and b == 5 else codes.draw(rng, len(idx))
     visit_day = (today - (rng.random(mv) * 21).astype(np.int32)).astype(np.int32)
     visit_null = np.zeros(mv, dtype=bool)
     region_null = np.zeros(mv, dtype=bool)
@@ -335,25 +384,28 @@ def _batch(rng: np.random.Generator, start: int, n: int, seed: int, as_of: int) 
 
 
 def generate_batches(
-    rows: int, seed: int = 0, as_of: int = DEFAULT_AS_OF, batch_rows: int = 1_000_000
+    rows: int, seed: int = 0, as_of: int = DEFAULT_AS_OF, batch_rows: int = 1_000_000, itineraries: str = "beijing"
 ) -> Iterator[pa.RecordBatch]:
-    """Yield ``rows`` synthetic people in record batches of at most ``batch_rows`` (POPULATION_SCHEMA)."""
+    """Yield ``rows`` synthetic people in record batches of at most ``batch_rows`` (POPULATION_SCHEMA);
+    ``itineraries`` one of :data:`ITINERARIES`."""
     if rows < 0:
         raise ValueError(f"rows must be >= 0, got {rows}")
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    if itineraries not in ITINERARIES:
+        raise ValueError(f"itineraries must be one of {', '.join(ITINERARIES)}, got {itineraries!r}")
     as_of = to_instant(as_of)
     for b, start in enumerate(range(0, rows, batch_rows)):
         n = min(batch_rows, rows - start)
         rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(b,)))
-        yield _batch(rng, start, n, seed, as_of)
+        yield _batch(rng, start, n, seed, as_of, itineraries)
 
 
 def generate_table(
-    rows: int, seed: int = 0, as_of: int = DEFAULT_AS_OF, batch_rows: int = 1_000_000
+    rows: int, seed: int = 0, as_of: int = DEFAULT_AS_OF, batch_rows: int = 1_000_000, itineraries: str = "beijing"
 ) -> pa.Table:
     """The whole population in memory (tests and benchmarks)."""
-    batches = list(generate_batches(rows, seed, as_of, batch_rows))
+    batches = list(generate_batches(rows, seed, as_of, batch_rows, itineraries))
     return pa.Table.from_batches(batches, schema=POPULATION_SCHEMA)
 
 

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -106,3 +107,14 @@ def test_no_progress_bar_into_a_log(tmp_path):
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert forced.returncode == 0 and "%|" in forced.stderr, forced.stderr
+
+
+def test_country_itineraries(tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "--rows", "3000", "--seed", "2", "--itineraries", "country"]) == 0
+    visits = pq.read_table(tmp_path / "population.parquet").column("visits")
+    regions = pc.list_flatten(visits).combine_chunks().field("region").to_numpy(zero_copy_only=False)
+    assert len(set(regions.tolist())) > 2000
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(tmp_path), "--rows", "10", "--itineraries", "world"])
+    assert exit_info.value.code == EXIT_USAGE
+    assert "invalid choice: 'world'" in capsys.readouterr().err

@@ -13,7 +13,15 @@ import pytest
 
 import healthcode
 from healthcode.demo import HIVE_DEFAULT_PARTITION, bucket_of, province_of, write_demo, write_partitioned
-from healthcode.generate import BEIJING, DEFAULT_AS_OF, RING_HOMES, generate_batches, generate_risk_csv, generate_table
+from healthcode.generate import (
+    BEIJING,
+    COUNTRY_CODES,
+    DEFAULT_AS_OF,
+    RING_HOMES,
+    generate_batches,
+    generate_risk_csv,
+    generate_table,
+)  # fmt: skip
 from healthcode.rules.columns import POPULATION_SCHEMA, check_schema
 from healthcode.rules.regions import contains, is_valid_code
 from healthcode.rules.timebase import day, to_instant
@@ -247,3 +255,26 @@ def test_bucket_of_and_province_of():
     assert (bucket_of(ids, 1) == 0).all()
     homes = pa.array([110105, None, 990101, 131082, 12345], type=pa.int32())
     assert province_of(homes).tolist() == [11, -1, -1, 13, -1]
+
+
+def test_country_itineraries_spread_over_the_whole_code_space_around_beijing():
+    """The country-wide mode: the same persons (ids, NAT results, numbers of visits), itineraries over tens of
+    thousands of valid county codes, still concentrated on Beijing and the ring; the default mode unchanged."""
+    beijing = generate_table(20_000, seed=9)
+    country = generate_table(20_000, seed=9, itineraries="country")
+    assert generate_table(20_000, seed=9, itineraries="beijing").equals(beijing)
+    for name in ("person_id", "nat_sample_time"):
+        assert country.column(name).equals(beijing.column(name)), name
+    lengths = [pc.list_value_length(t["visits"]).fill_null(0) for t in (country, beijing)]
+    assert lengths[0].equals(lengths[1])  # a null list is an empty one; which are written null is drawn later
+
+    def regions(t: pa.Table) -> np.ndarray:
+        return pc.list_flatten(t["visits"]).combine_chunks().field("region").to_numpy(zero_copy_only=False)
+
+    b, c = regions(beijing), regions(country)
+    assert len(np.unique(b)) < 200
+    assert len(np.unique(c)) > 10_000
+    assert 0.25 < np.mean(c // 10000 == 11) < np.mean(b // 10000 == 11)
+    assert len(COUNTRY_CODES) == 20_400 and all(is_valid_code(int(x)) for x in COUNTRY_CODES[::97])
+    with pytest.raises(ValueError, match="itineraries must be one of beijing, country"):
+        next(generate_batches(10, itineraries="world"))

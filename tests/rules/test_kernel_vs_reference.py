@@ -404,9 +404,10 @@ def test_extreme_values(monkeypatch, unit):
                 assert_same(ref, got, table, f"extremes unit={unit} as_of={as_of}")
 
 
+@pytest.mark.parametrize("itineraries", ["beijing", "country"])
 @pytest.mark.parametrize("timeline_name", list(TIMELINES))
 @pytest.mark.parametrize("entry_unit", ["s", "ms", "ns"])
-def test_generated_population_mostly_clean_blocks(monkeypatch, timeline_name, entry_unit):
+def test_generated_population_mostly_clean_blocks(monkeypatch, timeline_name, entry_unit, itineraries):
     """The kernel evaluates blocks of 64 rows with no null list element and no invalid visit region in two flat
     passes, and other blocks row by row: on generated data (0.1% invalid rows) nearly every block takes the first
     path, some the second, and both must equal the reference."""
@@ -414,12 +415,12 @@ def test_generated_population_mostly_clean_blocks(monkeypatch, timeline_name, en
     from healthcode.rules.regions import parse_risk_csv
 
     as_of = seconds(bj(2021, 11, 30, 12)) if timeline_name == "default" else seconds(bj(2022, 5, 3, 9, 30))
-    table = pa.Table.from_batches(list(generate_batches(6000, seed=17, as_of=as_of)))
+    table = pa.Table.from_batches(list(generate_batches(6000, seed=17, as_of=as_of, itineraries=itineraries)))
     instant = pa.timestamp(entry_unit, tz="UTC")
     index = table.schema.get_field_index("entry_times")
     table = table.set_column(index, "entry_times", table["entry_times"].cast(pa.list_(instant)))
     risk = parse_risk_csv(generate_risk_csv(17, as_of))
     ref, kernels = run_both(monkeypatch, table, risk, TIMELINES[timeline_name](), as_of)
     for threads, got in zip((1, 2), kernels, strict=True):
-        assert_same(ref, got, table, f"{timeline_name} entry unit {entry_unit} n_threads={threads}")
+        assert_same(ref, got, table, f"{timeline_name} {itineraries} entry unit {entry_unit} n_threads={threads}")
     assert 0 < ref.column("error").null_count < table.num_rows

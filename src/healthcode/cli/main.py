@@ -32,6 +32,7 @@ from healthcode.cli.common import (
     thread_count,
 )
 from healthcode.errors import HealthcodeError, StoreInUse, UsageError
+from healthcode.generate import ITINERARIES
 from healthcode.rules import columns, engine
 from healthcode.rules.results import RESULT_SCHEMA
 
@@ -92,7 +93,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         by = "bucket"
     if by is None and args.files_per_partition != "1":
         raise CliError("--files-per-partition needs --partitions N or --partition-by province", EXIT_USAGE)
-    kwargs = {} if args.as_of is None else {"as_of": parse_instant(args.as_of)}
+    kwargs: dict = {} if args.as_of is None else {"as_of": parse_instant(args.as_of)}
+    kwargs["itineraries"] = args.itineraries
     try:
         os.makedirs(args.outdir, exist_ok=True)
     except OSError as exc:
@@ -290,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the instant the data is generated around (default 2021-11-30 12:00 +08:00)",
     )
+    gen.add_argument(
+        "--itineraries", choices=ITINERARIES, default="beijing",
+        help="beijing (default): travel to a few dozen cities, the risk-listed areas and the border ports; "
+        "country: more travel, over the whole spread of county codes (20,400 codes), with the same concentration "
+        "around Beijing and the ring areas",
+    )  # fmt: skip
     part = gen.add_argument_group("partitioned output (OUTDIR/population/, replaced if it exists)")
     part.add_argument(
         "--partitions", metavar="N", default=None,
