@@ -223,13 +223,24 @@ def risk_table(risk: RiskList) -> pa.Table:
     )
 
 
+#: The risk-list CSV read by DuckDB itself (the same file a user gives healthcode): empty dates are unbounded.
+_RISK_CSV_VIEW = """
+CREATE VIEW risk_list AS
+SELECT CAST(trim(region) AS INTEGER) AS region,
+       CAST(NULLIF(trim(start_date), '') AS DATE) AS start_day,
+       CAST(NULLIF(trim(end_date), '') AS DATE) AS end_day
+FROM read_csv($path, header = true, all_varchar = true)
+"""
+
+
 def evaluate_duckdb(
-    table: pa.Table, risk: RiskList, policy: Policy, active: bool, as_of: int, threads: int = 1
+    table: pa.Table, risk: RiskList | str, policy: Policy, active: bool, as_of: int, threads: int = 1
 ) -> pa.Table:
     """SPEC §4 for every row of ``table`` at ``as_of`` under ``policy`` (``active``: in force).
 
-    ``policy`` and ``active`` are what ``PolicyTimeline.select(as_of)`` returns; ``as_of`` is anything
-    ``timebase.to_instant`` takes.  The result is in RESULT_SCHEMA.
+    ``risk`` is a loaded list (registered as a small table) or the path of its CSV file (read by DuckDB in the
+    query, as a data team would).  ``policy`` and ``active`` are what ``PolicyTimeline.select(as_of)`` returns;
+    ``as_of`` is anything ``timebase.to_instant`` takes.  The result is in RESULT_SCHEMA.
     """
     as_of = to_instant(as_of)
     pop = table.select(list(_POP_COLUMNS))
@@ -239,7 +250,10 @@ def evaluate_duckdb(
         con.execute(f"SET threads = {int(threads)}")
         con.execute("SET enable_progress_bar = false")
         con.register("population", pop)
-        con.register("risk_list", risk_table(risk))
+        if isinstance(risk, str):
+            con.execute(_RISK_CSV_VIEW.replace("$path", "'" + risk.replace("'", "''") + "'"))
+        else:
+            con.register("risk_list", risk_table(risk))
         out = con.sql(build_sql(policy, active, as_of)).to_arrow_table()
     finally:
         con.close()
