@@ -390,40 +390,59 @@ def bench_bulk_ingest(stub: pb_grpc.HealthCodeServiceStub, ids: np.ndarray, even
     }
 
 
-async def _single_load(target: str, ids: list[int], concurrency: int, seconds: float) -> dict:
+RECORD_ENTRIES = "/healthcode.v1.HealthCodeService/RecordEntries"
+
+
+def _single_payloads(ids: list[int], count: int, first: int, step: int) -> list[bytes]:
+    """``count`` serialized one-entry ``RecordEntriesRequest`` messages, call k at instant ``base + first + k * step``
+    (distinct instants across the load's processes: every call stores a new row), built before the clock starts."""
+    base = AS_OF - 2 * DAY_SECONDS
+    out = []
+    for k in range(count):
+        n = first + k * step
+        event = pb.EntryEvent(person_id=ids[n % len(ids)])
+        event.time.seconds = base + n
+        out.append(pb.RecordEntriesRequest(entries=[event]).SerializeToString())
+    return out
+
+
+async def _single_load(
+    target: str,
+    ids: list[int],
+    concurrency: int,
+    seconds: float,
+    method: str = RECORD_ENTRIES,
+    first: int = 0,
+    step: int = 1,
+    max_calls: int = 40_000,
+) -> dict:
+    """One process of the single-event load: ``concurrency`` callers on one channel for ``seconds``; requests are
+    pre-serialized (at most ``max_calls`` of them), so the generator spends its CPU on gRPC alone."""
     latencies: list[float] = []
     started_at: list[float] = []  # wall-clock start of each call (to line calls up with a checkpoint in the log)
-    inserted = [0]
-    counter = [0]
-    base = AS_OF - 2 * DAY_SECONDS  # distinct instants: every call stores a new row
-
-    def payload() -> bytes:
-        counter[0] += 1
-        k = counter[0]
-        event = pb.EntryEvent(person_id=ids[k % len(ids)])
-        event.time.seconds = base + k
-        return pb.RecordEntriesRequest(entries=[event]).SerializeToString()
+    replies: list[bytes] = []
+    payloads = _single_payloads(ids, max_calls + 1, first, step)
+    taken = iter(payloads[1:])
 
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        call = channel.unary_unary(
-            "/healthcode.v1.HealthCodeService/RecordEntries", request_serializer=None, response_deserializer=None
-        )
-        await call(payload(), timeout=60)  # warm the channel
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        await call(payloads[0], timeout=60)  # warm the channel
         stop_at = time.perf_counter() + seconds
+        perf, wall = time.perf_counter, time.time
 
         async def worker() -> None:
-            while time.perf_counter() < stop_at:
-                data = payload()
-                wall = time.time()
-                t0 = time.perf_counter()
-                reply = await call(data, timeout=60)
-                latencies.append(time.perf_counter() - t0)
-                started_at.append(wall)
-                inserted[0] += pb.RecordEntriesResponse.FromString(reply).inserted
+            for data in taken:
+                at, t0 = wall(), perf()
+                replies.append(await call(data, timeout=60))
+                t1 = perf()
+                latencies.append(t1 - t0)
+                started_at.append(at)
+                if t1 >= stop_at:
+                    return
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     lat = np.array(latencies)
     return {
         "concurrency": concurrency,
@@ -433,30 +452,62 @@ async def _single_load(target: str, ids: list[int], concurrency: int, seconds: f
         "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 2),
         "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 2),
         "max_ms": round(float(lat.max()) * 1000, 2),
-        "inserted": inserted[0],
+        "inserted": sum(pb.RecordEntriesResponse.FromString(r).inserted for r in replies),
+        "cpu_s": round(cpu, 2),
         "calls_at": [round(x, 4) for x in started_at],
         "latencies_ms": [round(x * 1000, 2) for x in latencies],
     }
 
 
-def _single_process(args: tuple[str, list[int], int, float], queue: mp.Queue) -> None:
+def _single_process(args: tuple, queue: mp.Queue) -> None:
     queue.put(asyncio.run(_single_load(*args)))
 
 
 def bench_single_ingest(
-    target: str, ids: np.ndarray, concurrency: int, seconds: float, during: Callable[[], None] | None = None
+    target: str,
+    ids: np.ndarray,
+    concurrency: int,
+    seconds: float,
+    during: Callable[[], None] | None = None,
+    method: str = RECORD_ENTRIES,
+    processes: int = 1,
 ) -> dict:
-    """Single-event calls from a separate process for ``seconds``; ``during()`` runs here 2 s into the load."""
+    """Single-event calls from ``processes`` separate processes (``concurrency`` callers in all) for ``seconds``;
+    ``during()`` runs here 2 s into the load.  ``method``: another unary method taking the same bytes (the
+    empty-handler ceiling of ``benchmarks/echo_server.py``, ``/bench.Echo/Empty``)."""
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_single_process, args=((target, ids[:10_000].tolist(), concurrency, seconds), queue))
-    proc.start()
+    sample = ids[:10_000].tolist()
+    each = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    max_calls = int(seconds * 3_000 / processes) + 1_000  # more than the fastest server here answers
+    procs = [
+        ctx.Process(target=_single_process, args=((target, sample, n, seconds, method, i, processes, max_calls), queue))
+        for i, n in enumerate(each)
+    ]
+    for proc in procs:
+        proc.start()
     if during is not None:
         time.sleep(2.0)
         during()
-    out = queue.get(timeout=seconds + 300)
-    proc.join()
-    return out  # type: ignore[no-any-return]
+    parts = [queue.get(timeout=seconds + 300) for _ in procs]
+    for proc in procs:
+        proc.join()
+    lat = np.concatenate([np.array(p["latencies_ms"]) for p in parts])
+    elapsed = max(p["seconds"] for p in parts)
+    return {
+        "concurrency": concurrency,
+        "processes": processes,
+        "seconds": elapsed,
+        "calls": len(lat),
+        "calls_per_s": round(len(lat) / elapsed, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "max_ms": round(float(lat.max()), 2),
+        "inserted": sum(p["inserted"] for p in parts),
+        "load_cpu_s": round(sum(p["cpu_s"] for p in parts), 2),
+        "calls_at": [x for p in parts for x in p["calls_at"]],
+        "latencies_ms": lat.tolist(),
+    }
 
 
 def settle(log_path: str, timeout: float = 600.0) -> float:

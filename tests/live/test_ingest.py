@@ -18,7 +18,15 @@ from healthcode._proto.v1 import healthcode_pb2 as pb
 from healthcode.errors import StoreError
 from healthcode.live.ingest import Committed, IngestQueue, QueueClosed, QueueFull
 from healthcode.store import IngestCounts, Store
-from healthcode.wire.ingest import entries_table, nat_results_table, persons_table, request_table, visits_table
+from healthcode.wire.ingest import (
+    STORE_FORM_ROWS,
+    entries_table,
+    nat_results_table,
+    persons_table,
+    request_table,
+    store_form,
+    visits_table,
+)
 
 T0 = 1_638_244_800  # 2021-11-30 04:00 UTC
 
@@ -128,6 +136,64 @@ def test_request_table_rows_arrow_ipc_both_and_malformed() -> None:
 
 
 # --- Store.ingest_group ---------------------------------------------------------------------------------------
+
+
+def test_store_form_of_small_entries_requests_is_what_validation_gives() -> None:
+    """The single-event fast path builds the table the general path (request_table, then the store's validation)
+    gives, to the type; requests it cannot vouch for go the general way (None)."""
+    top = 2**63 - 1
+    requests = [
+        [pb.EntryEvent(person_id=7, time=tsp(T0))],
+        [pb.EntryEvent(person_id=0, time=tsp(T0, 999_999_999)), pb.EntryEvent(person_id=2**64 - 1, time=tsp(-5, 1))],
+        [pb.EntryEvent(person_id=3, time=tsp(top)), pb.EntryEvent(person_id=3, time=tsp(-top - 1))],
+        [pb.EntryEvent(person_id=i, time=tsp(T0 + i)) for i in range(STORE_FORM_ROWS)],
+    ]
+    for rows in requests:
+        request = pb.RecordEntriesRequest(entries=rows)
+        fast = store_form("entries", request)
+        assert fast is not None
+        assert fast.equals(Store.prepare_ingest("entries", request_table("entries", request)), check_metadata=True)
+    general = [
+        pb.RecordEntriesRequest(),  # nothing to store
+        pb.RecordEntriesRequest(entries=[pb.EntryEvent(person_id=1)]),  # no time: the general path names the row
+        pb.RecordEntriesRequest(entries=[pb.EntryEvent(person_id=1, time=tsp(T0, -1))]),  # nanos out of range
+        pb.RecordEntriesRequest(entries=[pb.EntryEvent(person_id=1, time=tsp(T0, 10**9))]),
+        pb.RecordEntriesRequest(entries=[pb.EntryEvent(person_id=i, time=tsp(T0)) for i in range(STORE_FORM_ROWS + 1)]),
+        pb.RecordEntriesRequest(arrow_ipc=ipc(entry(1, T0))),
+    ]
+    for request in general:
+        assert store_form("entries", request) is None
+    assert store_form("visits", pb.RecordVisitsRequest(visits=[pb.VisitEvent(person_id=1)])) is None
+    with pytest.raises(StoreError, match="row 0, column 't': is null; nothing of this call was stored"):
+        Store.prepare_ingest("entries", request_table("entries", general[1]))
+
+
+def test_prepared_submissions_commit_and_count_like_validated_ones(store: Store) -> None:
+    """A submission queued in store form (``prepared``) is stored, counted, replayed and refused (unknown person)
+    exactly as the same rows submitted for validation, in the same groups."""
+
+    def request(pid: int, t: int) -> pb.RecordEntriesRequest:
+        return pb.RecordEntriesRequest(entries=[pb.EntryEvent(person_id=pid, time=tsp(t))])
+
+    async def main() -> list[IngestCounts | BaseException]:
+        async with IngestQueue(store) as queue:
+            calls = []
+            for i, (pid, t) in enumerate([(1, T0), (2, T0), (1, T0), (99, T0), (3, T0 + 1)] * 2):
+                r = request(pid, t)
+                fast = store_form("entries", r)
+                assert fast is not None
+                if i % 2:
+                    calls.append(queue.submit("entries", fast, prepared=True))
+                else:
+                    calls.append(queue.submit("entries", request_table("entries", r)))
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    got = asyncio.run(main())
+    replay, new = IngestCounts(0, 1), IngestCounts(1, 0)
+    assert got[:3] + got[4:8] + got[9:] == [new, new, replay, new, replay, replay, replay, replay]
+    for bad in (got[3], got[8]):
+        assert isinstance(bad, StoreError) and "row 0, column 'person_id': person 99 is not in the store" in str(bad)
+    assert store.counts()["entries"] == 3
 
 
 def test_ingest_group_counts_follow_list_order(store: Store) -> None:

@@ -9,6 +9,7 @@ import time
 import grpc
 import pyarrow as pa
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from service_helpers import ServerProcess, changes, metric
 
 from healthcode import evaluate
@@ -192,6 +193,36 @@ def test_ingested_events_reach_the_next_reevaluation_and_lookup(served, populati
     assert change.person_id == person and change.new_reasons_mask & 32 and not change.old_reasons_mask & 32
     assert pb.REASON_RISK_TRAVEL in change.new_reasons and pb.REASON_RISK_TRAVEL not in change.old_reasons
     assert sum(change.new_reasons) == change.new_reasons_mask  # one numbering: a reason's value is its bit
+
+
+def test_single_event_calls_answer_as_larger_calls_do(served, population):
+    """One-entry RecordEntries calls (the fast path) store, count replays and refuse bad rows with the same
+    answers as calls of many entries (validated the general way), and a refused call stores nothing."""
+    _server, stub = served
+    person = next(pid for pid in population["person_id"].to_pylist() if pid is not None)
+    filler = [pb.EntryEvent(person_id=person, time=Timestamp(seconds=AS_OF - 7200 - i)) for i in range(100)]
+
+    def call(rows: list[pb.EntryEvent]) -> pb.RecordEntriesResponse | tuple[grpc.StatusCode, str]:
+        try:
+            return stub.RecordEntries(pb.RecordEntriesRequest(entries=rows), timeout=30)
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details()
+
+    one = pb.EntryEvent(person_id=person, time=Timestamp(seconds=AS_OF - 60))
+    assert call([one]) == pb.RecordEntriesResponse(inserted=1)
+    assert call([one]) == pb.RecordEntriesResponse(already_present=1)
+    assert call([one, *filler]) == pb.RecordEntriesResponse(inserted=100, already_present=1)
+    unknown = pb.EntryEvent(person_id=2**64 - 1, time=Timestamp(seconds=AS_OF - 30))
+    no_time = pb.EntryEvent(person_id=person)
+    refusals = [
+        (unknown, f"column 'person_id': person {2**64 - 1} is not in the store"),
+        (no_time, "column 't': is null"),
+    ]
+    for bad, what in refusals:
+        single, many = call([bad]), call([bad, *filler])
+        assert single == (grpc.StatusCode.INVALID_ARGUMENT, single[1]) and f"row 0, {what}" in single[1]
+        assert many == single  # the same code and words whichever path validated it
+    assert call(filler) == pb.RecordEntriesResponse(already_present=100)  # the refused calls stored nothing
 
 
 def test_gateway_calls_continue_during_reevaluation_and_never_see_a_half_applied_list(served, population):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,12 +28,16 @@ import numpy as np
 import pyarrow as pa
 
 from healthcode.errors import Exhausted, StoreError, Unavailable
+from healthcode.logs import event
 from healthcode.store import INGEST_KINDS, IngestCounts, Store
 
 log = logging.getLogger(__name__)
 
 #: Submissions up to this many rows are validated in the event loop; larger ones on a worker thread.
 INLINE_VALIDATION_ROWS = 4096
+#: Loop passes the writer lets run before it takes a group: handlers of calls that have arrived queue theirs
+#: first, so concurrent single-event calls share one commit instead of each paying for one.
+GATHER_PASSES = 2
 
 # ---------------------------------------------------------------------------------------------------------------
 # Group commit
@@ -104,6 +109,7 @@ class IngestQueue:
         self.seen = seen
         self.commits = 0
         self.groups = 0
+        self.commit_seconds = self.commit_cpu_seconds = 0.0  # the worker's time in groups: wall, its own CPU
         self.submitted = 0
         self._pending: collections.deque[_Pending] = collections.deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="healthcode-ingest")
@@ -116,12 +122,13 @@ class IngestQueue:
         """Submissions waiting for a group (not counting the one being committed)."""
         return len(self._pending)
 
-    async def submit(self, kind: str, table: pa.Table | pa.RecordBatch) -> IngestCounts:
+    async def submit(self, kind: str, table: pa.Table | pa.RecordBatch, *, prepared: bool = False) -> IngestCounts:
         """Validate ``table`` for ``kind``, queue it and wait until it is committed: its counts, or its
         :class:`StoreError` (validation errors are raised before queueing; an unknown person at commit time).
 
         The submitted table is the validated store form (``committed`` items carry that form: ``_row``,
-        ``person_id`` as uint64, instants as int64 epoch seconds)."""
+        ``person_id`` as uint64, instants as int64 epoch seconds).  ``prepared``: ``table`` is that form already
+        (:func:`healthcode.wire.ingest.store_form` built it), so it is queued as it is."""
         if self._closing:
             raise QueueClosed("the server is shutting down; retry on another")
         if kind not in INGEST_KINDS:
@@ -138,7 +145,9 @@ class IngestQueue:
         loop = asyncio.get_running_loop()
         # Validate before queueing (a bad submission fails at once, alone): small tables inline, large ones on the
         # default thread pool (Arrow and numpy release the GIL) so the loop is not held up.
-        if table.num_rows <= INLINE_VALIDATION_ROWS:
+        if prepared:
+            pass
+        elif table.num_rows <= INLINE_VALIDATION_ROWS:
             table = Store.prepare_ingest(kind, table)
         else:
             table = await loop.run_in_executor(None, Store.prepare_ingest, kind, table)
@@ -185,28 +194,23 @@ class IngestQueue:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            # Calls whose requests have arrived already are handled first (their handlers are ready to run on the
+            # loop): they join this group instead of waiting for the next commit.
+            for _ in range(GATHER_PASSES):
+                await asyncio.sleep(0)
             group = self._take()
             if not group:
                 continue
             self.groups += 1
             items = [(p.kind, p.table) for p in group]
             try:
-                results = await loop.run_in_executor(self._executor, self._ingest, items)
+                results = await loop.run_in_executor(self._executor, self._commit, items)
             except Exception as exc:  # the transaction failed as a whole: every caller of the group sees it
                 log.warning("ingest group of %d submissions failed: %s", len(group), exc)
                 for p in group:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
-            committed = [
-                Committed(p.kind, p.table, res) for p, res in zip(group, results, strict=True)
-                if isinstance(res, IngestCounts)
-            ]
-            if committed:
-                self.commits += 1
-                if self.on_commit is not None:
-                    # Before the callers hear back, so what they wrote is visible to their next read.
-                    await loop.run_in_executor(self._executor, self._notify, committed)
             for p, res in zip(group, results, strict=True):
                 if p.future.done():
                     continue
@@ -214,6 +218,28 @@ class IngestQueue:
                     p.future.set_result(res)
                 else:
                     p.future.set_exception(res)
+
+    def _commit(self, items: list[tuple[str, pa.Table]]) -> list[IngestCounts | StoreError]:
+        """One group on the worker thread: its transaction, then ``on_commit`` with its successful submissions
+        (before the callers hear back, so what they wrote is visible to their next read)."""
+        started, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return self._commit_group(items)
+        finally:
+            self.commit_seconds += time.perf_counter() - started
+            self.commit_cpu_seconds += time.thread_time() - cpu
+
+    def _commit_group(self, items: list[tuple[str, pa.Table]]) -> list[IngestCounts | StoreError]:
+        results = self._ingest(items)
+        committed = [
+            Committed(kind, table, res) for (kind, table), res in zip(items, results, strict=True)
+            if isinstance(res, IngestCounts)
+        ]  # fmt: skip
+        if committed:
+            self.commits += 1
+            if self.on_commit is not None:
+                self._notify(committed)
+        return results
 
     def _notify(self, committed: list[Committed]) -> None:
         assert self.on_commit is not None
@@ -235,6 +261,10 @@ class IngestQueue:
             self._wake.set()
             await self._writer
         self._executor.shutdown(wait=True)
+        event(
+            log, "ingest_closed", submitted=self.submitted, groups=self.groups, commits=self.commits,
+            commit_seconds=round(self.commit_seconds, 3), commit_cpu_seconds=round(self.commit_cpu_seconds, 3),
+        )  # fmt: skip
 
     async def __aenter__(self) -> IngestQueue:
         return self

@@ -235,6 +235,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, service_prefix: str = "/healthcode.v1.") -> None:
         self.prefix = service_prefix
+        # method path -> (the handler it wrapped, the wrapped handler): the continuation hands back the same
+        # handler for a method call after call, so it is wrapped once, not once per call
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def wrap_unary(self, method: str, behavior: Any) -> Any:
         raise NotImplementedError
@@ -251,7 +254,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(self.prefix):
             return handler
-        method = details.method.rsplit("/", 1)[-1]
+        known = self._wrapped.get(details.method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(details.method, handler)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        method = path.rsplit("/", 1)[-1]
         de, ser = handler.request_deserializer, handler.response_serializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(self.wrap_unary(method, handler.unary_unary), de, ser)

@@ -33,7 +33,7 @@ from healthcode.rules.regions import parse_risk_csv
 from healthcode.service import auth, metrics
 from healthcode.service.config import Settings
 from healthcode.service.interceptors import ROWS
-from healthcode.wire.ingest import request_table
+from healthcode.wire.ingest import request_table, store_form
 from healthcode.wire.ipc import WireError, changes_ipc, ipc_chunks, read_ipc
 from healthcode.wire.rows import (
     columns_to_batch,
@@ -292,9 +292,10 @@ class HealthCodeService(pb_grpc.HealthCodeServiceServicer):
     async def _ingest(self, kind: str, request: object, response: type[_Counts]) -> _Counts:
         if self.ingest is None:
             raise Precondition(NO_STORE)
-        table = request_table(kind, request)
+        ready = store_form(kind, request)  # a single-event call: built in store form, nothing left to validate
+        table = request_table(kind, request) if ready is None else ready
         ROWS.set(table.num_rows)
-        counts = await self.ingest.submit(kind, table)
+        counts = await self.ingest.submit(kind, table, prepared=ready is not None)
         return response(inserted=counts.inserted, already_present=counts.already_present, updated=counts.updated)
 
     async def UpsertPersons(

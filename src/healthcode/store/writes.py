@@ -285,7 +285,9 @@ def _group_events(
 ) -> dict[int, IngestCounts | StoreError]:
     """Append the event items of one kind together (inside the open transaction); counts per item."""
     out: dict[int, IngestCounts | StoreError] = {}
-    tagged = pa.concat_tables([t.append_column("_sub", pa.array(np.full(len(t), i, dtype=np.int64))) for i, t in subs])
+    tagged = pa.concat_tables([t for _, t in subs])
+    sub_of_row = np.repeat(np.array([i for i, _ in subs], dtype=np.int64), [t.num_rows for _, t in subs])
+    tagged = tagged.append_column("_sub", pa.array(sub_of_row))
     mask = None if stored is None else stored(tagged.column("person_id").to_numpy())
     if mask is None:
         view = db.register(tagged)
