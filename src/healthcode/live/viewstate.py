@@ -429,7 +429,9 @@ def appended(state: ViewState, rows: pa.Table, slots: np.ndarray, generation: in
         overlay = overlay.combine_chunks()
     order = np.argsort(slots, kind="stable")
     new_slots, new_rows = slots[order], start + order.astype(np.int64)
-    keep = ~sets.isin(state.overlay_slots, new_slots)
+    keep = np.ones(len(state.overlay_slots), dtype=bool)  # the overlay's slots are sorted and distinct: look the
+    found = sets.positions(state.overlay_slots, new_slots)  # few new slots up in them, not all of them in the few
+    keep[found[found >= 0]] = False
     old_slots, old_rows, old_gen = state.overlay_slots[keep], state.overlay_rows[keep], state.overlay_gen[keep]
     at = np.searchsorted(old_slots, new_slots)
     regions, visit_rows = _overlay_visits(rows)
