@@ -174,6 +174,7 @@ class StatusBook:
             event(log, "snapshot_unused", level=logging.WARNING, reason="its change log is ahead of the store's")
             snap = None
         mark: tuple[int, ...] | None = store.population_mark()
+        kept_base: tuple[pa.Table, snapshot.BaseFile] | None = None
         if snap is not None and snap.mark == mark and snap.lookback_days == lookback and snap.now <= as_of:
             self.view_from = "snapshot"
             t_first, d_first, _ = window(as_of, lookback)
@@ -189,6 +190,7 @@ class StatusBook:
             view = PopulationView(
                 base, lookback, self._compact_rows, as_of, store.first_nat_after(as_of), index, overlay
             )
+            kept_base = (view.state.base, snap.base_file) if inside else None
             # NAT results reported later than the snapshot's view then and due now (the view keeps future-dated
             # entries and visits, and leaves NAT results out until they are reported).
             due = store.nat_results_after(snap.complete_to, as_of)
@@ -202,6 +204,8 @@ class StatusBook:
             view = PopulationView(population, lookback, self._compact_rows, as_of, store.first_nat_after(as_of))
             del population
         self.view = view
+        # The base file on disk that holds this view's base (a checkpoint refers to it instead of writing it again).
+        self._base_file = kept_base
         self.view.on_compacted = self._renumber
         self._numbered_base = view.state.base  # the base the published arrays' slots belong to
         self._marked = (view.state.generation, mark)  # the store's fingerprint at this view generation
@@ -551,22 +555,32 @@ class StatusBook:
         held = self._snapshot_holds
         if held is not None and held[0] is state and held[1:] == holds[1:]:
             return True  # the snapshot on disk is this one
-        # The view as it is, base and overlay apart: nothing merged, the base's region index as it is.
+        # The view as it is, base and overlay apart: nothing merged.  The base (and its region index) goes to a
+        # base file of its own, written once per base: a later checkpoint of the same base refers to it.
+        written = self._base_file
+        base_bytes = 0
+        if written is None or written[0] is not state.base or not written[1].exists():
+            base_file, base_bytes = snapshot.write_base(
+                self.snapshot_path, state.base, (state.region_offsets, state.region_rows)
+            )
+            self._base_file = written = (state.base, base_file)
+        base_seconds = time.perf_counter() - started
         overlay = None
         if len(state.overlay_slots) or len(state.extra_ids):
             current = state.overlay.take(pa.array(state.overlay_rows, pa.int64()))
             overlay = (current, state.overlay_slots, state.extra_ids)
         size = snapshot.write(
-            self.snapshot_path, state.base, (state.region_offsets, state.region_rows),
-            (published[0], published[1], published[2], published[3]), mark=mark, high_water_mark=high_water_mark,
-            lookback_days=self.view.lookback_days, now=now, complete_to=complete_to, overlay=overlay,
+            self.snapshot_path, written[1], (published[0], published[1], published[2], published[3]), mark=mark,
+            high_water_mark=high_water_mark, lookback_days=self.view.lookback_days, now=now,
+            complete_to=complete_to, overlay=overlay,
         )  # fmt: skip
         del published, overlay
         self.snapshot_seq = max(self.snapshot_seq, high_water_mark)
         self._snapshot_holds = holds
         event(
-            log, "snapshot_written", persons=n, high_water_mark=high_water_mark, bytes=size,
-            started_at=round(started_at, 3), seconds=round(time.perf_counter() - started, 3),
+            log, "snapshot_written", persons=n, high_water_mark=high_water_mark, bytes=size + base_bytes,
+            base_bytes=base_bytes, base_seconds=round(base_seconds, 3), started_at=round(started_at, 3),
+            seconds=round(time.perf_counter() - started, 3),
         )  # fmt: skip
         return True
 
