@@ -390,3 +390,19 @@ def test_a_snapshot_keeps_the_overlay_and_new_persons_apart_from_the_base(store)
     assert _published(again) == _published(book)
     assert _statuses(again).equals(_statuses(book))
     np.testing.assert_array_equal(again.ids, book.ids)
+
+
+def test_asking_for_the_checkpoint_now_writes_one_that_waits_for_a_quiet_moment(store, caplog):
+    """Many publishes start a checkpoint that waits for a quiet moment; an operator's request (SIGUSR1) meanwhile
+    makes it write now instead of being ignored."""
+    caplog.set_level(logging.INFO, logger="healthcode.live.statusbook")
+    book = StatusBook(store, TIMELINE, AS_OF, kernel_threads=1, compact_rows=0, checkpoint_changes=1)
+    book.checkpoint_quiet_seconds = 3600.0
+    book.reevaluate(RISK, TIMELINE, AS_OF)
+    assert book._checkpointing is not None and book._checkpointing.is_alive()  # waiting for an hour of quiet
+    book.checkpoint_now()
+    book._checkpointing.join(30)
+    assert not book._checkpointing.is_alive()
+    assert _written(caplog)["high_water_mark"] == book.high_water_mark
+    assert snapshot.read(book.snapshot_path) is not None
+    book.close()

@@ -161,6 +161,7 @@ class StatusBook:
         self.checkpoint_quiet_seconds = 60.0
         self._last_publish = time.monotonic()
         self._closing = threading.Event()
+        self._asked = threading.Event()  # SIGUSR1 while a checkpoint waits for a quiet moment: write it now
 
     def _build(self, timeline: PolicyTimeline, as_of: int, use_snapshot: bool = False) -> None:
         """The view and the published statuses: from the snapshot when it was taken of this store as it is now
@@ -491,10 +492,11 @@ class StatusBook:
 
     def _checkpoint_when_quiet(self) -> None:
         """Write the snapshot (the store's status checkpoint for an in-memory store) once no publish happened for
-        ``checkpoint_quiet_seconds``, so it does not compete with a risk-list update; given up when the book closes
-        first."""
+        ``checkpoint_quiet_seconds`` (or at once when :meth:`checkpoint_now` asks), so it does not compete with a
+        risk-list update; given up when the book closes first."""
         while not self._closing.wait(1.0 if self.checkpoint_quiet_seconds > 1 else self.checkpoint_quiet_seconds):
-            if time.monotonic() - self._last_publish >= self.checkpoint_quiet_seconds:
+            if self._asked.is_set() or time.monotonic() - self._last_publish >= self.checkpoint_quiet_seconds:
+                self._asked.clear()
                 try:
                     if self.snapshot_path is None:
                         self.checkpoint()
@@ -506,10 +508,14 @@ class StatusBook:
 
     def checkpoint_now(self) -> bool:
         """Start writing the checkpoint (the snapshot; the store's status checkpoint for an in-memory store) in the
-        background now, without waiting for a quiet moment (an operator's SIGUSR1); False when one is running."""
-        if self._closing.is_set() or (self._checkpointing is not None and self._checkpointing.is_alive()):
+        background now, without waiting for a quiet moment (an operator's SIGUSR1); False when one is running (one
+        waiting for a quiet moment is written now)."""
+        if self._closing.is_set():
             return False
         event(log, "checkpoint_requested")
+        if self._checkpointing is not None and self._checkpointing.is_alive():
+            self._asked.set()
+            return False
 
         def work() -> None:
             try:
