@@ -406,3 +406,15 @@ def test_asking_for_the_checkpoint_now_writes_one_that_waits_for_a_quiet_moment(
     assert _written(caplog)["high_water_mark"] == book.high_water_mark
     assert snapshot.read(book.snapshot_path) is not None
     book.close()
+
+
+def test_a_base_file_deleted_under_a_running_server_is_written_again(store):
+    book = _book(store)
+    book.reevaluate(RISK, TIMELINE, AS_OF)
+    assert book.write_snapshot()
+    [base] = _base_files(book.snapshot_path)
+    os.unlink(base)
+    book.close()  # nothing changed since, but the pair on disk is not whole any more
+    [again] = _base_files(book.snapshot_path)
+    assert again != base
+    _restart_equals(book, store)

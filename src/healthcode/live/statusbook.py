@@ -15,6 +15,7 @@ published); a valid-until instant moving alone is not a change.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -559,11 +560,13 @@ class StatusBook:
             high_water_mark = self.high_water_mark
         holds = (state, mark, high_water_mark)
         held = self._snapshot_holds
-        if held is not None and held[0] is state and held[1:] == holds[1:]:
+        written = self._base_file
+        if held is not None and held[0] is state and held[1:] == holds[1:] and written is not None and (
+            written[1].exists() and os.path.exists(self.snapshot_path)
+        ):  # fmt: skip
             return True  # the snapshot on disk is this one
         # The view as it is, base and overlay apart: nothing merged.  The base (and its region index) goes to a
         # base file of its own, written once per base: a later checkpoint of the same base refers to it.
-        written = self._base_file
         base_bytes = 0
         if written is None or written[0] is not state.base or not written[1].exists():
             base_file, base_bytes = snapshot.write_base(
