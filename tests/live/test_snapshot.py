@@ -4,7 +4,10 @@ was written are picked up once they are due."""
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -134,9 +137,11 @@ def test_a_damaged_snapshot_falls_back_to_the_store_with_one_warning(store, capl
         open(path, "wb").write(data[:64] + bytes(range(256)) * 8 + data[64 + 2048 :])
     elif damage == "footer":  # the Arrow file's footer
         open(path, "wb").write(data[:-400] + bytes(range(200)) * 2)
-    elif damage == "index":  # the region index does not cover the visits
+    elif damage == "index":  # the region index (in the base file) does not cover the visits
+        [base] = _base_files(path)
+        data = open(base, "rb").read()
         at = 4096 + 8 * N_CODES  # its last offset
-        open(path, "wb").write(data[:at] + np.int64(7).tobytes() + data[at + 8 :])
+        open(base, "wb").write(data[:at] + np.int64(7).tobytes() + data[at + 8 :])
     elif damage == "empty":
         open(path, "wb").close()
     else:
@@ -149,6 +154,122 @@ def test_a_damaged_snapshot_falls_back_to_the_store_with_one_warning(store, capl
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "snapshot_unused" in warnings[0], warnings
     assert str(int(book.ids[0])) not in warnings[0]
+    again.close()  # the next checkpoint writes a usable pair again
+    assert snapshot.read(path) is not None and len(_base_files(path)) == 1
+
+
+def _base_files(path: str | None) -> list[str]:
+    assert path is not None
+    return sorted(p for p in glob.glob(glob.escape(path) + ".base-*") if ".tmp-" not in p)
+
+
+def _written(caplog) -> dict:
+    """The fields of the last snapshot_written event logged."""
+    lines = [r.getMessage() for r in caplog.records if "snapshot_written" in r.getMessage()]
+    assert lines, "no snapshot_written event"
+    return dict(json.loads(lines[-1][lines[-1].index("{") :]))
+
+
+def _fresh(store: Store, as_of: int = AS_OF) -> pa.Table:
+    """Every stored person's status, evaluated from a read of the store (by person id)."""
+    return engine.evaluate(store.population(as_of, LOOKBACK, future=True).sort_by("person_id"), RISK, TIMELINE,
+                           as_of, 1)  # fmt: skip
+
+
+def _restart_equals(book: StatusBook, store: Store) -> None:
+    again = _book(store)
+    assert again.view_from == "snapshot"
+    _assert_view_is_store(again, store)
+    assert _published(again) == _published(book)
+    assert _statuses(again).equals(_fresh(store))
+    again.snapshot_path = None  # leave the files on disk as they are
+    again.close()
+
+
+def test_a_checkpoint_writes_the_base_once_per_base_and_a_compaction_a_new_one(store, caplog):
+    """A checkpoint after ingest of the same base writes only the small snapshot file (the base file is not touched);
+    after a compaction it writes a new base file and deletes the old one; a restart after each gives the statuses
+    of a fresh evaluation of the store."""
+    caplog.set_level(logging.INFO, logger="healthcode.live.statusbook")
+    book = _book(store)
+    book.reevaluate(RISK, TIMELINE, AS_OF)
+    assert book.write_snapshot()
+    path = book.snapshot_path
+    [base] = _base_files(path)
+    first = _written(caplog)
+    assert first["base_bytes"] == os.path.getsize(base) and first["bytes"] == first["base_bytes"] + os.path.getsize(
+        path
+    )  # fmt: skip
+    before = os.stat(base)
+    person = int(book.ids[5])
+    _commit(store, book, [_entries(person, AS_OF - 900)])
+    book.reevaluate(RISK.with_version(2), TIMELINE, AS_OF)
+    assert book.write_snapshot()
+    assert _base_files(path) == [base]
+    after = os.stat(base)
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    second = _written(caplog)
+    assert second["base_bytes"] == 0 and second["bytes"] == os.path.getsize(path) < os.path.getsize(base) // 10
+    _restart_equals(book, store)
+    # A compaction makes a new base: the next checkpoint writes its file and deletes the old one.
+    book.view.compact(AS_OF)
+    _commit(store, book, [_entries(person, AS_OF - 800)])
+    book.reevaluate(RISK.with_version(3), TIMELINE, AS_OF)
+    assert book.write_snapshot()
+    [new_base] = _base_files(path)
+    assert new_base != base and _written(caplog)["base_bytes"] == os.path.getsize(new_base)
+    _restart_equals(book, store)
+    # A restart from the snapshot keeps its base: its first checkpoint writes no base file either.
+    book.close()
+    again = _book(store)
+    _commit(store, again, [_entries(person, AS_OF - 700)])
+    again.reevaluate(RISK.with_version(4), TIMELINE, AS_OF)
+    assert again.write_snapshot()
+    assert _base_files(path) == [new_base] and _written(caplog)["base_bytes"] == 0
+    again.close()
+    _restart_equals(again, store)
+
+
+@pytest.mark.parametrize("pair", ["base missing", "another base", "orphan base beside"])
+def test_a_snapshot_whose_base_file_is_not_its_own_is_ignored_with_a_warning(store, caplog, pair):
+    """The small snapshot file names its base file; one missing or holding another base is never paired with it
+    (a warning, the store read instead).  A base file written after the pair (a writer killed before the small
+    file) leaves the pair in use, and the next checkpoint deletes it."""
+    book = _book(store)
+    book.reevaluate(RISK, TIMELINE, AS_OF)
+    assert book.write_snapshot()
+    path = book.snapshot_path
+    assert path is not None
+    [base] = _base_files(path)
+    old_base = open(base, "rb").read()
+    if pair == "base missing":
+        os.unlink(base)
+    elif pair == "another base":  # the pair of a later checkpoint after a compaction, with the old base's bytes
+        book.view.compact(AS_OF)
+        book.reevaluate(RISK.with_version(2), TIMELINE, AS_OF)
+        assert book.write_snapshot()
+        [base] = _base_files(path)
+        open(base, "wb").write(old_base)
+    else:
+        snapshot.write_base(path, book.view.state.base, _region(book))
+        assert len(_base_files(path)) == 2
+    book.snapshot_path = None
+    book.close()
+    with caplog.at_level(logging.INFO, logger="healthcode.live.snapshot"):
+        again = _book(store)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    _assert_view_is_store(again, store)
+    assert _published(again) == _published(book)
+    if pair == "orphan base beside":
+        assert again.view_from == "snapshot" and not warnings
+        _commit(store, again, [_entries(int(again.ids[2]), AS_OF - 500)])
+        again.close()
+        assert _base_files(path) == [base]  # the orphan deleted, the pair's base kept
+        return
+    assert again.view_from == "store"
+    assert len(warnings) == 1 and "snapshot_unused" in warnings[0] and "base file" in warnings[0], warnings
+    again.close()
+    assert snapshot.read(path) is not None and len(_base_files(path)) == 1
 
 
 def _nat(person: int, sample: int, report: int) -> tuple[str, pa.Table]:
@@ -269,3 +390,31 @@ def test_a_snapshot_keeps_the_overlay_and_new_persons_apart_from_the_base(store)
     assert _published(again) == _published(book)
     assert _statuses(again).equals(_statuses(book))
     np.testing.assert_array_equal(again.ids, book.ids)
+
+
+def test_asking_for_the_checkpoint_now_writes_one_that_waits_for_a_quiet_moment(store, caplog):
+    """Many publishes start a checkpoint that waits for a quiet moment; an operator's request (SIGUSR1) meanwhile
+    makes it write now instead of being ignored."""
+    caplog.set_level(logging.INFO, logger="healthcode.live.statusbook")
+    book = StatusBook(store, TIMELINE, AS_OF, kernel_threads=1, compact_rows=0, checkpoint_changes=1)
+    book.checkpoint_quiet_seconds = 3600.0
+    book.reevaluate(RISK, TIMELINE, AS_OF)
+    assert book._checkpointing is not None and book._checkpointing.is_alive()  # waiting for an hour of quiet
+    book.checkpoint_now()
+    book._checkpointing.join(30)
+    assert not book._checkpointing.is_alive()
+    assert _written(caplog)["high_water_mark"] == book.high_water_mark
+    assert snapshot.read(book.snapshot_path) is not None
+    book.close()
+
+
+def test_a_base_file_deleted_under_a_running_server_is_written_again(store):
+    book = _book(store)
+    book.reevaluate(RISK, TIMELINE, AS_OF)
+    assert book.write_snapshot()
+    [base] = _base_files(book.snapshot_path)
+    os.unlink(base)
+    book.close()  # nothing changed since, but the pair on disk is not whole any more
+    [again] = _base_files(book.snapshot_path)
+    assert again != base
+    _restart_equals(book, store)

@@ -1,5 +1,6 @@
 """Server restarts with the snapshot (issue 13), against real server processes: a restart from the snapshot answers
-GetStatus as one from the store, and a server killed while it writes the snapshot leaves the previous one whole."""
+GetStatus as one from the store, and a server killed while it writes the snapshot leaves the previous pair of files
+whole."""
 
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ def population() -> pa.Table:
     return pa.Table.from_batches(list(generate_batches(3000, seed=13, as_of=AS_OF)))
 
 
-def _serve(tmp_path, path, name: str, env: dict[str, str] | None = None) -> ServerProcess:
+def _serve(tmp_path, path, name: str, env: dict[str, str] | None = None, clock: str = CLOCK) -> ServerProcess:
     return ServerProcess(
         tmp_path, risk_csv=generate_risk_csv(8, AS_OF), env=env, name=name,
-        extra_args=["--store", str(path), "--clock", CLOCK],
+        extra_args=["--store", str(path), "--clock", clock],
     )  # fmt: skip
 
 
@@ -83,7 +84,15 @@ def test_a_restart_from_the_snapshot_answers_as_one_from_the_store(tmp_path, pop
     server.stop()
 
 
-def test_a_server_killed_while_writing_the_snapshot_leaves_the_previous_one(tmp_path, population):
+def _base_files(folder) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.startswith("store.duckdb.snapshot.base-") and ".tmp-" not in n)
+
+
+@pytest.mark.parametrize("at", ["base", "snapshot"])
+def test_a_server_killed_while_writing_the_snapshot_leaves_the_previous_pair(tmp_path, population, at):
+    """kill -9 while the checkpoint writes its new base file, or after that while it writes the small snapshot file:
+    the previous pair is left whole and the next start uses it (plus the change log past it); a base file the
+    killed server finished is not paired with the old snapshot file and is deleted by the next checkpoint."""
     path = tmp_path / "store.duckdb"
     with Store(path) as store:
         store.load_population(population)
@@ -93,23 +102,31 @@ def test_a_server_killed_while_writing_the_snapshot_leaves_the_previous_one(tmp_
     assert server.stop() == 0
     snapshot = f"{path}.snapshot"
     before = _digest(snapshot)
-    # The next server publishes more (a later day), then is killed half-way through writing its snapshot at SIGTERM.
-    server = _serve(tmp_path, path, "killed", env={"HEALTHCODE_TEST_SNAPSHOT_PAUSE": "60"})
+    [base] = _base_files(tmp_path)
+    base_before = _digest(str(tmp_path / base))
+    # The next server starts two days on (events left the window: a new base), publishes more, then is killed
+    # half-way through writing its checkpoint at SIGTERM.
+    later = "2021-12-02T12:00:00+08:00"
+    server = _serve(tmp_path, path, "killed", env={"HEALTHCODE_TEST_SNAPSHOT_PAUSE": f"{at}:60"}, clock=later)
     _reevaluate(server, AS_OF + 2 * 86400)
     want = _statuses(server, ids)
     server.sigterm()
     deadline = time.monotonic() + 30
-    folder = os.listdir(tmp_path)
-    while not any(name.startswith("store.duckdb.snapshot.tmp-") for name in folder):
+    tmp_prefix = "store.duckdb.snapshot.base-" if at == "base" else "store.duckdb.snapshot.tmp-"
+    while not any(name.startswith(tmp_prefix) and ".tmp-" in name for name in os.listdir(tmp_path)):
         assert time.monotonic() < deadline and server.proc.poll() is None, server.stderr()
         time.sleep(0.05)
-        folder = os.listdir(tmp_path)
     os.kill(server.proc.pid, signal.SIGKILL)
     server.proc.wait(10)
     server.stop()
-    assert _digest(snapshot) == before  # the previous snapshot, whole
-    # The next start uses it and reads the change log past it: the statuses the killed server published.
-    server = _serve(tmp_path, path, "after")
+    assert _digest(snapshot) == before and _digest(str(tmp_path / base)) == base_before  # the previous pair, whole
+    assert len(_base_files(tmp_path)) == (1 if at == "base" else 2)  # the killed server's base file, unreferenced
+    # The next start uses the pair and reads the change log past it: the statuses the killed server published.
+    server = _serve(tmp_path, path, "after", clock=later)
+    assert _view_from(server) == "snapshot" and _statuses(server, ids) == want
+    assert server.stop() == 0
+    assert len(_base_files(tmp_path)) == 1 and base not in _base_files(tmp_path)  # its checkpoint: one new pair
+    server = _serve(tmp_path, path, "again", clock=later)
     assert _view_from(server) == "snapshot" and _statuses(server, ids) == want
     server.stop()
 

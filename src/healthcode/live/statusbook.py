@@ -15,6 +15,7 @@ published); a valid-until instant moving alone is not a change.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -161,6 +162,7 @@ class StatusBook:
         self.checkpoint_quiet_seconds = 60.0
         self._last_publish = time.monotonic()
         self._closing = threading.Event()
+        self._asked = threading.Event()  # SIGUSR1 while a checkpoint waits for a quiet moment: write it now
 
     def _build(self, timeline: PolicyTimeline, as_of: int, use_snapshot: bool = False) -> None:
         """The view and the published statuses: from the snapshot when it was taken of this store as it is now
@@ -174,6 +176,7 @@ class StatusBook:
             event(log, "snapshot_unused", level=logging.WARNING, reason="its change log is ahead of the store's")
             snap = None
         mark: tuple[int, ...] | None = store.population_mark()
+        kept_base: tuple[pa.Table, snapshot.BaseFile] | None = None
         if snap is not None and snap.mark == mark and snap.lookback_days == lookback and snap.now <= as_of:
             self.view_from = "snapshot"
             t_first, d_first, _ = window(as_of, lookback)
@@ -189,6 +192,7 @@ class StatusBook:
             view = PopulationView(
                 base, lookback, self._compact_rows, as_of, store.first_nat_after(as_of), index, overlay
             )
+            kept_base = (view.state.base, snap.base_file) if inside else None
             # NAT results reported later than the snapshot's view then and due now (the view keeps future-dated
             # entries and visits, and leaves NAT results out until they are reported).
             due = store.nat_results_after(snap.complete_to, as_of)
@@ -202,6 +206,8 @@ class StatusBook:
             view = PopulationView(population, lookback, self._compact_rows, as_of, store.first_nat_after(as_of))
             del population
         self.view = view
+        # The base file on disk that holds this view's base (a checkpoint refers to it instead of writing it again).
+        self._base_file = kept_base
         self.view.on_compacted = self._renumber
         self._numbered_base = view.state.base  # the base the published arrays' slots belong to
         self._marked = (view.state.generation, mark)  # the store's fingerprint at this view generation
@@ -474,10 +480,11 @@ class StatusBook:
 
     def _checkpoint_when_quiet(self) -> None:
         """Write the snapshot (the store's status checkpoint for an in-memory store) once no publish happened for
-        ``checkpoint_quiet_seconds``, so it does not compete with a risk-list update; given up when the book closes
-        first."""
+        ``checkpoint_quiet_seconds`` (or at once when :meth:`checkpoint_now` asks), so it does not compete with a
+        risk-list update; given up when the book closes first."""
         while not self._closing.wait(1.0 if self.checkpoint_quiet_seconds > 1 else self.checkpoint_quiet_seconds):
-            if time.monotonic() - self._last_publish >= self.checkpoint_quiet_seconds:
+            if self._asked.is_set() or time.monotonic() - self._last_publish >= self.checkpoint_quiet_seconds:
+                self._asked.clear()
                 try:
                     if self.snapshot_path is None:
                         self.checkpoint()
@@ -489,10 +496,14 @@ class StatusBook:
 
     def checkpoint_now(self) -> bool:
         """Start writing the checkpoint (the snapshot; the store's status checkpoint for an in-memory store) in the
-        background now, without waiting for a quiet moment (an operator's SIGUSR1); False when one is running."""
-        if self._closing.is_set() or (self._checkpointing is not None and self._checkpointing.is_alive()):
+        background now, without waiting for a quiet moment (an operator's SIGUSR1); False when one is running (one
+        waiting for a quiet moment is written now)."""
+        if self._closing.is_set():
             return False
         event(log, "checkpoint_requested")
+        if self._checkpointing is not None and self._checkpointing.is_alive():
+            self._asked.set()
+            return False
 
         def work() -> None:
             try:
@@ -536,24 +547,36 @@ class StatusBook:
             high_water_mark = self.high_water_mark
         holds = (state, mark, high_water_mark)
         held = self._snapshot_holds
-        if held is not None and held[0] is state and held[1:] == holds[1:]:
+        written = self._base_file
+        if held is not None and held[0] is state and held[1:] == holds[1:] and written is not None and (
+            written[1].exists() and os.path.exists(self.snapshot_path)
+        ):  # fmt: skip
             return True  # the snapshot on disk is this one
-        # The view as it is, base and overlay apart: nothing merged, the base's region index as it is.
+        # The view as it is, base and overlay apart: nothing merged.  The base (and its region index) goes to a
+        # base file of its own, written once per base: a later checkpoint of the same base refers to it.
+        base_bytes = 0
+        if written is None or written[0] is not state.base or not written[1].exists():
+            base_file, base_bytes = snapshot.write_base(
+                self.snapshot_path, state.base, (state.region_offsets, state.region_rows)
+            )
+            self._base_file = written = (state.base, base_file)
+        base_seconds = time.perf_counter() - started
         overlay = None
         if len(state.overlay_slots) or len(state.extra_ids):
             current = state.overlay.take(pa.array(state.overlay_rows, pa.int64()))
             overlay = (current, state.overlay_slots, state.extra_ids)
         size = snapshot.write(
-            self.snapshot_path, state.base, (state.region_offsets, state.region_rows),
-            (published[0], published[1], published[2], published[3]), mark=mark, high_water_mark=high_water_mark,
-            lookback_days=self.view.lookback_days, now=now, complete_to=complete_to, overlay=overlay,
+            self.snapshot_path, written[1], (published[0], published[1], published[2], published[3]), mark=mark,
+            high_water_mark=high_water_mark, lookback_days=self.view.lookback_days, now=now,
+            complete_to=complete_to, overlay=overlay,
         )  # fmt: skip
         del published, overlay
         self.snapshot_seq = max(self.snapshot_seq, high_water_mark)
         self._snapshot_holds = holds
         event(
-            log, "snapshot_written", persons=n, high_water_mark=high_water_mark, bytes=size,
-            started_at=round(started_at, 3), seconds=round(time.perf_counter() - started, 3),
+            log, "snapshot_written", persons=n, high_water_mark=high_water_mark, bytes=size + base_bytes,
+            base_bytes=base_bytes, base_seconds=round(base_seconds, 3), started_at=round(started_at, 3),
+            seconds=round(time.perf_counter() - started, 3),
         )  # fmt: skip
         return True
 
