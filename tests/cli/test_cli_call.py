@@ -227,6 +227,12 @@ def test_watch_into_head_ends_quietly(watched):
                      out.stderr), out.stderr
 
 
+def _ctrl_c_reaches_it() -> None:
+    """In the child before exec: SIGINT back to its default, so the command installs its Ctrl-C handler as under a
+    terminal even when this test run ignores SIGINT (a background job: ignored signals are inherited)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(proc: subprocess.Popen[str], after: float) -> tuple[str, str]:
     """Ctrl-C to a running command ``after`` seconds; its stdout and stderr (killed if it does not end)."""
     try:
@@ -244,7 +250,7 @@ def test_watch_ends_on_ctrl_c_naming_the_last_sequence(watched):
     srv, total = watched
     proc = subprocess.Popen(
         [*healthcode_cmd(), "call", "watch", "--from", str(total - 3), "--target", srv.address],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), preexec_fn=_ctrl_c_reaches_it,
     )  # fmt: skip
     try:
         seen = [json.loads(line)["sequence"] for line in read_lines(proc, 3)]
@@ -259,7 +265,7 @@ def test_watch_ends_on_ctrl_c_naming_the_last_sequence(watched):
 def test_watch_says_when_it_reconnects_to_a_server_that_is_down():
     proc = subprocess.Popen(
         [*healthcode_cmd(), "call", "watch", "--from", "5", "--target", f"127.0.0.1:{free_port()}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), preexec_fn=_ctrl_c_reaches_it,
     )  # fmt: skip
     out, err = _interrupt(proc, after=4)
     assert out == "" and "Traceback" not in err, err
@@ -310,7 +316,7 @@ def test_put_risk_list_reevaluates_and_a_watcher_started_before_gets_the_changes
     hwm = count(SUMMARY.fullmatch(ok(run("call", "reevaluate", "--target", fresh.address)).stdout.strip())[3])
     watcher = subprocess.Popen(
         [*healthcode_cmd(), "call", "watch", "--from", str(hwm), "--target", fresh.address],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), preexec_fn=_ctrl_c_reaches_it,
     )  # fmt: skip
     try:
         risk = tmp_path / "risk.csv"
