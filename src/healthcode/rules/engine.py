@@ -53,6 +53,14 @@ def union_slots(parts: Sequence[np.ndarray], n: int) -> np.ndarray:
     return np.flatnonzero(seen)
 
 
+def pack_state(badge: np.ndarray, entry: np.ndarray, reasons: np.ndarray) -> np.ndarray:
+    """A status as one integer, as the change log stores it: ``badge | entry << 1 | reasons << 2`` (int32)."""
+    return (
+        np.asarray(badge, dtype=np.int32) | (np.asarray(entry, dtype=np.int32) << 1)
+        | (np.asarray(reasons, dtype=np.int32) << 2)
+    )  # fmt: skip
+
+
 def diff_published(
     slots: np.ndarray, badge: np.ndarray, entry: np.ndarray, reasons: np.ndarray,
     known: np.ndarray, old_badge: np.ndarray, old_entry: np.ndarray, old_reasons: np.ndarray,
@@ -67,10 +75,9 @@ def diff_published(
             slots, u8[0], u8[1], np.ascontiguousarray(reasons, dtype=np.uint16), u8[2], u8[3], u8[4],
             np.ascontiguousarray(old_reasons, dtype=np.uint16),
         )  # fmt: skip
-    new = badge.astype(np.int32) | (entry.astype(np.int32) << 1) | (reasons.astype(np.int32) << 2)
+    new = pack_state(badge, entry, reasons)
     was = known[slots]
-    old = old_badge[slots].astype(np.int32) | (old_entry[slots].astype(np.int32) << 1)
-    old |= old_reasons[slots].astype(np.int32) << 2
+    old = pack_state(old_badge[slots], old_entry[slots], old_reasons[slots])
     pick = np.flatnonzero((new != old) | ~was)
     old_c, new_c, was_c = old[pick], new[pick], was[pick]
     hb, he = (old_c & 1).astype(bool) & was_c, (old_c & 2).astype(bool) & was_c

@@ -4,9 +4,9 @@ Data flows in as validated Arrow tables (ingest, bulk load) and out as Arrow tab
 window, the change log); nothing above this package knows the database is DuckDB.
 """
 
+from healthcode.rules.engine import pack_state
 from healthcode.store.connection import check_memory_limit, resolve_path
 from healthcode.store.database import Store
-from healthcode.store.journal import pack_state
 from healthcode.store.load import SKIP_REASONS, LoadSummary
 from healthcode.store.schema import SCHEMA_VERSION, TABLES
 from healthcode.store.validate import INGEST_KINDS, row_error

@@ -49,14 +49,6 @@ FROM c ASOF JOIN publishes p ON c.seq >= p.first_seq ORDER BY c.seq
 """
 
 
-def pack_state(badge: np.ndarray, entry: np.ndarray, reasons: np.ndarray) -> np.ndarray:
-    """A status as the change log stores it: ``badge | entry << 1 | reasons << 2`` (int32)."""
-    return (
-        np.asarray(badge, dtype=np.int32) | (np.asarray(entry, dtype=np.int32) << 1)
-        | (np.asarray(reasons, dtype=np.int32) << 2)
-    )  # fmt: skip
-
-
 class Journal:
     """The change log, checkpoint, admin log and versions of one store connection (see :class:`Store` for each
     method's contract).  This process is the store's only writer, so the change log's high-water mark is kept in
