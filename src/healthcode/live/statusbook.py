@@ -36,6 +36,9 @@ from healthcode.store import Store
 
 log = logging.getLogger("healthcode.live.statusbook")
 
+#: Lookups of up to this many ids count as cheap (:meth:`StatusBook.cheap_lookup`): ~1 ms of work.
+CHEAP_LOOKUP_IDS = 1_000
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -351,15 +354,22 @@ class StatusBook:
         """The view slot of each person id, -1 where the store has no such person."""
         return self.view.state.slots_of(person_ids)
 
-    def lookup(
+    def cheap_lookup(self, n: int) -> bool:
+        """Whether a lookup of ``n`` ids (:meth:`statuses`) is cheap enough for the calling thread to run it where it
+        stands (an event loop): a few ids, and the view's rows already prepared for the kernel."""
+        return n <= CHEAP_LOOKUP_IDS and self.view.state.prepared_for_lookup()
+
+    def statuses(
         self, person_ids: np.ndarray, risk: RiskList, timeline: PolicyTimeline, as_of: int
-    ) -> tuple[np.ndarray, pa.Table]:
-        """Evaluate stored persons: the view slot of each id (-1: unknown) and the results of the known ones, in
-        request order, both from one view state."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The status of stored persons at ``as_of``, evaluated on the calling thread from one view state (the
+        gateway's lookup): the view slot of each id (-1: unknown), then for the known ones, in request order, their
+        flags, reasons and valid-until instants (see :func:`~healthcode.rules.engine.evaluate_selected_full`)."""
         state = self.view.state
-        slots = state.slots_of(person_ids)
-        table = state.rows(slots[slots >= 0])
-        return slots, engine.evaluate(table, risk, timeline, as_of, 1)
+        slots = state.slots_of(person_ids, remember=False)
+        ctx = engine.make_context(risk, timeline, as_of)
+        flags, reasons, until = state.statuses(slots[slots >= 0], ctx)
+        return slots, flags, reasons, until
 
     # -- re-evaluation ----------------------------------------------------------------------------------------
 

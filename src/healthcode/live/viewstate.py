@@ -128,9 +128,12 @@ class ViewState:
         held = self._memo.get(name)
         return digest, (held[1] if held is not None and held[0] == digest else None)
 
-    def slots_of(self, person_ids: np.ndarray) -> np.ndarray:
-        """The slot of each person id, -1 where the view has no such person."""
+    def slots_of(self, person_ids: np.ndarray, remember: bool = True) -> np.ndarray:
+        """The slot of each person id, -1 where the view has no such person (``remember``: keep the answer for the
+        next call with the same ids, as an ingest group asks; a gateway lookup does not)."""
         pids = np.ascontiguousarray(person_ids, dtype=np.uint64)
+        if not remember:
+            return self._slots_of(pids)
         digest, known = self._remembered("slots_of", pids)
         if known is not None:
             return known.copy()  # type: ignore[attr-defined, no-any-return]
@@ -224,6 +227,36 @@ class ViewState:
         merged = np.concatenate(parts).astype(np.int64, copy=False)
         merged.sort(kind="stable")
         return _drop_repeats(merged)
+
+    def prepared_for_lookup(self) -> bool:
+        """Whether :meth:`statuses` finds its kernel batches made (it makes the overlay's on first use)."""
+        return self.prepared_base is not None and (
+            len(self.overlay_slots) == 0 or "_prepared_overlay" in self.__dict__
+        )
+
+    def statuses(self, slots: np.ndarray, ctx: engine.Context) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The whole status of each of ``slots`` (valid slots, a lookup of a few persons) evaluated in place on this
+        thread: (flags, reasons, until) as :func:`~healthcode.rules.engine.evaluate_selected_full` gives them."""
+        slots = np.asarray(slots, dtype=np.int64)
+        ov = self._overlay_rows_of(slots)
+        in_ov = ov >= 0
+        if not in_ov.any() and self.prepared_base is not None:
+            return engine.evaluate_selected_full(ctx, self.prepared_base, slots)
+        flags = np.zeros(len(slots), dtype=np.uint8)
+        reasons = np.zeros(len(slots), dtype=np.uint16)
+        until = np.zeros((2, len(slots)), dtype=np.int64)
+        for mask, rows, which in ((~in_ov, slots, "base"), (in_ov, ov, "overlay")):
+            if mask.any():
+                prepared = self.prepared_base if which == "base" else self._prepared_overlay
+                if prepared is None:  # a view made of several chunks: evaluate a copy of the rows
+                    source = self.base if which == "base" else self.overlay
+                    prepared = engine.Prepared(source.take(pa.array(rows[mask], pa.int64())).combine_chunks()
+                                               .to_batches()[0])  # fmt: skip
+                    f, r, u = engine.evaluate_selected_full(ctx, prepared, np.arange(int(mask.sum())))
+                else:
+                    f, r, u = engine.evaluate_selected_full(ctx, prepared, rows[mask])
+                flags[mask], reasons[mask], until[:, mask] = f, r, u
+        return flags, reasons, until
 
     def evaluate(
         self,

@@ -672,18 +672,20 @@ def evaluate(Population pop, RuleSet rules, uint64_t[::1] badge, uint64_t[::1] e
 
 
 def evaluate_selected(Population pop, RuleSet rules, const int64_t[::1] rows, uint8_t[::1] flags,
-                      uint16_t[::1] reasons, int n_threads=1):
+                      uint16_t[::1] reasons, int n_threads=1, int64_t[::1] until=None):
     """Evaluate the given ``rows`` of ``pop`` (any order; no copy of the rows is made): for each, its ROW_* flags
-    (1 badge, 2 entry, 4 enrolled, 8 invalid) and reasons, in the order of ``rows``."""
+    (1 badge, 2 entry, 4 enrolled, 8 invalid) and reasons, in the order of ``rows``; ``until`` (2 m values, when
+    given) gets the badge valid-until instants, then the entry ones (meaningful where the flag is set)."""
     cdef int64_t k, m = rows.shape[0]
-    if flags.shape[0] < m or reasons.shape[0] < m:
+    if flags.shape[0] < m or reasons.shape[0] < m or (until is not None and until.shape[0] < 2 * m):
         raise ValueError("outputs are shorter than rows")
     for k in range(m):
         if not 0 <= rows[k] < pop.p.n:
             raise IndexError(f"row {rows[k]} is outside the batch")
     if m == 0:
         return
-    cdef int64_t[::1] until = np.empty(2 * m, dtype=np.int64)
+    if until is None:
+        until = np.empty(2 * m, dtype=np.int64)
     cdef Out o
     o.badge = NULL
     o.entry = NULL

@@ -171,6 +171,31 @@ def evaluate_selected(
     return (flags & 1).astype(bool), (flags & 2).astype(bool), reasons
 
 
+def evaluate_selected_full(
+    ctx: Context, prepared: Prepared, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The whole status of the given rows of a prepared batch, in the order of ``rows``, on this thread (a lookup
+    of a few persons): (flags uint8, 1 badge | 2 entry | 4 enrolled | 8 invalid; reasons uint16; until int64[2, m],
+    the badge and entry valid-until instants, meaningful where the badge or entry flag is set)."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    m = len(rows)
+    if prepared.population is None or use_reference():
+        taken = prepared.batch.take(pa.array(rows, pa.int64()))
+        result = next(iter(evaluate_batches([taken], ctx, 1)))
+        flags = np.zeros(m, dtype=np.uint8)
+        for bit, k in ((1, 1), (2, 2), (4, 3)):
+            flags |= np.where(result.column(k).to_numpy(zero_copy_only=False), bit, 0).astype(np.uint8)
+        reasons = np.asarray(result.column("reasons").to_numpy(), dtype=np.uint16)
+        flags |= np.where(reasons & Reason.INVALID_INPUT, 8, 0).astype(np.uint8)
+        until = np.stack([result.column(k).fill_null(0).cast(pa.int64()).to_numpy() for k in (5, 6)])
+        return flags, reasons, until
+    flags = np.empty(m, dtype=np.uint8)
+    reasons = np.empty(m, dtype=np.uint16)
+    until = np.empty((2, m), dtype=np.int64)
+    _kernel.evaluate_selected(prepared.population, _rules(ctx), rows, flags, reasons, 1, until.reshape(-1))
+    return flags, reasons, until
+
+
 def _kernel_batch(ctx: Context, batch: pa.RecordBatch, n_threads: int) -> pa.RecordBatch:
     out = evaluate_columns(ctx, columns.batch_columns(batch), n_threads)
     person_id = batch.column(batch.schema.get_field_index("person_id"))

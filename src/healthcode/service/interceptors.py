@@ -257,11 +257,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         known = self._wrapped.get(details.method)
         if known is not None and known[0] is handler:
             return known[1]
-        wrapped = self._wrap(details.method, handler)
+        wrapped = self.wrap_handler(details.method, handler)
         self._wrapped[details.method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap_handler(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` of method ``path`` wrapped.  The server applies this once, when it registers the service's
+        handlers (so a call pays no interceptor coroutine); as an interceptor, :meth:`intercept_service` does."""
         method = path.rsplit("/", 1)[-1]
         de, ser = handler.request_deserializer, handler.response_serializer
         if handler.unary_unary:

@@ -40,6 +40,7 @@ from healthcode.wire.rows import (
     decode_request,
     encode_output,
     encode_result,
+    encode_status_response,
     risk_entries,
     risk_from_entries,
 )
@@ -351,30 +352,33 @@ class HealthCodeService(pb_grpc.HealthCodeServiceServicer):
             after = page.column("seq")[-1].as_py()
             yield page
 
-    async def GetStatus(
-        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetStatusResponse:
+    def _statuses(self, ids: np.ndarray, as_of: int) -> bytes:
+        """The serialized GetStatusResponse for stored persons ``ids`` at ``as_of`` (see wire.rows)."""
+        book = self.control.need_book()
+        snap = self.control.snapshot
+        info = _info(self._context(snap, as_of, ""), snap)
+        slots, flags, reasons, until = book.statuses(ids, snap.risk, snap.policy, as_of)
+        return encode_status_response(ids, slots, flags, reasons, until, info)
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> bytes:
+        """The checkpoint scan: the status of stored persons, evaluated from the live view at ``as_of`` (the kernel on
+        the persons' rows in place, no copy).  A few ids on the event loop (a thread hop costs more than the work),
+        more in the pool; the response's bytes are written by the kernel's encoder."""
         book = self.control.need_book()
         if book.stale:
             await self._run(self.control.refresh, self.settings.now())
-        snap = self.control.snapshot
         as_of = request.as_of.seconds if request.HasField("as_of") else self.settings.now()
         ids = np.asarray(request.person_ids, dtype=np.uint64)
-        rows, result = await self._run(book.lookup, ids, snap.risk, snap.policy, as_of)
-        found = rows >= 0
-        ctx = self._context(snap, as_of, "")
-        response = pb.GetStatusResponse(info=_info(ctx, snap), not_found=int((~found).sum()))
-        statuses: list[pb.Status] = []
-        if found.any():  # the kernel's EvaluateResponse bytes: GetStatusResponse has the same layout
-            encoded = encode_result(result.combine_chunks().to_batches()[0], response.info)
-            statuses = list(pb.GetStatusResponse.FromString(encoded).statuses)
-        known = iter(statuses)
-        for pid, ok in zip(ids.tolist(), found.tolist(), strict=True):
-            if ok:
-                response.statuses.append(next(known))
-            else:
-                response.statuses.add(person_id=pid, error="person_id is not in the store")
+        if book.cheap_lookup(len(ids)):
+            response = self._statuses(ids, as_of)
+        else:
+            response = await self._run(self._statuses, ids, as_of)
         ROWS.set(len(ids))
+        if len(response) > self.settings.max_message_bytes:
+            raise Exhausted(
+                f"the response for {len(ids):,} persons is {len(response):,} bytes, over the "
+                f"{self.settings.max_message_bytes:,}-byte message limit; ask for fewer persons per call"
+            )
         return response
 
 
