@@ -35,6 +35,7 @@ from healthcode.wire.ipc import ipc_chunks
 from healthcode.wire.rows import batch_to_persons
 
 AS_OF = 1638244800  # 2021-11-30T12:00:00+08:00
+AS_OF_TEXT = "2021-11-30T12:00:00+08:00"
 HERE = os.path.dirname(os.path.abspath(__file__))
 MESSAGE_BYTES = 4 * 1024 * 1024
 CHANNEL_OPTIONS = [
@@ -135,34 +136,41 @@ def bench_bulk(server: str, echo: str, sizes: Sequence[int], repeats: int) -> li
 # -- gateway --------------------------------------------------------------------------------------------------------
 
 
-async def _load(target: str, method: str, payload: bytes, concurrency: int, seconds: float) -> tuple[int, list[float]]:
+async def _load(
+    target: str, method: str, payloads: list[bytes], concurrency: int, seconds: float
+) -> tuple[int, list[float]]:
+    """Calls of ``method`` from ``concurrency`` workers for ``seconds``; each worker cycles through ``payloads``
+    from its own starting point (different persons per call, as at a checkpoint, so no answer is a repeat)."""
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
-        await call(payload, timeout=30)  # warm the channel
+        await call(payloads[0], timeout=30)  # warm the channel
         stop_at = time.perf_counter() + seconds
 
-        async def worker() -> None:
+        async def worker(k: int) -> None:
+            i = k * 7919
             while time.perf_counter() < stop_at:
+                payload = payloads[i % len(payloads)]
+                i += 1
                 t0 = time.perf_counter()
                 await call(payload, timeout=30)
                 latencies.append(time.perf_counter() - t0)
 
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
         elapsed = time.perf_counter() - started
     return len(latencies), [elapsed, *latencies]
 
 
-def _load_process(args: tuple[str, str, bytes, int, float], queue: mp.Queue) -> None:
+def _load_process(args: tuple[str, str, list[bytes], int, float], queue: mp.Queue) -> None:
     count, data = asyncio.run(_load(*args))
     queue.put((count, data))
 
 
-def _run_load(target: str, method: str, payload: bytes, concurrency: int, seconds: float) -> dict:
+def _run_load(target: str, method: str, payloads: list[bytes], concurrency: int, seconds: float) -> dict:
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_load_process, args=((target, method, payload, concurrency, seconds), queue))
+    proc = ctx.Process(target=_load_process, args=((target, method, payloads, concurrency, seconds), queue))
     proc.start()
     count, data = queue.get(timeout=seconds + 120)
     proc.join()
@@ -174,15 +182,39 @@ def _run_load(target: str, method: str, payload: bytes, concurrency: int, second
     }
 
 
+def _evaluate_payloads(persons: int, count: int, seed: int) -> list[bytes]:
+    """``count`` different Evaluate requests of ``persons`` generated persons each."""
+    table = pa.Table.from_batches(list(generate_batches(persons * count, seed=seed)))
+    out = []
+    for start in range(0, persons * count, persons):
+        request = pb.EvaluateRequest(persons=batch_to_persons(table.slice(start, persons)))
+        request.as_of.seconds = AS_OF
+        out.append(request.SerializeToString())
+    return out
+
+
+def _status_payloads(ids: np.ndarray, persons: int, count: int) -> list[bytes]:
+    """``count`` GetStatus requests of ``persons`` stored ids each (ids drawn at random)."""
+    rng = np.random.default_rng(11)
+    out = []
+    for _ in range(count):
+        request = pb.GetStatusRequest(person_ids=rng.choice(ids, persons, replace=False).tolist())
+        request.as_of.seconds = AS_OF
+        out.append(request.SerializeToString())
+    return out
+
+
+EVALUATE = "/healthcode.v1.HealthCodeService/Evaluate"
+GET_STATUS = "/healthcode.v1.HealthCodeService/GetStatus"
+EMPTY = "/bench.Echo/Empty"
+
+
 def bench_gateway(server: str, echo: str, concurrencies: Sequence[int], seconds: float) -> list[dict]:
-    batch = next(generate_batches(100, seed=5))
-    request = pb.EvaluateRequest(persons=batch_to_persons(batch))
-    request.as_of.seconds = AS_OF
-    payload = request.SerializeToString()
+    payloads = _evaluate_payloads(100, 50, seed=5)
     out = []
     for c in concurrencies:
-        ev = _run_load(server, "/healthcode.v1.HealthCodeService/Evaluate", payload, c, seconds)
-        empty = _run_load(echo, "/bench.Echo/Empty", b"", c, seconds)
+        ev = _run_load(server, EVALUATE, payloads, c, seconds)
+        empty = _run_load(echo, EMPTY, [b""], c, seconds)
         out.append(
             {
                 "concurrency": c,
@@ -192,6 +224,44 @@ def bench_gateway(server: str, echo: str, concurrencies: Sequence[int], seconds:
             }
         )
     return out
+
+
+def bench_checkpoint(server: str, echo: str, ids: np.ndarray, seconds: float, concurrency: int = 32) -> dict:
+    """The checkpoint scan (issue 14): GetStatus of 1 and of 100 stored persons and Evaluate of 1 and of 100 at
+    ``concurrency``, each against the empty handler on the same stack.  The empty handler runs before and after
+    the four (their mean is the ceiling), so a machine that slows down during the run shows as a gap between
+    them."""
+    cases = {
+        "evaluate_1": (EVALUATE, _evaluate_payloads(1, 2000, seed=21)),
+        "evaluate_100": (EVALUATE, _evaluate_payloads(100, 50, seed=22)),
+        "get_status_1": (GET_STATUS, _status_payloads(ids, 1, 2000)),
+        "get_status_100": (GET_STATUS, _status_payloads(ids, 100, 200)),
+    }
+    before = _run_load(echo, EMPTY, [b""], concurrency, seconds)
+    figures = {name: _run_load(server, method, payloads, concurrency, seconds) for name, (method, payloads) in
+               cases.items()}  # fmt: skip
+    after = _run_load(echo, EMPTY, [b""], concurrency, seconds)
+    ceiling = (before["rpc_per_s"] + after["rpc_per_s"]) / 2
+    rate = {name: f["rpc_per_s"] for name, f in figures.items()}
+    return {
+        "concurrency": concurrency,
+        "stored_persons": len(ids),
+        "empty_handler_before": before,
+        "empty_handler_after": after,
+        **figures,
+        "ratios": {
+            "get_status_1_to_empty": round(rate["get_status_1"] / ceiling, 3),
+            "get_status_100_to_evaluate_100": round(rate["get_status_100"] / rate["evaluate_100"], 3),
+            "evaluate_1_to_empty": round(rate["evaluate_1"] / ceiling, 3),
+            "evaluate_100_to_empty": round(rate["evaluate_100"] / ceiling, 3),
+        },
+        "targets": {
+            "get_status_1_to_empty": ">= 0.6",
+            "get_status_100_to_evaluate_100": ">= 1.0",
+            "evaluate_1_to_empty": ">= 0.6",
+            "evaluate_100_to_empty": ">= 0.6",
+        },
+    }
 
 
 # -- row form vs Arrow form -----------------------------------------------------------------------------------------
@@ -223,34 +293,63 @@ def bench_forms(server: str, rows: int, batch_sizes: Sequence[int] = (100, 1000)
     return out
 
 
+SECTIONS = ("bulk", "gateway", "checkpoint", "forms")
+
+
+def _stored(tmp: str, rows: int) -> tuple[str, np.ndarray]:
+    """A store of ``rows`` generated persons (``healthcode generate`` then ``healthcode load``) and their ids."""
+    import pyarrow.parquet as pq
+
+    bin_dir = os.path.dirname(sys.executable)
+    data = os.path.join(tmp, "stored")
+    store = os.path.join(tmp, "store.duckdb")
+    subprocess.run([os.path.join(bin_dir, "healthcode"), "generate", data, "--rows", str(rows), "--seed", "9",
+                    "--no-progress"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    population = os.path.join(data, "population.parquet")
+    subprocess.run([os.path.join(bin_dir, "healthcode"), "load", population, "--store", store, "--no-progress"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ids = pq.read_table(population, columns=["person_id"]).column("person_id").drop_null().to_numpy()
+    return store, np.unique(ids)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes for CI (seconds, not minutes)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--only", action="append", choices=SECTIONS, help="run only this section (repeatable)")
+    parser.add_argument("--seconds", type=float, help="seconds per gateway case (default 5, --quick 1)")
+    parser.add_argument("--stored-rows", type=int, help="persons in the checkpoint section's store (default 1M)")
     args = parser.parse_args(argv)
     sizes = [200_000] if args.quick else [1_000_000, 10_000_000]
-    seconds = 1.0 if args.quick else 5.0
+    seconds = args.seconds or (1.0 if args.quick else 5.0)
     concurrencies = [1, 8, 32]
     form_rows = 20_000 if args.quick else 100_000
     repeats = 1 if args.quick else 3
+    stored_rows = args.stored_rows or (20_000 if args.quick else 1_000_000)
+    sections = args.only or SECTIONS
 
     with tempfile.TemporaryDirectory() as tmp:
         risk = os.path.join(tmp, "risk.csv")
         with open(risk, "w") as f:
             f.write(generate_risk_csv(1, AS_OF))
+        store, ids = _stored(tmp, stored_rows) if "checkpoint" in sections else ("", np.zeros(0, np.uint64))
         bin_dir = os.path.dirname(sys.executable)
         server, target = _start(
             [os.path.join(bin_dir, "healthcode"), "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "",
-             "--risk", risk],
+             "--risk", risk, *(["--store", store, "--clock", AS_OF_TEXT] if store else [])],
             "healthcode serving on",
         )  # fmt: skip
         echo, echo_target = _start([sys.executable, os.path.join(HERE, "echo_server.py")], "echo serving on")
+        report: dict = {"grpcio": grpc.__version__}
         try:
-            report = {
-                "bulk": bench_bulk(target, echo_target, sizes, repeats),
-                "gateway": bench_gateway(target, echo_target, concurrencies, seconds),
-                "forms": bench_forms(target, form_rows),
-            }
+            if "bulk" in sections:
+                report["bulk"] = bench_bulk(target, echo_target, sizes, repeats)
+            if "gateway" in sections:
+                report["gateway"] = bench_gateway(target, echo_target, concurrencies, seconds)
+            if "checkpoint" in sections:
+                report["checkpoint"] = bench_checkpoint(target, echo_target, ids, seconds)
+            if "forms" in sections:
+                report["forms"] = bench_forms(target, form_rows)
         finally:
             _stop(server)
             _stop(echo)
