@@ -24,6 +24,7 @@ import pyarrow as pa
 from conftest import EPOCH_DATE, seconds
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from healthcode import logs
 from healthcode._proto.v1 import healthcode_pb2 as pb
 from healthcode.rules.results import RESULT_SCHEMA
 
@@ -125,6 +126,8 @@ class ServerProcess:
         return self.stderr_path.read_text("utf-8", errors="replace")
 
     def rpc_log_lines(self) -> list[str]:
+        """The per-call log lines written so far, after waiting for the ones still batched (logs.FLUSH_SECONDS)."""
+        time.sleep(3 * logs.FLUSH_SECONDS)
         return [line for line in self.stderr().splitlines() if '"event": "rpc"' in line]
 
     def metrics(self) -> str:

@@ -85,7 +85,7 @@ class _Call:
         latency.observe(seconds)
         if rows:
             rows_total.inc(rows)
-        logs.event(log, "rpc", method=self.method, rows=rows, ms=round(seconds * 1000, 3), code=code.name)
+        logs.call_event(log, "rpc", method=self.method, rows=rows, ms=round(seconds * 1000, 3), code=code.name)
 
     def cancelled_code(self) -> grpc.StatusCode:
         remaining = self.context.time_remaining()
