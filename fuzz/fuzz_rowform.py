@@ -3,7 +3,8 @@
 The sequence is the servicer's own (``HealthCodeService._evaluate_rows``: ``wire.decode_request``, the context,
 the kernel, ``wire.encode_output``).  When Google's protobuf runtime also reads the bytes, the kernel's decode must
 agree with it field by field (merging of repeated singular fields included); small requests are also evaluated by
-the reference path (``HEALTHCODE_REFERENCE``), whose response must be the same.
+the reference path (``HEALTHCODE_REFERENCE``), whose response must be the same, and answered by the one-pass path
+of small requests (``wire.SmallRequests``), whose response bytes, or refusal, must be the general path's.
 
     .venv/bin/python fuzz/fuzz_rowform.py fuzz/corpus/rowform -max_total_time=300 -timeout=10
 """
@@ -114,6 +115,22 @@ def expected_rows(msg: pb.EvaluateRequest) -> list[Row]:
     return rows
 
 
+_SMALL = wire.SmallRequests()
+
+
+def _outcome(fn) -> object:  # type: ignore[no-untyped-def]
+    """What ``fn`` returns, or the accepted error it raises (anything else propagates)."""
+    try:
+        return fn()
+    except _common.ACCEPTED as exc:
+        return exc
+
+
+def _small_path(data: bytes) -> object:
+    """The one-pass path's answer (None: the request does not fit it), or its accepted error."""
+    return _outcome(lambda: _SMALL.respond(data, _common.service()._small_rules))
+
+
 def check(data: bytes) -> None:
     try:
         msg: pb.EvaluateRequest | None = pb.EvaluateRequest.FromString(data)
@@ -132,6 +149,13 @@ def check(data: bytes) -> None:
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
             assert g == w, f"person {i} decoded as {g}, protobuf reads {w}"
     out = _common.expect(lambda: _common.service()._evaluate_rows(data))
+    small = _small_path(data)
+    if small is not None:
+        if out is None or isinstance(small, Exception):
+            general = _outcome(lambda: _common.service()._evaluate_rows(data))
+            assert repr(small) == repr(general), f"small path: {small!r}, general path: {general!r}"
+        else:
+            assert small == out, "the small-request path and the general path answer differently"
     if out is None:
         return
     response, n = out  # type: ignore[misc]

@@ -93,7 +93,7 @@ def use_reference() -> bool:
     return _kernel is None or os.environ.get(REFERENCE_ENV, "") not in ("", "0")
 
 
-def _rules(ctx: Context) -> object:
+def kernel_rules(ctx: Context) -> object:
     """The kernel's view of the context (built once per context)."""
     if ctx.kernel_rules is None:
         p, t = ctx.policy, ctx.risk_table
@@ -121,7 +121,7 @@ class KernelOutput:
 
 def evaluate_columns(ctx: Context, cols: columns.BatchColumns, n_threads: int) -> KernelOutput:
     """Run the kernel over one batch's column views; no Arrow arrays are built except the error column."""
-    rules = _rules(ctx)
+    rules = kernel_rules(ctx)
     pop = _kernel.Population(cols)
     n = cols.n
     bits = np.zeros((3, (n + 63) // 64), dtype=np.uint64)
@@ -167,7 +167,7 @@ def evaluate_selected(
     threads = default_threads() if n_threads is None else n_threads
     flags = np.empty(len(rows), dtype=np.uint8)
     reasons = np.empty(len(rows), dtype=np.uint16)
-    _kernel.evaluate_selected(prepared.population, _rules(ctx), rows, flags, reasons, threads)
+    _kernel.evaluate_selected(prepared.population, kernel_rules(ctx), rows, flags, reasons, threads)
     return (flags & 1).astype(bool), (flags & 2).astype(bool), reasons
 
 
@@ -192,7 +192,7 @@ def evaluate_selected_full(
     flags = np.empty(m, dtype=np.uint8)
     reasons = np.empty(m, dtype=np.uint16)
     until = np.empty((2, m), dtype=np.int64)
-    _kernel.evaluate_selected(prepared.population, _rules(ctx), rows, flags, reasons, 1, until.reshape(-1))
+    _kernel.evaluate_selected(prepared.population, kernel_rules(ctx), rows, flags, reasons, 1, until.reshape(-1))
     return flags, reasons, until
 
 

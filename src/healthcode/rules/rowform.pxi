@@ -2,7 +2,7 @@
 # columns, and result columns straight into the bytes of EvaluateResponse.statuses.  The gateway path then spends
 # no Python per person; the field numbers below are those of proto/healthcode/v1/healthcode.proto.
 
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 
 class WireFormatError(ValueError):
@@ -404,6 +404,66 @@ cdef inline uint8_t* put_timestamp(uint8_t* p, uint8_t tag, int64_t seconds) noe
     return put_varint(p + 3, <uint64_t>seconds)
 
 
+cdef uint8_t* put_statuses(uint8_t* p, int64_t n, const uint64_t* pid, Bits pv, Bits bb, Bits eb, Bits nb,
+                           const uint16_t* mask, const int64_t* bu, const int64_t* eu, const int32_t* eoff,
+                           const uint8_t* edata, Bits ev) noexcept nogil:
+    """Writes ``repeated Status statuses = 1`` for ``n`` result rows at ``p`` (at most 104 bytes a row plus its
+    error text); returns the end.  The valid-until instants are written where badge and entry are set."""
+    cdef int64_t i, size, k, elen
+    cdef uint8_t body[96]
+    cdef uint8_t* q
+    cdef uint16_t m
+    cdef int nreasons
+    for i in range(n):
+        q = body
+        if bit(pv, i) and pid[i] != 0:
+            q[0] = 0x08
+            q = put_varint(q + 1, pid[i])
+        if bit(bb, i):
+            q[0] = 0x10
+            q[1] = 1
+            q += 2
+        if bit(eb, i):
+            q[0] = 0x18
+            q[1] = 1
+            q += 2
+        if bit(nb, i):
+            q[0] = 0x20
+            q[1] = 1
+            q += 2
+        m = mask[i]
+        if m != 0:
+            # Packed Reason values: each value is its bit (1 << k), a varint of 1 (k < 7), 2 (k < 14) or 3 bytes.
+            nreasons = hc_popcount64(m & 0x7f) + 2 * hc_popcount64(m & 0x3f80) + 3 * hc_popcount64(m & 0xc000)
+            q[0] = 0x2a
+            q[1] = <uint8_t>nreasons
+            q += 2
+            for k in range(16):
+                if (m >> k) & 1:
+                    q = put_varint(q, <uint64_t>1 << k)
+            q[0] = 0x30
+            q = put_varint(q + 1, m)
+        if bit(bb, i):
+            q = put_timestamp(q, 0x3a, bu[i])
+        if bit(eb, i):
+            q = put_timestamp(q, 0x42, eu[i])
+        size = q - body
+        elen = 0
+        if bit(ev, i):
+            elen = eoff[i + 1] - eoff[i]
+            size += 1 + varint_size(elen) + elen
+        p[0] = 0x0a
+        p = put_varint(p + 1, size)
+        memcpy(p, body, q - body)
+        p += q - body
+        if bit(ev, i):
+            p[0] = 0x4a
+            p = put_varint(p + 1, elen)
+            memcpy(p, &edata[eoff[i]], elen)
+            p += elen
+    return p
+
+
 def encode_statuses(person_id, pid_valid, badge, entry, enrolled, reasons, badge_until, entry_until,
                     error_offsets, error_data, error_valid):
     """The bytes of ``repeated Status statuses = 1`` for result columns given as (numpy array, bit offset) views
@@ -416,66 +476,199 @@ def encode_statuses(person_id, pid_valid, badge, entry, enrolled, reasons, badge
     cdef const uint8_t[::1] edata = error_data if len(error_data) else b"\0"
     cdef Bits pv = as_bits(pid_valid), bb = as_bits(badge), eb = as_bits(entry), nb = as_bits(enrolled)
     cdef Bits ev = as_bits(error_valid)
-    cdef int64_t n = mask.shape[0], i, size, k, elen
-    cdef uint8_t* p
-    cdef uint8_t* start
-    cdef uint8_t body[96]
-    cdef uint8_t* q
-    cdef uint16_t m
-    cdef int nreasons
+    cdef int64_t n = mask.shape[0]
     if pid.shape[0] < n or bu.shape[0] < n or eu.shape[0] < n or eoff.shape[0] < n + 1:
         raise ValueError("result columns are shorter than reasons")
+    if n == 0:
+        return b""
     # Upper bound: fixed fields (< 96 bytes) + the error text + the framing of each Status.
     out = bytearray(n * 104 + (eoff[n] - eoff[0]) + n * 4)
     cdef uint8_t* base = <uint8_t*><char*>out
-    p = base
+    cdef uint8_t* p
     with nogil:
-        for i in range(n):
-            q = body
-            if bit(pv, i) and pid[i] != 0:
-                q[0] = 0x08
-                q = put_varint(q + 1, pid[i])
-            if bit(bb, i):
-                q[0] = 0x10
-                q[1] = 1
-                q += 2
-            if bit(eb, i):
-                q[0] = 0x18
-                q[1] = 1
-                q += 2
-            if bit(nb, i):
-                q[0] = 0x20
-                q[1] = 1
-                q += 2
-            m = mask[i]
-            if m != 0:
-                # Packed Reason values: each value is its bit (1 << k), a varint of 1 (k < 7), 2 (k < 14) or 3 bytes.
-                nreasons = hc_popcount64(m & 0x7f) + 2 * hc_popcount64(m & 0x3f80) + 3 * hc_popcount64(m & 0xc000)
-                q[0] = 0x2a
-                q[1] = <uint8_t>nreasons
-                q += 2
-                for k in range(16):
-                    if (m >> k) & 1:
-                        q = put_varint(q, <uint64_t>1 << k)
-                q[0] = 0x30
-                q = put_varint(q + 1, m)
-            if bit(bb, i):
-                q = put_timestamp(q, 0x3a, bu[i])
-            if bit(eb, i):
-                q = put_timestamp(q, 0x42, eu[i])
-            size = q - body
-            elen = 0
-            if bit(ev, i):
-                elen = eoff[i + 1] - eoff[i]
-                size += 1 + varint_size(elen) + elen
-            p[0] = 0x0a
-            p = put_varint(p + 1, size)
-            memcpy(p, body, q - body)
-            p += q - body
-            if bit(ev, i):
-                p[0] = 0x4a
-                p = put_varint(p + 1, elen)
-                memcpy(p, &edata[eoff[i]], elen)
-                p += elen
+        p = put_statuses(base, n, &pid[0], pv, bb, eb, nb, &mask[0], &bu[0], &eu[0], &eoff[0], &edata[0], ev)
     del out[p - base:]
     return bytes(out)
+
+
+# -- small requests: decode, evaluate and encode in one place ---------------------------------------------------------
+
+cdef enum:
+    SMALL_PERSONS = 256         # the most persons a Scratch holds
+    SMALL_EVENTS = 4096         # the most entry times, and the most visits
+    SMALL_PERSON_BYTES = 33     # a bitmap over SMALL_PERSONS rows, and a byte to spare
+    SMALL_EVENT_BYTES = 513
+    SMALL_ERROR_BYTES = 65536   # the error text of the invalid rows (messages are < 200 bytes)
+    SMALL_OUT_BYTES = 93184     # SMALL_PERSONS * (104 + 4) + SMALL_ERROR_BYTES: the statuses' upper bound
+
+
+cdef class Scratch:
+    """Buffers for a small EvaluateRequest (up to SMALL_PERSONS persons, SMALL_EVENTS entry times and visits),
+    decoded, evaluated and encoded without allocating an array: the one-person gateway call spends a few
+    microseconds here instead of the tens the general path (numpy columns, Arrow error column) costs.
+
+    :meth:`decode` reads a request into the buffers (False: it does not fit, use the general path);
+    :meth:`encode_evaluation` evaluates what was decoded and returns the response's statuses and the number of
+    invalid rows (each with its diagnosis, as the general path writes it).  One Scratch serves one thread at a
+    time.  ``messages``: the error messages by code (``healthcode.rules.codes.ERROR_MESSAGES``)."""
+
+    cdef uint64_t pid[SMALL_PERSONS]
+    cdef int32_t home[SMALL_PERSONS]
+    cdef int8_t color[SMALL_PERSONS]
+    cdef int64_t sample[SMALL_PERSONS]
+    cdef int64_t report[SMALL_PERSONS]
+    cdef int32_t entry_off[SMALL_PERSONS + 1]
+    cdef int32_t visit_off[SMALL_PERSONS + 1]
+    cdef uint8_t row_bits[6][SMALL_PERSON_BYTES]   # pid_ok, home_ok, registered, color_ok, sample_ok, report_ok
+    cdef uint8_t out_bits[4][SMALL_PERSON_BYTES]   # badge, entry, enrolled, no error (all zero)
+    cdef int64_t entries[SMALL_EVENTS]
+    cdef int32_t region[SMALL_EVENTS]
+    cdef int32_t day[SMALL_EVENTS]
+    cdef uint8_t event_bits[2][SMALL_EVENT_BYTES]  # region_ok, day_ok
+    cdef uint16_t reasons[SMALL_PERSONS]
+    cdef int64_t until[2][SMALL_PERSONS]
+    cdef int32_t error_off[SMALL_PERSONS + 1]
+    cdef uint8_t errors[SMALL_ERROR_BYTES]
+    cdef uint8_t buffer[SMALL_OUT_BYTES]
+    cdef Pop p
+    cdef list heads, tails
+    cdef readonly int64_t n
+    cdef readonly object as_of
+    cdef readonly str policy
+
+    def __init__(self, messages):
+        size = max(messages) + 1
+        self.heads, self.tails = [b""] * size, [None] * size
+        for code, text in messages.items():
+            head, indexed, tail = text.partition("{i}")
+            self.heads[code] = head.encode()
+            self.tails[code] = tail.encode() if indexed else None
+
+    def decode(self, data):
+        """Read EvaluateRequest bytes into the buffers: False when the request is larger than they are.  Raises
+        :class:`WireFormatError` for bytes that are not a well-formed message (as ``decode_evaluate_request``);
+        then :attr:`n`, :attr:`as_of` (None when absent) and :attr:`policy` describe the request."""
+        cdef const uint8_t[::1] view = data
+        cdef Reader r
+        cdef Counts counts, at
+        cdef PersonCols c
+        cdef int64_t as_of = 0, policy_len = 0, k
+        cdef bint has_as_of = False
+        cdef const uint8_t* policy = NULL
+        r.p = &view[0] if view.shape[0] else NULL
+        r.end = r.p + view.shape[0]
+        r.bad = False
+        counts.persons = counts.entries = counts.visits = 0
+        if not read_request(r, &c, &counts, False, &as_of, &has_as_of, &policy, &policy_len):
+            raise WireFormatError(
+                "the request is not a well-formed healthcode.v1.EvaluateRequest (truncated or corrupt)")
+        if counts.persons > SMALL_PERSONS or counts.entries > SMALL_EVENTS or counts.visits > SMALL_EVENTS:
+            return False
+        cdef int64_t n = counts.persons
+        memset(self.row_bits, 0, sizeof(self.row_bits))
+        memset(self.event_bits, 0, sizeof(self.event_bits))
+        self.entry_off[0] = 0
+        self.visit_off[0] = 0
+        c.pid, c.pid_ok, c.home, c.home_ok = self.pid, self.row_bits[0], self.home, self.row_bits[1]
+        c.registered, c.color, c.color_ok = self.row_bits[2], self.color, self.row_bits[3]
+        c.sample, c.sample_ok, c.report, c.report_ok = self.sample, self.row_bits[4], self.report, self.row_bits[5]
+        c.entry_off, c.entries, c.visit_off = self.entry_off, self.entries, self.visit_off
+        c.region, c.region_ok, c.day, c.day_ok = self.region, self.event_bits[0], self.day, self.event_bits[1]
+        at.persons = at.entries = at.visits = 0
+        r.p = &view[0] if view.shape[0] else NULL
+        r.bad = False
+        as_of = 0
+        has_as_of = False
+        if not read_request(r, &c, &at, True, &as_of, &has_as_of, &policy, &policy_len) or at.persons != n:
+            raise WireFormatError(
+                "the request is not a well-formed healthcode.v1.EvaluateRequest (corrupt nested field)")
+        name = b"" if policy == NULL else (<const char*>policy)[:policy_len]
+        try:
+            self.policy = name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WireFormatError("the policy field is not UTF-8 text") from None
+        self.n = n
+        self.as_of = as_of if has_as_of else None
+        cdef Bits all_valid
+        all_valid.data = NULL
+        all_valid.offset = 0
+        cdef Bits b
+        b.offset = 0
+        self.p.n = n
+        b.data = self.row_bits[0]
+        self.p.person_valid = b
+        self.p.home = self.home
+        b.data = self.row_bits[1]
+        self.p.home_valid = b
+        b.data = self.row_bits[2]
+        self.p.registered = b
+        self.p.registered_valid = all_valid
+        self.p.color = self.color
+        b.data = self.row_bits[3]
+        self.p.color_valid = b
+        self.p.nat[0] = self.sample
+        self.p.nat[1] = self.report
+        b.data = self.row_bits[4]
+        self.p.nat_valid[0] = b
+        b.data = self.row_bits[5]
+        self.p.nat_valid[1] = b
+        self.p.nat_unit[0] = self.p.nat_unit[1] = 0
+        self.p.entries_valid = all_valid
+        self.p.entries_off = self.entry_off
+        self.p.entry_t = self.entries
+        self.p.entry_t_valid = all_valid
+        self.p.entry_unit = 0
+        self.p.visits_valid = all_valid
+        self.p.visits_off = self.visit_off
+        self.p.visit_valid = all_valid
+        self.p.visit_region = self.region
+        b.data = self.event_bits[0]
+        self.p.visit_region_valid = b
+        self.p.visit_day = self.day
+        b.data = self.event_bits[1]
+        self.p.visit_day_valid = b
+        return True
+
+    def encode_evaluation(self, RuleSet rules):
+        """Evaluate the decoded persons under ``rules``: (the bytes of ``repeated Status statuses = 1``, the number
+        of invalid rows)."""
+        cdef int64_t i, n = self.n, invalid = 0, at = 0, size
+        cdef int flags
+        cdef int32_t index
+        cdef uint8_t code
+        cdef const uint8_t* text
+        cdef Out o
+        o.badge = o.entry = o.enrolled = NULL
+        o.reasons = self.reasons
+        o.badge_until = self.until[0]
+        o.entry_until = self.until[1]
+        memset(self.out_bits, 0, sizeof(self.out_bits))
+        self.error_off[0] = 0
+        for i in range(n):
+            flags = evaluate_row(&self.p, &rules.r, &o, i, i)
+            if flags & ROW_BADGE:
+                set_bit(self.out_bits[0], i)
+            if flags & ROW_ENTRY:
+                set_bit(self.out_bits[1], i)
+            if flags & ROW_ENROLLED:
+                set_bit(self.out_bits[2], i)
+            if flags & ROW_INVALID:  # rare: its message is written with the GIL, as the general path words it
+                invalid += 1
+                code = diagnose_row(&self.p, &rules.r, i, &index)
+                tail = self.tails[code]
+                message = self.heads[code] if tail is None else self.heads[code] + str(index).encode() + tail
+                size = len(message)
+                if at + size > SMALL_ERROR_BYTES:
+                    size = 0  # cannot happen with the messages there are (< 200 bytes each)
+                text = message
+                memcpy(&self.errors[at], text, size)
+                at += size
+                set_bit(self.out_bits[3], i)
+            self.error_off[i + 1] = <int32_t>at
+        cdef Bits pv, bb, eb, nb, ev
+        pv.data, bb.data, eb.data, nb.data, ev.data = self.row_bits[0], self.out_bits[0], self.out_bits[1], \
+            self.out_bits[2], self.out_bits[3]
+        pv.offset = bb.offset = eb.offset = nb.offset = ev.offset = 0
+        cdef uint8_t* end = put_statuses(self.buffer, n, self.pid, pv, bb, eb, nb, self.reasons, self.until[0],
+                                         self.until[1], self.error_off, self.errors, ev)
+        return (<char*>self.buffer)[:end - self.buffer], invalid

@@ -36,6 +36,7 @@ from healthcode.service.interceptors import ROWS
 from healthcode.wire.ingest import request_table, store_form
 from healthcode.wire.ipc import WireError, changes_ipc, ipc_chunks, read_ipc
 from healthcode.wire.rows import (
+    SmallRequests,
     columns_to_batch,
     decode_request,
     encode_output,
@@ -47,6 +48,8 @@ from healthcode.wire.rows import (
 
 #: Row-form requests up to this size are evaluated on the event loop (about 1,000 persons).
 INLINE_REQUEST_BYTES = 128 * 1024
+#: Evaluation contexts kept for reuse (see HealthCodeService._evaluation).
+EVALUATIONS_KEPT = 16
 #: Bulk requests evaluated ahead of the one whose results are being sent.
 PIPELINE = 2
 #: Changes per WatchChangesArrow message (~3 MB of Arrow IPC).
@@ -54,6 +57,8 @@ CHANGE_BATCH_ROWS = 100_000
 #: Changes per WatchChanges message.
 CHANGES_PER_MESSAGE = 1_000
 
+#: An evaluation's context, the EvaluationInfo of its responses, and the serialized tail of one without invalid rows.
+_Evaluation = tuple[engine.Context, pb.EvaluationInfo, bytes]
 _Counts = pb.UpsertPersonsResponse | pb.RecordNatResultsResponse | pb.RecordEntriesResponse | pb.RecordVisitsResponse
 
 
@@ -116,6 +121,10 @@ class HealthCodeService(pb_grpc.HealthCodeServiceServicer):
         except RuntimeError:  # built outside a loop (in-process tests, the fuzz harnesses): nobody to wake
             self._loop = None
         self.kernel_threads = settings.kernel_threads or engine.default_threads()
+        # (snapshot id, as_of, policy) -> (snapshot, its evaluation): see _evaluation.  Plain dict operations
+        # only, atomic for the event loop and the pool's threads alike.
+        self._evaluations: dict[tuple[int, int, str], tuple[Snapshot, _Evaluation]] = {}
+        self._small = SmallRequests()  # the event loop's (small requests are answered there)
         self._versions(control.snapshot)
         control.subscribe(self._changed)
 
@@ -139,7 +148,26 @@ class HealthCodeService(pb_grpc.HealthCodeServiceServicer):
         ROWS.set(0 if change.summary is None else change.summary.evaluated)
 
     def _context(self, snap: Snapshot, as_of: int | None, policy: str) -> engine.Context:
-        return engine.make_context(snap.risk, _timeline(snap, policy), self.settings.now() if as_of is None else as_of)
+        return self._evaluation(snap, as_of, policy)[0]
+
+    def _evaluation(
+        self, snap: Snapshot, as_of: int | None, policy: str
+    ) -> _Evaluation:
+        """The context of an evaluation at ``as_of`` (None: now) under ``policy`` of ``snap``, what the response
+        says was used, and the serialized tail of a response without invalid rows.  Gateway calls come by the
+        thousand a second with the same few: each is made once (the kernel's rules with it), then reused."""
+        instant = self.settings.now() if as_of is None else as_of
+        key = (id(snap), instant, policy)
+        known = self._evaluations.get(key)
+        if known is not None and known[0] is snap:
+            return known[1]
+        ctx = engine.make_context(snap.risk, _timeline(snap, policy), instant)
+        info = _info(ctx, snap)
+        made = (ctx, info, pb.EvaluateResponse(info=info).SerializeToString())
+        if len(self._evaluations) >= EVALUATIONS_KEPT:
+            self._evaluations.clear()
+        self._evaluations[key] = (snap, made)
+        return made
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -154,19 +182,23 @@ class HealthCodeService(pb_grpc.HealthCodeServiceServicer):
         except WireError as exc:
             raise BadInput(f"Evaluate: {exc}") from None
         snap = self.control.snapshot
-        ctx = self._context(snap, as_of, policy)
-        info = _info(ctx, snap)
+        ctx, info, _ = self._evaluation(snap, as_of, policy)
         if engine.use_reference():
             (result,) = engine.evaluate_batches([columns_to_batch(cols)], ctx, 1)
             return encode_result(result, info), cols.n
         threads = 1 if cols.n <= self.settings.gateway_threads_rows else self.kernel_threads
         return encode_output(cols, engine.evaluate_columns(ctx, cols, threads), info), cols.n
 
+    def _small_rules(self, as_of: int | None, policy: str) -> tuple[object, pb.EvaluationInfo, bytes]:
+        ctx, info, tail = self._evaluation(self.control.snapshot, as_of, policy)
+        return engine.kernel_rules(ctx), info, tail
+
     async def Evaluate(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Gateway path.  Registered with raw-bytes (de)serializers: the kernel's codec reads the request and writes
         the response.  Small requests are handled on the event loop (a thread hop would cost more than the work)."""
         if len(request) <= INLINE_REQUEST_BYTES:
-            response, rows = self._evaluate_rows(request)
+            small = None if engine.use_reference() else self._small.respond(request, self._small_rules)
+            response, rows = self._evaluate_rows(request) if small is None else small
         else:
             response, rows = await self._run(self._evaluate_rows, request, _deadline(context))
         ROWS.set(rows)

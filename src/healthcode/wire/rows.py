@@ -7,7 +7,7 @@ Needs the compiled kernel.  The Arrow IPC half of the wire is :mod:`healthcode.w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +25,7 @@ from healthcode.rules.columns import (
 )
 from healthcode.rules.engine import KernelOutput
 from healthcode.rules.regions import RiskList, risk_list_from_rows
+from healthcode.rules.results import ERROR_MESSAGES
 from healthcode.wire.ipc import WireError
 from healthcode.wire.limits import check_rows
 
@@ -68,6 +69,33 @@ def decode_request(data: bytes) -> tuple[BatchColumns, int | None, str]:
         person_ids=c["pid"],
     )
     return cols, as_of, policy
+
+
+class SmallRequests:
+    """Small EvaluateRequests answered in one pass through the kernel (decoded into fixed buffers, evaluated,
+    encoded: see ``_kernel.Scratch``), for the gateway's calls of a few persons.  One instance serves one thread."""
+
+    def __init__(self) -> None:
+        self._scratch = _kernel.Scratch(ERROR_MESSAGES)
+
+    def respond(
+        self, data: bytes, rules_for: Callable[[int | None, str], tuple[object, pb.EvaluationInfo, bytes]]
+    ) -> tuple[bytes, int] | None:
+        """The serialized EvaluateResponse for request bytes ``data`` and its row count, or None when the request
+        is too large for the buffers (the general path then answers it).  ``rules_for(as_of or None, policy)``
+        gives the kernel's rules, the EvaluationInfo and the serialized tail of a response without invalid rows."""
+        scratch = self._scratch
+        try:
+            if not scratch.decode(data):
+                return None
+        except _kernel.WireFormatError as exc:
+            raise WireError(str(exc)) from None
+        check_rows(scratch.n, "persons")
+        rules, info, tail = rules_for(scratch.as_of, scratch.policy)
+        statuses, invalid = scratch.encode_evaluation(rules)
+        if invalid:
+            tail = pb.EvaluateResponse(info=info, invalid_rows=invalid).SerializeToString()
+        return statuses + tail, scratch.n
 
 
 def columns_to_batch(cols: BatchColumns) -> pa.RecordBatch:
