@@ -4,13 +4,16 @@ Every line names its event and carries counts, versions, durations and identifie
 status codes); never a person id, an itinerary or other row content.  The handler that prints them is set once by
 :func:`configure`.  An event of a healthcode logger that nothing else listens to is written by that handler
 directly (the same line, without a LogRecord), and the per-call lines (:func:`call_event`: one per RPC, on the gateway's
-path) are written in batches, at most :data:`FLUSH_SECONDS` after their call: each write to stderr lets another
-thread take the interpreter, which cost a one-person call a sixth of its time.  Every other line is written at once
-(after the batched ones before it), and whatever is pending at exit is written then.
+path) are written in batches: each write to stderr lets another thread take the interpreter, which cost a
+one-person call a sixth of its time.  A batch is written by the first line that finds it :data:`FLUSH_SECONDS`
+old, by :func:`flush_due` (the server calls it from its event loop every FLUSH_SECONDS, so no line waits longer
+on a quiet server), before any other line (those are written at once), and at exit.  (A thread of its own to write
+them would cost more than the writes: it competes for the interpreter with the calls.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -59,9 +62,8 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._second = -1
         self._stamp = ""
         self._pending: list[str] = []
+        self._since = 0.0  # when the oldest pending line was written
         self._pending_lock = threading.Lock()  # held only to append or take: never across a write
-        self._wake = threading.Event()
-        self._flusher: threading.Thread | None = None
 
     def write_line(self, level: int, logger_name: str, message: str, batch: bool = False) -> None:
         now = time.time()
@@ -74,13 +76,12 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._write(line)
             return
         with self._pending_lock:
+            if not self._pending:
+                self._since = now
             self._pending.append(line)
-            first = len(self._pending) == 1
-        if first:
-            if self._flusher is None:
-                self._flusher = threading.Thread(target=self._flush_loop, name="healthcode-log", daemon=True)
-                self._flusher.start()
-            self._wake.set()
+            due = now - self._since >= FLUSH_SECONDS
+        if due:
+            self._write("")
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -94,6 +95,11 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """Write the batched lines, then flush the stream (logging calls this at exit)."""
         self._write("")
 
+    def flush_due(self) -> None:
+        """Write the batched lines if the oldest has waited FLUSH_SECONDS."""
+        if self._pending and time.time() - self._since >= FLUSH_SECONDS:
+            self._write("")
+
     def _write(self, line: str) -> None:
         with self._pending_lock:
             pending, self._pending = self._pending, []
@@ -106,12 +112,25 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             except Exception:  # as emit: a closed or broken stream never fails the caller
                 self.handleError(logging.makeLogRecord({"msg": text.rstrip("\n")}))
 
-    def _flush_loop(self) -> None:
-        while True:
-            self._wake.wait()
-            time.sleep(FLUSH_SECONDS)
-            self._wake.clear()  # set again by the next line that finds the batch empty
-            self._write("")
+
+def flush_due() -> None:
+    """Write the per-call lines that have waited :data:`FLUSH_SECONDS` (a server calls this that often)."""
+    for handler in ROOT.handlers:
+        if type(handler) is LineHandler:
+            handler.flush_due()
+
+
+def flush() -> None:
+    """Write every batched line now (before text printed to stderr beside the log, say)."""
+    for handler in ROOT.handlers:
+        handler.flush()
+
+
+async def flush_periodically() -> None:
+    """:func:`flush_due` every :data:`FLUSH_SECONDS`, for as long as the task runs (a server's event loop)."""
+    while True:
+        await asyncio.sleep(FLUSH_SECONDS)
+        flush_due()
 
 
 def _direct(logger: logging.Logger) -> LineHandler | None:

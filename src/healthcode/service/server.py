@@ -226,6 +226,7 @@ def _inserted(done: list[Committed]) -> dict[str, int]:
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit code."""
     logs.configure(settings.log_level)
+    log_flusher = asyncio.get_running_loop().create_task(logs.flush_periodically(), name="healthcode-log-flush")
     if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
         # Past a file-size limit a write should fail (the store answers UNAVAILABLE), not kill the server.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -328,6 +329,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     if ready is not None:
         ready.set()
     await stop.wait()
+    logs.flush()
     print(
         f"healthcode: stopping, finishing in-flight calls (up to {settings.grace_seconds:g} s)",
         file=sys.stderr,
@@ -349,6 +351,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> int:
     if http is not None:
         http.shutdown()
         http.server_close()
+    log_flusher.cancel()
+    logs.flush()
     print("healthcode: stopped", file=sys.stderr, flush=True)
     if failed:
         print(f"healthcode: error: {failed[0]}", file=sys.stderr, flush=True)
