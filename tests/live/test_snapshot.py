@@ -80,7 +80,7 @@ def _region(book: StatusBook) -> tuple[np.ndarray, np.ndarray]:
 def _statuses(book: StatusBook, as_of: int = AS_OF) -> pa.Table:
     """Every stored person's status as the gateway's lookup gives it (by person id), as evaluate's columns."""
     ids = np.sort(book.ids)
-    _, flags, reasons, until = book.statuses(ids, RISK, TIMELINE, as_of)
+    _, flags, reasons, until = book.statuses(ids, engine.make_context(RISK, TIMELINE, as_of))
     return pa.table({
         "person_id": ids, "badge": flags & 1 != 0, "entry": flags & 2 != 0, "reasons": reasons,
         "badge_until": np.where(flags & 1 != 0, until[0], 0), "entry_until": np.where(flags & 2 != 0, until[1], 0),

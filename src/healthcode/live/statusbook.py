@@ -360,14 +360,14 @@ class StatusBook:
         return n <= CHEAP_LOOKUP_IDS and self.view.state.prepared_for_lookup()
 
     def statuses(
-        self, person_ids: np.ndarray, risk: RiskList, timeline: PolicyTimeline, as_of: int
+        self, person_ids: np.ndarray, ctx: engine.Context
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The status of stored persons at ``as_of``, evaluated on the calling thread from one view state (the
-        gateway's lookup): the view slot of each id (-1: unknown), then for the known ones, in request order, their
-        flags, reasons and valid-until instants (see :func:`~healthcode.rules.engine.evaluate_selected_full`)."""
+        """The status of stored persons in context ``ctx`` (its list, policy and as_of), evaluated on the calling
+        thread from one view state (the gateway's lookup): the view slot of each id (-1: unknown), then for the
+        known ones, in request order, their flags, reasons and valid-until instants (see
+        :func:`~healthcode.rules.engine.evaluate_selected_full`)."""
         state = self.view.state
         slots = state.slots_of(person_ids, remember=False)
-        ctx = engine.make_context(risk, timeline, as_of)
         flags, reasons, until = state.statuses(slots[slots >= 0], ctx)
         return slots, flags, reasons, until
 

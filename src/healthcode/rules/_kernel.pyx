@@ -233,6 +233,12 @@ cdef inline bint visits_hit(const Pop* p, const Rules* r, int64_t start, int64_t
     return hit
 
 
+# Calls on up to this many rows keep the GIL: handing it over (to gRPC's poller thread, say) and taking it back costs
+# a busy server more than a few hundred rows of work.
+cdef enum:
+    HOLD_GIL_ROWS = 1024
+
+
 # A row's outcome flags (evaluate_selected's output).
 cdef enum:
     ROW_BADGE = 1
@@ -696,7 +702,10 @@ def evaluate_selected(Population pop, RuleSet rules, const int64_t[::1] rows, ui
     cdef const Pop* p = &pop.p
     cdef const Rules* r = &rules.r
     cdef int threads = max(1, n_threads)
-    if threads == 1 or m < 65536:
+    if m <= HOLD_GIL_ROWS:  # a lookup of a few persons: letting go of the interpreter costs more than the work
+        for k in range(m):
+            flags[k] = <uint8_t>evaluate_row(p, r, &o, rows[k], k)
+    elif threads == 1 or m < 65536:
         with nogil:
             for k in range(m):
                 flags[k] = <uint8_t>evaluate_row(p, r, &o, rows[k], k)

@@ -404,64 +404,99 @@ cdef inline uint8_t* put_timestamp(uint8_t* p, uint8_t tag, int64_t seconds) noe
     return put_varint(p + 3, <uint64_t>seconds)
 
 
+cdef inline uint8_t* put_status(uint8_t* p, uint64_t pid, bint badge, bint entry, bint enrolled, uint16_t m,
+                                int64_t bu, int64_t eu, const uint8_t* error, int64_t elen) noexcept nogil:
+    """Writes one ``Status statuses = 1`` at ``p`` (at most 104 bytes plus the error text); returns the end.
+    ``pid`` 0 is left out (absent), the valid-until instants are written where badge and entry are set, the
+    error where ``error`` is not NULL."""
+    cdef uint8_t body[96]
+    cdef uint8_t* q = body
+    cdef int64_t size, k
+    cdef int nreasons
+    if pid != 0:
+        q[0] = 0x08
+        q = put_varint(q + 1, pid)
+    if badge:
+        q[0] = 0x10
+        q[1] = 1
+        q += 2
+    if entry:
+        q[0] = 0x18
+        q[1] = 1
+        q += 2
+    if enrolled:
+        q[0] = 0x20
+        q[1] = 1
+        q += 2
+    if m != 0:
+        # Packed Reason values: each value is its bit (1 << k), a varint of 1 (k < 7), 2 (k < 14) or 3 bytes.
+        nreasons = hc_popcount64(m & 0x7f) + 2 * hc_popcount64(m & 0x3f80) + 3 * hc_popcount64(m & 0xc000)
+        q[0] = 0x2a
+        q[1] = <uint8_t>nreasons
+        q += 2
+        for k in range(16):
+            if (m >> k) & 1:
+                q = put_varint(q, <uint64_t>1 << k)
+        q[0] = 0x30
+        q = put_varint(q + 1, m)
+    if badge:
+        q = put_timestamp(q, 0x3a, bu)
+    if entry:
+        q = put_timestamp(q, 0x42, eu)
+    size = q - body
+    if error != NULL:
+        size += 1 + varint_size(elen) + elen
+    p[0] = 0x0a
+    p = put_varint(p + 1, size)
+    memcpy(p, body, q - body)
+    p += q - body
+    if error != NULL:
+        p[0] = 0x4a
+        p = put_varint(p + 1, elen)
+        memcpy(p, error, elen)
+        p += elen
+    return p
+
+
 cdef uint8_t* put_statuses(uint8_t* p, int64_t n, const uint64_t* pid, Bits pv, Bits bb, Bits eb, Bits nb,
                            const uint16_t* mask, const int64_t* bu, const int64_t* eu, const int32_t* eoff,
                            const uint8_t* edata, Bits ev) noexcept nogil:
     """Writes ``repeated Status statuses = 1`` for ``n`` result rows at ``p`` (at most 104 bytes a row plus its
-    error text); returns the end.  The valid-until instants are written where badge and entry are set."""
-    cdef int64_t i, size, k, elen
-    cdef uint8_t body[96]
-    cdef uint8_t* q
-    cdef uint16_t m
-    cdef int nreasons
+    error text); returns the end."""
+    cdef int64_t i
+    cdef bint has_error
     for i in range(n):
-        q = body
-        if bit(pv, i) and pid[i] != 0:
-            q[0] = 0x08
-            q = put_varint(q + 1, pid[i])
-        if bit(bb, i):
-            q[0] = 0x10
-            q[1] = 1
-            q += 2
-        if bit(eb, i):
-            q[0] = 0x18
-            q[1] = 1
-            q += 2
-        if bit(nb, i):
-            q[0] = 0x20
-            q[1] = 1
-            q += 2
-        m = mask[i]
-        if m != 0:
-            # Packed Reason values: each value is its bit (1 << k), a varint of 1 (k < 7), 2 (k < 14) or 3 bytes.
-            nreasons = hc_popcount64(m & 0x7f) + 2 * hc_popcount64(m & 0x3f80) + 3 * hc_popcount64(m & 0xc000)
-            q[0] = 0x2a
-            q[1] = <uint8_t>nreasons
-            q += 2
-            for k in range(16):
-                if (m >> k) & 1:
-                    q = put_varint(q, <uint64_t>1 << k)
-            q[0] = 0x30
-            q = put_varint(q + 1, m)
-        if bit(bb, i):
-            q = put_timestamp(q, 0x3a, bu[i])
-        if bit(eb, i):
-            q = put_timestamp(q, 0x42, eu[i])
-        size = q - body
-        elen = 0
-        if bit(ev, i):
-            elen = eoff[i + 1] - eoff[i]
-            size += 1 + varint_size(elen) + elen
-        p[0] = 0x0a
-        p = put_varint(p + 1, size)
-        memcpy(p, body, q - body)
-        p += q - body
-        if bit(ev, i):
-            p[0] = 0x4a
-            p = put_varint(p + 1, elen)
-            memcpy(p, &edata[eoff[i]], elen)
-            p += elen
+        has_error = bit(ev, i)
+        p = put_status(p, pid[i] if bit(pv, i) else 0, bit(bb, i), bit(eb, i), bit(nb, i), mask[i], bu[i], eu[i],
+                       &edata[eoff[i]] if has_error else NULL, eoff[i + 1] - eoff[i] if has_error else 0)
     return p
+
+
+def encode_lookup(const uint64_t[::1] person_id, const int64_t[::1] slots, const uint8_t[::1] flags,
+                  const uint16_t[::1] reasons, const int64_t[:, ::1] until, bytes missing):
+    """The bytes of ``repeated Status statuses = 1`` of a lookup: for each id, in order, its status when its slot
+    is >= 0 (the next of ``flags`` (1 badge, 2 entry, 4 enrolled), ``reasons`` and ``until`` (2 x known), given
+    for the known ids in order), else a Status of the id and the error ``missing``."""
+    cdef int64_t n = person_id.shape[0], m = flags.shape[0], i, j = 0, found = 0
+    cdef const uint8_t* error = missing
+    cdef int64_t elen = len(missing)
+    if slots.shape[0] != n or reasons.shape[0] != m or until.shape[0] != 2 or until.shape[1] != m:
+        raise ValueError("lookup columns disagree in length")
+    for i in range(n):
+        found += slots[i] >= 0
+    if found != m:
+        raise ValueError(f"{found} known ids but {m} statuses")
+    out = bytearray(n * (108 + elen))
+    cdef uint8_t* base = <uint8_t*><char*>out
+    cdef uint8_t* p = base
+    for i in range(n):
+        if slots[i] >= 0:
+            p = put_status(p, person_id[i], flags[j] & 1, flags[j] & 2, flags[j] & 4, reasons[j], until[0, j],
+                           until[1, j], NULL, 0)
+            j += 1
+        else:
+            p = put_status(p, person_id[i], False, False, False, 0, 0, 0, error, elen)
+    return (<char*>base)[:p - base]
 
 
 def encode_statuses(person_id, pid_valid, badge, entry, enrolled, reasons, badge_until, entry_until,

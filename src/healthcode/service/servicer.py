@@ -154,7 +154,8 @@ class HealthCodeService(pb_grpc.HealthCodeServiceServicer):
         self, snap: Snapshot, as_of: int | None, policy: str
     ) -> _Evaluation:
         """The context of an evaluation at ``as_of`` (None: now) under ``policy`` of ``snap``, what the response
-        says was used, and the serialized tail of a response without invalid rows.  Gateway calls come by the
+        says was used, and the serialized tail of a response without invalid rows (the info alone: a
+        GetStatusResponse lays it out as an EvaluateResponse does).  Gateway calls come by the
         thousand a second with the same few: each is made once (the kernel's rules with it), then reused."""
         instant = self.settings.now() if as_of is None else as_of
         key = (id(snap), instant, policy)
@@ -388,9 +389,9 @@ class HealthCodeService(pb_grpc.HealthCodeServiceServicer):
         """The serialized GetStatusResponse for stored persons ``ids`` at ``as_of`` (see wire.rows)."""
         book = self.control.need_book()
         snap = self.control.snapshot
-        info = _info(self._context(snap, as_of, ""), snap)
-        slots, flags, reasons, until = book.statuses(ids, snap.risk, snap.policy, as_of)
-        return encode_status_response(ids, slots, flags, reasons, until, info)
+        ctx, _, tail = self._evaluation(snap, as_of, "")
+        slots, flags, reasons, until = book.statuses(ids, ctx)
+        return encode_status_response(ids, slots, flags, reasons, until, tail)
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> bytes:
         """The checkpoint scan: the status of stored persons, evaluated from the live view at ``as_of`` (the kernel on

@@ -168,33 +168,23 @@ def encode_status_response(
     flags: np.ndarray,
     reasons: np.ndarray,
     until: np.ndarray,
-    info: pb.EvaluationInfo,
+    tail: bytes,
 ) -> bytes:
     """The serialized GetStatusResponse (laid out as EvaluateResponse: statuses 1, info 2, not_found 3) for the
     ids of a lookup: ``slots`` -1 where the store has no such person (a Status with only its id and
     :data:`NOT_IN_STORE`), and the known ones' ``flags`` (1 badge, 2 entry, 4 enrolled), ``reasons`` and
     ``until`` (int64[2, known]) in request order, as :meth:`~healthcode.live.statusbook.StatusBook.statuses`
-    gives them."""
-    n = len(person_ids)
-    pid = np.ascontiguousarray(person_ids, dtype=np.uint64)
-    found = slots >= 0
-    missing = n - int(np.count_nonzero(found))
-    if missing:
-        all_flags = np.zeros(n, dtype=np.uint8)
-        all_reasons = np.zeros(n, dtype=np.uint16)
-        all_until = np.zeros((2, n), dtype=np.int64)
-        all_flags[found], all_reasons[found], all_until[:, found] = flags, reasons, until
-        flags, reasons, until = all_flags, all_reasons, all_until
-        errors = pa.array([None if ok else NOT_IN_STORE for ok in found.tolist()], pa.string())
-    else:
-        errors = pa.nulls(n, pa.string())
-    bits = [Bits(np.packbits(flags & bit != 0, bitorder="little"), 0) for bit in (1, 2, 4)]
-    statuses = _kernel.encode_statuses(
-        pid, Bits(np.full(1 + n // 8, 0xFF, np.uint8), 0), bits[0], bits[1], bits[2],
-        np.ascontiguousarray(reasons, dtype=np.uint16), until[0], until[1],
-        offsets_view(errors), np.frombuffer(errors.buffers()[2] or b"", dtype=np.uint8), Bits(*validity_view(errors)),
+    gives them; ``tail`` is the serialized GetStatusResponse of the info alone (not_found is added here)."""
+    statuses = _kernel.encode_lookup(
+        np.ascontiguousarray(person_ids, dtype=np.uint64), np.ascontiguousarray(slots, dtype=np.int64),
+        np.ascontiguousarray(flags, dtype=np.uint8), np.ascontiguousarray(reasons, dtype=np.uint16),
+        np.ascontiguousarray(until, dtype=np.int64), _NOT_IN_STORE,
     )  # fmt: skip
-    return statuses + pb.GetStatusResponse(info=info, not_found=missing).SerializeToString()
+    missing = len(person_ids) - len(flags)
+    return statuses + tail + (pb.GetStatusResponse(not_found=missing).SerializeToString() if missing else b"")
+
+
+_NOT_IN_STORE = NOT_IN_STORE.encode()
 
 
 def encode_result(result: pa.RecordBatch, info: pb.EvaluationInfo) -> bytes:
