@@ -23,6 +23,8 @@ from typing import Any, TextIO
 
 #: The logger every healthcode logger is below (its handler is :func:`configure`'s).
 ROOT = logging.getLogger("healthcode")
+#: The encoder of every event (one instance: json.dumps with options builds one per call).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
 #: The longest a batched line waits to be written.
 FLUSH_SECONDS = 0.05
 
@@ -40,7 +42,7 @@ def call_event(logger: logging.Logger, name: str, /, **fields: Any) -> None:
 
 def _event(logger: logging.Logger, name: str, level: int, batch: bool, fields: dict[str, Any]) -> None:
     if logger.isEnabledFor(level):
-        line = json.dumps({"event": name, **fields}, ensure_ascii=False, default=str)
+        line = _ENCODER.encode({"event": name, **fields})
         handler = _direct(logger)
         if handler is None:
             logger.log(level, line)

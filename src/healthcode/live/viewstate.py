@@ -128,12 +128,9 @@ class ViewState:
         held = self._memo.get(name)
         return digest, (held[1] if held is not None and held[0] == digest else None)
 
-    def slots_of(self, person_ids: np.ndarray, remember: bool = True) -> np.ndarray:
-        """The slot of each person id, -1 where the view has no such person (``remember``: keep the answer for the
-        next call with the same ids, as an ingest group asks; a gateway lookup does not)."""
+    def slots_of(self, person_ids: np.ndarray) -> np.ndarray:
+        """The slot of each person id, -1 where the view has no such person."""
         pids = np.ascontiguousarray(person_ids, dtype=np.uint64)
-        if not remember:
-            return self._slots_of(pids)
         digest, known = self._remembered("slots_of", pids)
         if known is not None:
             return known.copy()  # type: ignore[attr-defined, no-any-return]
@@ -234,18 +231,28 @@ class ViewState:
             len(self.overlay_slots) == 0 or "_prepared_overlay" in self.__dict__
         )
 
-    def statuses(self, slots: np.ndarray, ctx: engine.Context) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The whole status of each of ``slots`` (valid slots, a lookup of a few persons) evaluated in place on this
-        thread: (flags, reasons, until) as :func:`~healthcode.rules.engine.evaluate_selected_full` gives them."""
-        slots = np.asarray(slots, dtype=np.int64)
-        ov = self._overlay_rows_of(slots)
-        in_ov = ov >= 0
+    @functools.cached_property
+    def _extra_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """The later persons' ids ascending, and the index after the base of each."""
+        order = np.argsort(self.extra_ids, kind="stable")
+        return np.ascontiguousarray(self.extra_ids[order]), order.astype(np.int64)
+
+    def statuses(self, person_ids: np.ndarray, ctx: engine.Context) -> tuple[np.ndarray, ...]:
+        """The whole status of the persons ``person_ids`` (a lookup of a few), evaluated in place on this thread:
+        (slot of each id, -1 when unknown; then for the known ones, in request order, flags, reasons and until as
+        :func:`~healthcode.rules.engine.evaluate_selected_full` gives them)."""
+        extra_sorted, extra_order = self._extra_index
+        slots, rows, in_ov = engine.lookup_slots(
+            np.ascontiguousarray(person_ids, dtype=np.uint64), self.base_ids, extra_sorted, extra_order,
+            self.overlay_slots, self.overlay_rows,
+        )  # fmt: skip
         if not in_ov.any() and self.prepared_base is not None:
-            return engine.evaluate_selected_full(ctx, self.prepared_base, slots)
-        flags = np.zeros(len(slots), dtype=np.uint8)
-        reasons = np.zeros(len(slots), dtype=np.uint16)
-        until = np.zeros((2, len(slots)), dtype=np.int64)
-        for mask, rows, which in ((~in_ov, slots, "base"), (in_ov, ov, "overlay")):
+            return (slots, *engine.evaluate_selected_full(ctx, self.prepared_base, rows))
+        m = len(rows)
+        flags = np.zeros(m, dtype=np.uint8)
+        reasons = np.zeros(m, dtype=np.uint16)
+        until = np.zeros((2, m), dtype=np.int64)
+        for mask, which in ((in_ov == 0, "base"), (in_ov != 0, "overlay")):
             if mask.any():
                 prepared = self.prepared_base if which == "base" else self._prepared_overlay
                 if prepared is None:  # a view made of several chunks: evaluate a copy of the rows
@@ -256,7 +263,7 @@ class ViewState:
                 else:
                     f, r, u = engine.evaluate_selected_full(ctx, prepared, rows[mask])
                 flags[mask], reasons[mask], until[:, mask] = f, r, u
-        return flags, reasons, until
+        return slots, flags, reasons, until
 
     def evaluate(
         self,

@@ -53,6 +53,37 @@ def union_slots(parts: Sequence[np.ndarray], n: int) -> np.ndarray:
     return np.flatnonzero(seen)
 
 
+def lookup_slots(
+    ids: np.ndarray, base_ids: np.ndarray, extra_sorted: np.ndarray, extra_order: np.ndarray,
+    overlay_slots: np.ndarray, overlay_rows: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Where persons ``ids`` are in a view of a sorted base and later persons, some with an overlay row: (slot of
+    each id, -1 when unknown; the row of each known one in request order; 1 where that row is an overlay row) (see
+    _kernel)."""
+    u64 = [np.ascontiguousarray(a, dtype=np.uint64) for a in (ids, base_ids, extra_sorted)]
+    i64 = [np.ascontiguousarray(a, dtype=np.int64) for a in (extra_order, overlay_slots, overlay_rows)]
+    if _kernel is not None:
+        return _kernel.lookup_slots(u64[0], u64[1], u64[2], i64[0], i64[1], i64[2])  # type: ignore[no-any-return]
+    ids, base_ids, extra_sorted = u64
+    extra_order, overlay_slots, overlay_rows = i64
+    slots = np.full(len(ids), -1, dtype=np.int64)
+    if len(base_ids):
+        pos = np.minimum(np.searchsorted(base_ids, ids), len(base_ids) - 1)
+        hit = base_ids[pos] == ids
+        slots[hit] = pos[hit]
+    if len(extra_sorted):
+        pos = np.minimum(np.searchsorted(extra_sorted, ids), len(extra_sorted) - 1)
+        hit = (slots < 0) & (extra_sorted[pos] == ids)
+        slots[hit] = len(base_ids) + extra_order[pos[hit]]
+    known = slots[slots >= 0]
+    rows, in_overlay = known.copy(), np.zeros(len(known), dtype=np.uint8)
+    if len(overlay_slots):
+        pos = np.minimum(np.searchsorted(overlay_slots, known), len(overlay_slots) - 1)
+        hit = overlay_slots[pos] == known
+        rows[hit], in_overlay[hit] = overlay_rows[pos[hit]], 1
+    return slots, rows, in_overlay
+
+
 def pack_state(badge: np.ndarray, entry: np.ndarray, reasons: np.ndarray) -> np.ndarray:
     """A status as one integer, as the change log stores it: ``badge | entry << 1 | reasons << 2`` (int32)."""
     return (
