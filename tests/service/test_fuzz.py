@@ -400,6 +400,44 @@ def test_rowform_any_bytes(data: bytes) -> None:
     fuzz_rowform.check(data)
 
 
+def _status_request_check(data: bytes) -> None:
+    """The kernel's GetStatusRequest codec reads what protobuf reads (ids in order, as_of), or refuses the bytes with
+    a message naming the RPC; it may refuse bytes protobuf takes (deprecated groups), never the reverse of that."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        msg: pb.GetStatusRequest | None = pb.GetStatusRequest.FromString(data)
+    except DecodeError:
+        msg = None
+    try:
+        ids, as_of = wire.decode_status_request(data)
+    except wire.WireError as exc:
+        assert str(exc).startswith("GetStatus: "), exc
+        return
+    assert msg is not None, "the codec read bytes protobuf refuses"
+    assert ids.tolist() == list(msg.person_ids)
+    assert as_of == (msg.as_of.seconds if msg.HasField("as_of") else None)
+
+
+@MANY
+@given(
+    st.lists(st.integers(0, 2**64 - 1), max_size=20),
+    st.one_of(st.none(), st.integers(-(2**40), 2**40)),
+    st.booleans(),
+    st.data(),
+)
+def test_status_request_codec_matches_protobuf(ids: list[int], as_of: int | None, packed: bool, data) -> None:
+    request = pb.GetStatusRequest(person_ids=ids)
+    if as_of is not None:
+        request.as_of.seconds = as_of
+    encoded = request.SerializeToString()
+    if not packed and ids:  # the same ids one field each (protobuf reads both forms)
+        unpacked = b"".join(b"\x08" + pb.GetStatusRequest(person_ids=[i]).SerializeToString()[2:] for i in ids)
+        encoded = unpacked + (encoded[encoded.index(b"\x12"):] if as_of is not None else b"")
+    _status_request_check(encoded)
+    _status_request_check(mutate(data, encoded, bytes([0x0A, 0x12, 0x08, 0x80, 0xFF, 0x01, 0x00])))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Arrow IPC (EvaluateArrow requests and ingest arrow_ipc)
 

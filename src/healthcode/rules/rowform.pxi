@@ -75,6 +75,8 @@ cdef inline int64_t read_timestamp_seconds(Reader* parent, int64_t seconds) noex
         tag = read_varint(&m)
         if tag == 0x08:
             seconds = <int64_t>read_varint(&m)
+        elif tag >> 3 == 0 or tag >> 32 != 0:  # field number 0 or past 2**29 - 1: not a message
+            m.bad = True
         else:
             skip_field(&m, tag & 7)
     parent.bad |= m.bad
@@ -707,3 +709,40 @@ cdef class Scratch:
         cdef uint8_t* end = put_statuses(self.buffer, n, self.pid, pv, bb, eb, nb, self.reasons, self.until[0],
                                          self.until[1], self.error_off, self.errors, ev)
         return (<char*>self.buffer)[:end - self.buffer], invalid
+
+
+def decode_status_request(data):
+    """A GetStatusRequest's bytes (``repeated uint64 person_ids = 1``, packed or not; ``as_of = 2``) as (the ids,
+    uint64 in request order; as_of seconds or None).  Raises :class:`WireFormatError` for bytes that are not a
+    well-formed message."""
+    cdef const uint8_t[::1] view = data
+    cdef Reader r, s
+    cdef uint64_t tag
+    cdef int64_t k = 0, as_of = 0
+    cdef bint has_as_of = False
+    r.p = &view[0] if view.shape[0] else NULL
+    r.end = r.p + view.shape[0]
+    r.bad = False
+    ids_arr = np.empty(view.shape[0], dtype=np.uint64)  # each id takes a byte at least
+    cdef uint64_t[::1] ids = ids_arr
+    while r.p < r.end and not r.bad:
+        tag = read_varint(&r)
+        if tag == 0x0a:  # 1, packed
+            s = sub_reader(&r)
+            while s.p < s.end and not s.bad:
+                ids[k] = read_varint(&s)
+                k += 1
+            r.bad |= s.bad
+        elif tag == 0x08:  # 1, one id
+            ids[k] = read_varint(&r)
+            k += 1
+        elif tag == 0x12:  # 2: as_of
+            as_of = read_timestamp_seconds(&r, as_of)
+            has_as_of = True
+        elif tag >> 3 == 0 or tag >> 32 != 0:  # field number 0, or past 2**29 - 1: protobuf refuses both
+            r.bad = True
+        else:
+            skip_field(&r, tag & 7)
+    if r.bad:
+        raise WireFormatError("the request is not a well-formed healthcode.v1.GetStatusRequest")
+    return ids_arr[:k], (as_of if has_as_of else None)

@@ -243,8 +243,7 @@ _ROW_FIELDS = {
     "RecordNatResults": "results",
     "RecordEntries": "entries",
     "RecordVisits": "visits",
-    "GetStatus": "person_ids",
-}
+}  # (Evaluate and GetStatus count theirs as their codec reads them)
 
 
 class Guard(ServiceInterceptor):

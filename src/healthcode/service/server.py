@@ -61,8 +61,8 @@ def _open_control(settings: Settings) -> Control:
 
 #: Every RPC of healthcode.v1.HealthCodeService: its handler kind and request class.  Every request arrives as raw bytes
 #: and is decoded in one place, by :class:`~healthcode.service.interceptors.ObservedService` (a malformed one is
-#: INVALID_ARGUMENT naming the RPC); None: the servicer reads the bytes itself (Evaluate: the kernel's codec) and
-#: returns bytes.
+#: INVALID_ARGUMENT naming the RPC); None: the servicer reads the bytes itself (Evaluate, GetStatus: the kernel's
+#: codec).
 METHODS: dict[str, tuple[str, type[Any] | None]] = {
     "Evaluate": ("unary_unary", None),
     "EvaluateArrow": ("stream_stream", pb.EvaluateArrowRequest),
@@ -73,7 +73,7 @@ METHODS: dict[str, tuple[str, type[Any] | None]] = {
     "Reevaluate": ("unary_unary", pb.ReevaluateRequest),
     "WatchChanges": ("unary_stream", pb.WatchChangesRequest),
     "WatchChangesArrow": ("unary_stream", pb.WatchChangesArrowRequest),
-    "GetStatus": ("unary_unary", pb.GetStatusRequest),
+    "GetStatus": ("unary_unary", None),
     "UpsertPersons": ("unary_unary", pb.UpsertPersonsRequest),
     "RecordNatResults": ("unary_unary", pb.RecordNatResultsRequest),
     "RecordEntries": ("unary_unary", pb.RecordEntriesRequest),

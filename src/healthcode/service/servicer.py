@@ -39,6 +39,7 @@ from healthcode.wire.rows import (
     SmallRequests,
     columns_to_batch,
     decode_request,
+    decode_status_request,
     encode_output,
     encode_result,
     encode_status_response,
@@ -393,15 +394,19 @@ class HealthCodeService(pb_grpc.HealthCodeServiceServicer):
         slots, flags, reasons, until = book.statuses(ids, ctx)
         return encode_status_response(ids, slots, flags, reasons, until, tail)
 
-    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> bytes:
+    async def GetStatus(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """The checkpoint scan: the status of stored persons, evaluated from the live view at ``as_of`` (the kernel on
         the persons' rows in place, no copy).  A few ids on the event loop (a thread hop costs more than the work),
-        more in the pool; the response's bytes are written by the kernel's encoder."""
+        more in the pool; the request is read and the response written by the kernel's codec."""
+        try:
+            ids, as_of = decode_status_request(request)
+        except WireError as exc:
+            raise BadInput(str(exc)) from None
         book = self.control.need_book()
         if book.stale:
             await self._run(self.control.refresh, self.settings.now())
-        as_of = request.as_of.seconds if request.HasField("as_of") else self.settings.now()
-        ids = np.asarray(request.person_ids, dtype=np.uint64)
+        if as_of is None:
+            as_of = self.settings.now()
         if book.cheap_lookup(len(ids)):
             response = self._statuses(ids, as_of)
         else:

@@ -158,6 +158,17 @@ def encode_output(cols: BatchColumns, out: KernelOutput, info: pb.EvaluationInfo
     return _encode(cols.person_ids, cols.person_id_valid, flags, out.reasons, out.until, out.errors, info)
 
 
+def decode_status_request(data: bytes) -> tuple[np.ndarray, int | None]:
+    """A GetStatusRequest's serialized bytes as its person ids (uint64, in order) and as_of (None: absent), read by
+    the kernel's codec (no message object, no Python int per id); the ids are counted against the rows limit."""
+    try:
+        ids, as_of = _kernel.decode_status_request(data)
+    except _kernel.WireFormatError as exc:
+        raise WireError(f"GetStatus: {exc}") from None
+    check_rows(len(ids), "GetStatus: person_ids")
+    return ids, as_of
+
+
 #: The error of a GetStatus id the store does not hold.
 NOT_IN_STORE = "person_id is not in the store"
 
