@@ -31,3 +31,20 @@ def test_the_kernel_and_the_numpy_form_agree(monkeypatch):
             np.testing.assert_array_equal(g, w, err_msg=f"trial {trial}: {name}")
         slots = got[0]
         assert ((slots >= 0) == np.isin(ids, np.concatenate([base, extra_ids]))).all()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 1000, 200_000])
+def test_the_batched_search_finds_every_id_of_a_large_base(n):
+    """The base's search advances up to 64 needles a level at a time: every position of every size is right."""
+    rng = np.random.default_rng(n)
+    base = np.unique(rng.integers(0, 2**63, n, dtype=np.uint64))
+    ids = np.concatenate([
+        rng.choice(base, 150), rng.integers(0, 2**63, 150, dtype=np.uint64), base[:1], base[-1:],
+        np.array([0, 2**64 - 1], np.uint64),
+    ])  # fmt: skip
+    empty_u, empty_i = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    slots, rows, in_overlay = engine.lookup_slots(ids, base, empty_u, empty_i, empty_i, empty_i)
+    pos = np.minimum(np.searchsorted(base, ids), len(base) - 1)
+    np.testing.assert_array_equal(slots, np.where(base[pos] == ids, pos, -1))
+    np.testing.assert_array_equal(rows, slots[slots >= 0])
+    assert not in_overlay.any()

@@ -773,6 +773,29 @@ cdef inline int64_t find_sorted(const uint64_t* a, int64_t n, uint64_t x) noexce
     return lo if lo < n and a[lo] == x else -1
 
 
+cdef void find_sorted_many(const uint64_t* a, int64_t n, const uint64_t* x, int64_t m, int64_t* out) noexcept nogil:
+    """The index of each ``x[k]`` in ascending ``a[0:n]`` (-1 when absent) into ``out``: the needles' binary
+    searches advance together, a level at a time, each level's probes prefetched before any is read, so the cache
+    misses of a large array (the base's ids) overlap instead of queueing one after another."""
+    cdef int64_t k, start, step, half, half_next
+    cdef int64_t lo[64]
+    for start in range(0, m, 64):
+        step = min(64, m - start)
+        for k in range(step):
+            lo[k] = 0
+        half = n
+        while half > 1:  # invariant: x[k] is in a[lo[k] : lo[k] + half] if present at all
+            half_next = half >> 1
+            for k in range(step):
+                hc_prefetch(&a[lo[k] + half_next])
+            for k in range(step):
+                if a[lo[k] + half_next] <= x[start + k]:
+                    lo[k] += half_next
+            half -= half_next
+        for k in range(step):
+            out[start + k] = lo[k] if a[lo[k]] == x[start + k] else -1
+
+
 cdef inline int64_t find_sorted_i64(const int64_t* a, int64_t n, int64_t x) noexcept nogil:
     cdef int64_t lo = 0, hi = n, mid
     while lo < hi:
@@ -801,8 +824,12 @@ def lookup_slots(const uint64_t[::1] ids, const uint64_t[::1] base_ids, const ui
     cdef int64_t[::1] slots = slots_arr
     cdef int64_t[::1] rows = rows_arr
     cdef uint8_t[::1] ov = ov_arr
+    if nb:
+        find_sorted_many(&base_ids[0], nb, &ids[0], n, &slots[0])
+    else:
+        slots[:] = -1
     for i in range(n):
-        slot = find_sorted(&base_ids[0], nb, ids[i]) if nb else -1
+        slot = slots[i]
         if slot < 0 and ne:
             j = find_sorted(&extra_sorted[0], ne, ids[i])
             if j >= 0:
