@@ -400,6 +400,24 @@ def test_rowform_any_bytes(data: bytes) -> None:
     fuzz_rowform.check(data)
 
 
+@pytest.mark.parametrize("persons", [1, 2, 17, 100, 255, 256, 257, 300])
+def test_small_requests_answer_as_the_general_path_up_to_and_past_their_buffers(persons: int) -> None:
+    """Generated requests (invalid rows among them) of up to 256 persons are answered by the one-pass path with
+    the general path's bytes; larger ones are left to the general path."""
+    from healthcode.generate import generate_batches
+
+    table = pa.Table.from_batches(list(generate_batches(persons * 3, seed=persons)))
+    small, service = wire.SmallRequests(), _common.service()
+    for start in range(0, persons * 3, persons):
+        request = pb.EvaluateRequest(persons=wire.batch_to_persons(table.slice(start, persons)))
+        request.as_of.seconds = AS_OF
+        data = request.SerializeToString()
+        got = small.respond(data, service._small_rules)
+        assert (got is None) == (persons > 256)
+        if got is not None:
+            assert got == service._evaluate_rows(data)
+
+
 def _status_request_check(data: bytes) -> None:
     """The kernel's GetStatusRequest codec reads what protobuf reads (ids in order, as_of), or refuses the bytes with
     a message naming the RPC; it may refuse bytes protobuf takes (deprecated groups), never the reverse of that."""

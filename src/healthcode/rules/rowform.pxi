@@ -170,6 +170,11 @@ cdef struct PersonCols:
     uint8_t* region_ok
     int32_t* day
     uint8_t* day_ok
+    # Capacity of the buffers (a filling pass past it stops writing and sets ``overflow``)
+    int64_t cap_persons
+    int64_t cap_entries
+    int64_t cap_visits
+    bint overflow
 
 
 cdef void read_visit(Reader* parent, PersonCols* c, int64_t v) noexcept nogil:
@@ -228,6 +233,9 @@ cdef void read_person(Reader* parent, PersonCols* c, Counts* at, bint fill) noex
     cdef Reader m = sub_reader(parent)
     cdef uint64_t tag, raw
     cdef int64_t i = at.persons
+    if fill and i >= c.cap_persons:  # past the buffers: count the rest only
+        c.overflow = True
+        fill = False
     if fill:
         c.pid[i] = 0
         c.home[i] = 0
@@ -237,12 +245,18 @@ cdef void read_person(Reader* parent, PersonCols* c, Counts* at, bint fill) noex
     while m.p < m.end and not m.bad:
         tag = read_varint(&m)
         if tag == 0x3a:  # 7: entry_times
+            if fill and at.entries >= c.cap_entries:
+                c.overflow = True
+                fill = False
             if fill:
                 c.entries[at.entries] = read_timestamp_seconds(&m, 0)
             else:
                 read_timestamp_seconds(&m, 0)  # validates the nested bytes in the counting pass too
             at.entries += 1
         elif tag == 0x42:  # 8: visits
+            if fill and at.visits >= c.cap_visits:
+                c.overflow = True
+                fill = False
             if fill:
                 read_visit(&m, c, at.visits)
             else:
@@ -353,6 +367,8 @@ def decode_evaluate_request(data):
     c.region_ok = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>out["region_ok"])
     c.day = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>out["day"])
     c.day_ok = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>out["day_ok"])
+    c.cap_persons, c.cap_entries, c.cap_visits = n, counts.entries, counts.visits
+    c.overflow = False
     at.persons = at.entries = at.visits = 0
     r.p = &view[0] if view.shape[0] else NULL
     r.bad = False
@@ -595,13 +611,6 @@ cdef class Scratch:
         r.p = &view[0] if view.shape[0] else NULL
         r.end = r.p + view.shape[0]
         r.bad = False
-        counts.persons = counts.entries = counts.visits = 0
-        if not read_request(r, &c, &counts, False, &as_of, &has_as_of, &policy, &policy_len):
-            raise WireFormatError(
-                "the request is not a well-formed healthcode.v1.EvaluateRequest (truncated or corrupt)")
-        if counts.persons > SMALL_PERSONS or counts.entries > SMALL_EVENTS or counts.visits > SMALL_EVENTS:
-            return False
-        cdef int64_t n = counts.persons
         memset(self.row_bits, 0, sizeof(self.row_bits))
         memset(self.event_bits, 0, sizeof(self.event_bits))
         self.entry_off[0] = 0
@@ -611,14 +620,14 @@ cdef class Scratch:
         c.sample, c.sample_ok, c.report, c.report_ok = self.sample, self.row_bits[4], self.report, self.row_bits[5]
         c.entry_off, c.entries, c.visit_off = self.entry_off, self.entries, self.visit_off
         c.region, c.region_ok, c.day, c.day_ok = self.region, self.event_bits[0], self.day, self.event_bits[1]
+        c.cap_persons, c.cap_entries, c.cap_visits = SMALL_PERSONS, SMALL_EVENTS, SMALL_EVENTS
+        c.overflow = False
         at.persons = at.entries = at.visits = 0
-        r.p = &view[0] if view.shape[0] else NULL
-        r.bad = False
-        as_of = 0
-        has_as_of = False
-        if not read_request(r, &c, &at, True, &as_of, &has_as_of, &policy, &policy_len) or at.persons != n:
-            raise WireFormatError(
-                "the request is not a well-formed healthcode.v1.EvaluateRequest (corrupt nested field)")
+        # One pass (the general decoder counts first): a request larger than the buffers, or malformed, is left
+        # to the general path, which answers it (with its own words for what is wrong).
+        if not read_request(r, &c, &at, True, &as_of, &has_as_of, &policy, &policy_len) or c.overflow:
+            return False
+        cdef int64_t n = at.persons
         name = b"" if policy == NULL else (<const char*>policy)[:policy_len]
         try:
             self.policy = name.decode("utf-8")
