@@ -381,7 +381,7 @@ def test_get_status_equals_a_fresh_evaluation_across_lapses_ingest_and_risk_swap
     person's row at the call's as_of: at the clock, across a day boundary, a week and two weeks on (NAT windows
     lapse, entry days and visits leave their windows), after ingest puts the person in the overlay, and after a
     risk-list swap that the ingested visit now hits.  (Rows with a NAT reported after the server's clock are left
-    out: the server counts a NAT result once its clock has reached the report time, docs/service.md.)"""
+    out: the view holds the NAT results reported by the server's clock, docs/store.md.)"""
     _server, stub = served
     clock = datetime.datetime.fromtimestamp(AS_OF, datetime.UTC)
     rows = [
