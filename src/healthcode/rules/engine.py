@@ -16,7 +16,7 @@ from healthcode.rules.context import PolicyLike as PolicyLike
 from healthcode.rules.context import RiskLike as RiskLike
 from healthcode.rules.context import make_context as make_context  # (shared with the reference)
 from healthcode.rules.regions import PROVINCE_OK
-from healthcode.rules.results import RESULT_SCHEMA, Reason, assemble_packed, error_column
+from healthcode.rules.results import MESSAGE_HEADS, MESSAGE_TAILS, RESULT_SCHEMA, Reason, assemble_packed, error_column
 
 #: Set to a non-empty value other than "0" to run the plain-Python reference instead of the kernel.
 REFERENCE_ENV = "HEALTHCODE_REFERENCE"
@@ -164,7 +164,8 @@ def evaluate_columns(ctx: Context, cols: columns.BatchColumns, n_threads: int) -
         err_code = np.zeros(len(rows), dtype=np.uint8)
         err_index = np.zeros(len(rows), dtype=np.int32)
         _kernel.diagnose(pop, rules, rows, err_code, err_index)
-        errors = error_column(n, rows, err_code, err_index)
+        texts = _kernel.error_texts(err_code, err_index, MESSAGE_HEADS, MESSAGE_TAILS)
+        errors = error_column(n, rows, err_code, err_index, texts)
     else:
         errors = pa.nulls(n, pa.string())
     return KernelOutput(bits, reasons, until, errors)

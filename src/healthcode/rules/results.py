@@ -44,30 +44,56 @@ RESULT_SCHEMA = pa.schema(
 ERROR_MESSAGES = codes.ERROR_MESSAGES
 
 
-def error_column(n: int, rows: np.ndarray, err_code: np.ndarray, err_index: np.ndarray) -> pa.Array:
+def _message_parts() -> tuple[list[bytes], list[bytes | None]]:
+    """Each error message split at its ``{i}``: (the text before it, the text after it or None when it has none),
+    by code, as UTF-8."""
+    size = max(ERROR_MESSAGES) + 1
+    heads: list[bytes] = [b""] * size
+    tails: list[bytes | None] = [None] * size
+    for code, text in ERROR_MESSAGES.items():
+        head, indexed, tail = text.partition("{i}")
+        heads[code], tails[code] = head.encode(), (tail.encode() if indexed else None)
+    return heads, tails
+
+
+#: The messages by code, split at their ``{i}`` (see :func:`error_column`; the kernel's ``error_texts`` takes them).
+MESSAGE_HEADS, MESSAGE_TAILS = _message_parts()
+
+
+def error_column(
+    n: int,
+    rows: np.ndarray,
+    err_code: np.ndarray,
+    err_index: np.ndarray,
+    texts: tuple[np.ndarray, bytes] | None = None,
+) -> pa.Array:
     """The ``error`` column of ``n`` rows: the message of ``err_code[k]`` at row ``rows[k]``, null elsewhere.
 
-    The messages are built with Arrow compute for the invalid rows only; since ``rows`` ascend, their character
-    data is already in row order, and only the offsets and the validity bitmap are spread to all ``n`` rows.
+    ``texts``: the messages already written (their lengths and UTF-8 text, as the kernel's ``error_texts`` writes
+    them from :data:`MESSAGE_HEADS` and :data:`MESSAGE_TAILS`); without them they are built with Arrow compute.
+    Since ``rows`` ascend, the text is in row order, and only the offsets and the validity bitmap are spread to all
+    ``n`` rows.
     """
     if len(rows) == 0:
         return pa.nulls(n, pa.string())
-    size = max(ERROR_MESSAGES) + 1
-    heads, tails, indexed = [""] * size, [""] * size, [False] * size
-    for code, text in ERROR_MESSAGES.items():
-        heads[code], _, tails[code] = text.partition("{i}")
-        indexed[code] = "{i}" in text
-    codes = pa.array(err_code.astype(np.int32))
-    index_text = pc.if_else(
-        pa.array(indexed).take(codes), pc.cast(pa.array(err_index.astype(np.int64)), pa.string()), ""
-    )
-    messages = pc.binary_join_element_wise(
-        pa.array(heads).take(codes), index_text, pa.array(tails).take(codes), ""
-    )
-    _, msg_offsets, msg_data = messages.buffers()
-    msg_starts = np.frombuffer(msg_offsets, dtype=np.int32, count=len(rows) + 1, offset=messages.offset * 4)
-    lengths = np.diff(msg_starts)
-    msg_data = msg_data.slice(int(msg_starts[0]))
+    if texts is not None:
+        lengths, text = texts
+        msg_data = pa.py_buffer(text)
+    else:
+        heads = [h.decode() for h in MESSAGE_HEADS]
+        tails = ["" if t is None else t.decode() for t in MESSAGE_TAILS]
+        indexed = [t is not None for t in MESSAGE_TAILS]
+        codes = pa.array(err_code.astype(np.int32))
+        index_text = pc.if_else(
+            pa.array(indexed).take(codes), pc.cast(pa.array(err_index.astype(np.int64)), pa.string()), ""
+        )
+        messages = pc.binary_join_element_wise(
+            pa.array(heads).take(codes), index_text, pa.array(tails).take(codes), ""
+        )
+        _, msg_offsets, msg_data = messages.buffers()
+        msg_starts = np.frombuffer(msg_offsets, dtype=np.int32, count=len(rows) + 1, offset=messages.offset * 4)
+        lengths = np.diff(msg_starts)
+        msg_data = msg_data.slice(int(msg_starts[0]))
     offsets = np.zeros(n + 1, dtype=np.int32)
     offsets[rows + 1] = lengths
     np.cumsum(offsets, out=offsets)

@@ -563,7 +563,8 @@ cdef class Scratch:
     :meth:`decode` reads a request into the buffers (False: it does not fit, use the general path);
     :meth:`encode_evaluation` evaluates what was decoded and returns the response's statuses and the number of
     invalid rows (each with its diagnosis, as the general path writes it).  One Scratch serves one thread at a
-    time.  ``messages``: the error messages by code (``healthcode.rules.codes.ERROR_MESSAGES``)."""
+    time.  ``heads``, ``tails``: the error messages by code, split at their element index (as ``error_texts``
+    takes them: ``healthcode.rules.results.MESSAGE_HEADS``, ``MESSAGE_TAILS``)."""
 
     cdef uint64_t pid[SMALL_PERSONS]
     cdef int32_t home[SMALL_PERSONS]
@@ -589,13 +590,8 @@ cdef class Scratch:
     cdef readonly object as_of
     cdef readonly str policy
 
-    def __init__(self, messages):
-        size = max(messages) + 1
-        self.heads, self.tails = [b""] * size, [None] * size
-        for code, text in messages.items():
-            head, indexed, tail = text.partition("{i}")
-            self.heads[code] = head.encode()
-            self.tails[code] = tail.encode() if indexed else None
+    def __init__(self, list heads, list tails):
+        self.heads, self.tails = heads, tails
 
     def decode(self, data):
         """Read EvaluateRequest bytes into the buffers: False when the request is larger than they are.  Raises
@@ -755,3 +751,54 @@ def decode_status_request(data):
     if r.bad:
         raise WireFormatError("the request is not a well-formed healthcode.v1.GetStatusRequest")
     return ids_arr[:k], (as_of if has_as_of else None)
+
+
+cdef inline int64_t put_decimal(uint8_t* p, int64_t v) noexcept nogil:
+    """Writes ``v`` (>= 0) in decimal at ``p``; returns the number of digits."""
+    cdef uint8_t digits[20]
+    cdef int64_t k = 0, j
+    while True:
+        digits[k] = <uint8_t>(48 + v % 10)
+        v //= 10
+        k += 1
+        if v == 0:
+            break
+    for j in range(k):
+        p[j] = digits[k - 1 - j]
+    return k
+
+
+def error_texts(const uint8_t[::1] codes, const int32_t[::1] index, list heads, list tails):
+    """The messages of invalid rows: for each, ``heads[code]``, then (when ``tails[code]`` is not None) the element
+    index in decimal and ``tails[code]`` (bytes; see ``Scratch``): (their lengths int32, their UTF-8 text)."""
+    cdef int64_t n = codes.shape[0], i, at = 0, size = 0, h, t
+    if index.shape[0] != n:
+        raise ValueError("codes and index disagree in length")
+    lengths_arr = np.empty(n, dtype=np.int32)
+    cdef int32_t[::1] lengths = lengths_arr
+    cdef const uint8_t* text
+    for i in range(n):
+        tail = tails[codes[i]]
+        size += len(heads[codes[i]]) + (0 if tail is None else len(tail) + 21)
+    out = bytearray(size)
+    cdef uint8_t* base = <uint8_t*><char*>out if size else NULL
+    for i in range(n):
+        head = heads[codes[i]]
+        tail = tails[codes[i]]
+        start = at
+        h = len(head)
+        text = head
+        memcpy(base + at, text, h)
+        at += h
+        if tail is not None:
+            if index[i] < 0:
+                base[at] = 45  # '-'
+                at += 1
+            at += put_decimal(base + at, index[i] if index[i] >= 0 else -<int64_t>index[i])
+            t = len(tail)
+            text = tail
+            memcpy(base + at, text, t)
+            at += t
+        lengths[i] = <int32_t>(at - start)
+    del out[at:]
+    return lengths_arr, bytes(out)

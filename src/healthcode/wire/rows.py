@@ -25,7 +25,7 @@ from healthcode.rules.columns import (
 )
 from healthcode.rules.engine import KernelOutput
 from healthcode.rules.regions import RiskList, risk_list_from_rows
-from healthcode.rules.results import ERROR_MESSAGES
+from healthcode.rules.results import MESSAGE_HEADS, MESSAGE_TAILS
 from healthcode.wire.ipc import WireError
 from healthcode.wire.limits import check_rows
 
@@ -76,7 +76,7 @@ class SmallRequests:
     encoded: see ``_kernel.Scratch``), for the gateway's calls of a few persons.  One instance serves one thread."""
 
     def __init__(self) -> None:
-        self._scratch = _kernel.Scratch(ERROR_MESSAGES)
+        self._scratch = _kernel.Scratch(MESSAGE_HEADS, MESSAGE_TAILS)
 
     def respond(
         self, data: bytes, rules_for: Callable[[int | None, str], tuple[object, pb.EvaluationInfo, bytes]]
