@@ -79,8 +79,9 @@ METHODS: dict[str, tuple[str, type[Any] | None]] = {
     "RecordEntries": ("unary_unary", pb.RecordEntriesRequest),
     "RecordVisits": ("unary_unary", pb.RecordVisitsRequest),
 }
-#: The RPCs whose servicer method returns the serialized response itself (the kernel's encoder writes it).
-RAW_RESPONSES = frozenset({"Evaluate", "GetStatus"})
+#: The RPCs whose servicer method returns the serialized responses itself (the kernel's encoder or wire.ipc writes
+#: them).
+RAW_RESPONSES = frozenset({"Evaluate", "GetStatus", "EvaluateArrow"})
 #: What ObservedService decodes each request as.
 REQUEST_CLASSES = {name: request_class for name, (_, request_class) in METHODS.items()}
 

@@ -34,7 +34,7 @@ from healthcode.service import auth, metrics
 from healthcode.service.config import Settings
 from healthcode.service.interceptors import ROWS
 from healthcode.wire.ingest import request_table, store_form
-from healthcode.wire.ipc import WireError, changes_ipc, ipc_chunks, read_ipc
+from healthcode.wire.ipc import WireError, arrow_response, changes_ipc, ipc_chunks, read_ipc
 from healthcode.wire.rows import (
     SmallRequests,
     columns_to_batch,
@@ -221,13 +221,16 @@ class HealthCodeService(pb_grpc.HealthCodeServiceServicer):
         _schema, batches = read_ipc(data, f"request {index}: arrow_ipc")
         out: list[tuple[bytes, int]] = []
         for result in engine.evaluate_batches(batches, ctx, self.kernel_threads):
-            out.extend(ipc_chunks(result, self.settings.max_message_bytes - 1024))
+            chunks = ipc_chunks(result, self.settings.max_message_bytes - 1024)
+            out.extend((arrow_response(data, n), n) for data, n in chunks)
             _check_deadline(deadline)  # a long request stops between batches once nobody waits for it
         return out
 
     async def EvaluateArrow(
         self, request_iterator: AsyncIterator[pb.EvaluateArrowRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.EvaluateArrowResponse]:
+    ) -> AsyncIterator[bytes]:
+        """The bulk path: each request's Arrow IPC evaluated in the pool (PIPELINE ahead of the one being sent);
+        the responses are serialized where they are made (wire.ipc.arrow_response), off the event loop."""
         snap = self.control.snapshot
         ctx = None
         rows = 0
@@ -241,7 +244,7 @@ class HealthCodeService(pb_grpc.HealthCodeServiceServicer):
                     options = request.options
                     as_of = options.as_of.seconds if options.HasField("as_of") else None
                     ctx = self._context(snap, as_of, options.policy)
-                    yield pb.EvaluateArrowResponse(info=_info(ctx, snap))
+                    yield pb.EvaluateArrowResponse(info=_info(ctx, snap)).SerializeToString()
                 elif request.HasField("options"):
                     raise BadInput(f"request {index}: options belong in the first request only")
                 if request.arrow_ipc:
@@ -252,16 +255,16 @@ class HealthCodeService(pb_grpc.HealthCodeServiceServicer):
                         )
                     )
                 while pending and (len(pending) >= PIPELINE or pending[0].done()):
-                    for data, n in await pending.popleft():
+                    for message, n in await pending.popleft():
                         rows += n
                         ROWS.set(rows)
-                        yield pb.EvaluateArrowResponse(arrow_ipc=data, rows=n)
+                        yield message
                 index += 1
             while pending:
-                for data, n in await pending.popleft():
+                for message, n in await pending.popleft():
                     rows += n
                     ROWS.set(rows)
-                    yield pb.EvaluateArrowResponse(arrow_ipc=data, rows=n)
+                    yield message
         finally:
             for future in pending:  # abandoned (error, deadline, cancellation): drop work not yet started
                 future.cancel()

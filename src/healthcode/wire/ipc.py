@@ -147,6 +147,26 @@ def ipc_chunks(batch: pa.RecordBatch | pa.Table, limit: int) -> Iterator[tuple[b
         start += piece.num_rows
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def arrow_response(data: bytes, rows: int) -> bytes:
+    """The serialized ``EvaluateArrowResponse(arrow_ipc=data, rows=rows)``, the bytes protobuf writes (fields 2 and
+    3 in order), with one copy of ``data`` (a message object would copy it in and again out)."""
+    parts: list[bytes] = []
+    if data:  # (protobuf leaves out empty and zero fields)
+        parts += (b"\x12", _varint(len(data)), data)
+    if rows:
+        parts += (b"\x18", _varint(rows))
+    return b"".join(parts)
+
+
 def changes_ipc(page: pa.Table) -> bytes:
     """Change-log rows (:meth:`healthcode.store.Store.changes`) as one Arrow IPC stream (WatchChangesArrow),
     ``as_of`` as a UTC timestamp."""
