@@ -2,7 +2,8 @@
 
 Evaluation runs the servicer's own sequence (``HealthCodeService._evaluate_ipc``: ``wire.ipc.read_ipc`` with its schema
 check, then ``engine.evaluate_batches`` = ``columns.check_schema`` + ``columns.validate`` + the kernel, then the
-result chunks); small accepted populations are also evaluated by the plain-Python reference, which must agree.
+result chunks, each a serialized EvaluateArrowResponse); small accepted populations are also evaluated by the
+plain-Python reference, which must agree.
 Ingest runs ``ingest.read_arrow_ipc`` then ``Store.prepare_ingest`` for every kind.
 
     .venv/bin/python fuzz/fuzz_arrow_ipc.py fuzz/corpus/arrow_ipc -max_total_time=300 -timeout=10
@@ -22,6 +23,7 @@ with instrumented(__name__):
     import _common
     import pyarrow as pa
 
+    from healthcode._proto.v1 import healthcode_pb2 as pb
     from healthcode.rules.reference import evaluate_batch_reference
     from healthcode.store import INGEST_KINDS, Store
     from healthcode.wire import ipc as wire
@@ -78,7 +80,9 @@ def _evaluate(data: bytes) -> None:
     if out is None:
         return
     _schema, batches = wire.read_ipc(data)  # accepted above, so readable here
-    results = [b for chunk, _n in out for b in wire.read_ipc_results(chunk)]
+    messages = [pb.EvaluateArrowResponse.FromString(message) for message, _n in out]  # the serialized responses
+    assert [m.rows for m in messages] == [n for _m, n in out], "a response's rows field disagrees"
+    results = [b for m in messages for b in wire.read_ipc_results(m.arrow_ipc)]
     rows = sum(b.num_rows for b in batches)
     assert sum(r.num_rows for r in results) == rows, "result rows differ from request rows"
     if 0 < rows <= REFERENCE_ROWS:

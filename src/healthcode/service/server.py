@@ -62,10 +62,10 @@ def _open_control(settings: Settings) -> Control:
 #: Every RPC of healthcode.v1.HealthCodeService: its handler kind and request class.  Every request arrives as raw bytes
 #: and is decoded in one place, by :class:`~healthcode.service.interceptors.ObservedService` (a malformed one is
 #: INVALID_ARGUMENT naming the RPC); None: the servicer reads the bytes itself (Evaluate, GetStatus: the kernel's
-#: codec).
+#: codec; EvaluateArrow: its Arrow IPC in place).
 METHODS: dict[str, tuple[str, type[Any] | None]] = {
     "Evaluate": ("unary_unary", None),
-    "EvaluateArrow": ("stream_stream", pb.EvaluateArrowRequest),
+    "EvaluateArrow": ("stream_stream", None),
     "PutRiskList": ("unary_unary", pb.PutRiskListRequest),
     "GetRiskList": ("unary_unary", pb.GetRiskListRequest),
     "PutPolicy": ("unary_unary", pb.PutPolicyRequest),

@@ -32,9 +32,9 @@ from healthcode.rules.policy import PolicyTimeline, parse_policy
 from healthcode.rules.regions import parse_risk_csv
 from healthcode.service import auth, metrics
 from healthcode.service.config import Settings
-from healthcode.service.interceptors import ROWS
+from healthcode.service.interceptors import ROWS, decode
 from healthcode.wire.ingest import request_table, store_form
-from healthcode.wire.ipc import WireError, arrow_response, changes_ipc, ipc_chunks, read_ipc
+from healthcode.wire.ipc import WireError, arrow_response, changes_ipc, ipc_chunks, read_ipc, split_arrow_request
 from healthcode.wire.rows import (
     SmallRequests,
     columns_to_batch,
@@ -215,7 +215,7 @@ class HealthCodeService(pb_grpc.HealthCodeServiceServicer):
     # -- bulk path ------------------------------------------------------------------------------------------------
 
     def _evaluate_ipc(
-        self, data: bytes, ctx: engine.Context, index: int, deadline: float | None = None
+        self, data: bytes | memoryview, ctx: engine.Context, index: int, deadline: float | None = None
     ) -> list[tuple[bytes, int]]:
         _check_deadline(deadline)
         _schema, batches = read_ipc(data, f"request {index}: arrow_ipc")
@@ -227,10 +227,11 @@ class HealthCodeService(pb_grpc.HealthCodeServiceServicer):
         return out
 
     async def EvaluateArrow(
-        self, request_iterator: AsyncIterator[pb.EvaluateArrowRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        """The bulk path: each request's Arrow IPC evaluated in the pool (PIPELINE ahead of the one being sent);
-        the responses are serialized where they are made (wire.ipc.arrow_response), off the event loop."""
+        """The bulk path: each request's Arrow IPC evaluated in the pool (PIPELINE ahead of the one being sent).
+        Requests arrive as bytes, their Arrow IPC read where it lies (wire.ipc.split_arrow_request, no copy); the
+        responses are serialized where they are made (wire.ipc.arrow_response), off the event loop."""
         snap = self.control.snapshot
         ctx = None
         rows = 0
@@ -239,19 +240,20 @@ class HealthCodeService(pb_grpc.HealthCodeServiceServicer):
         pending: collections.deque[asyncio.Future[list[tuple[bytes, int]]]] = collections.deque()
         try:
             index = 0
-            async for request in request_iterator:
+            async for raw in request_iterator:
+                options, arrow_ipc = _arrow_request(raw, index)
                 if ctx is None:
-                    options = request.options
+                    options = options or pb.EvaluateOptions()
                     as_of = options.as_of.seconds if options.HasField("as_of") else None
                     ctx = self._context(snap, as_of, options.policy)
                     yield pb.EvaluateArrowResponse(info=_info(ctx, snap)).SerializeToString()
-                elif request.HasField("options"):
+                elif options is not None:
                     raise BadInput(f"request {index}: options belong in the first request only")
-                if request.arrow_ipc:
+                if len(arrow_ipc):
                     loop = asyncio.get_running_loop()
                     pending.append(
                         loop.run_in_executor(
-                            self.executor, self._evaluate_ipc, request.arrow_ipc, ctx, index, _deadline(context)
+                            self.executor, self._evaluate_ipc, arrow_ipc, ctx, index, _deadline(context)
                         )
                     )
                 while pending and (len(pending) >= PIPELINE or pending[0].done()):
@@ -421,6 +423,22 @@ class HealthCodeService(pb_grpc.HealthCodeServiceServicer):
                 f"{self.settings.max_message_bytes:,}-byte message limit; ask for fewer persons per call"
             )
         return response
+
+
+def _arrow_request(raw: bytes, index: int) -> tuple[pb.EvaluateOptions | None, bytes | memoryview]:
+    """Request ``index`` of an EvaluateArrow stream as (its options or None, its Arrow IPC): read in place for the
+    plain shape, by protobuf otherwise (a malformed one is INVALID_ARGUMENT naming the request)."""
+    parts = split_arrow_request(raw)
+    if parts is not None:
+        options_bytes, arrow_ipc = parts
+        if options_bytes is None:
+            return None, arrow_ipc
+        try:
+            return pb.EvaluateOptions.FromString(options_bytes), arrow_ipc
+        except Exception:  # malformed options: protobuf's reading of the whole request says so, naming it
+            pass
+    message = decode("EvaluateArrow", pb.EvaluateArrowRequest, raw, index)
+    return (message.options if message.HasField("options") else None), message.arrow_ipc
 
 
 def _names(snap: Snapshot) -> list[str]:

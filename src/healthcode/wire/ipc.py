@@ -20,7 +20,7 @@ class WireError(HealthcodeError):
 
 
 def read_stream(
-    data: bytes, what: str, *, limit_rows: bool = True, validate: bool = True
+    data: bytes | memoryview, what: str, *, limit_rows: bool = True, validate: bool = True
 ) -> tuple[pa.Schema, list[pa.RecordBatch]]:
     """All batches of a complete Arrow IPC stream, zero-copy; unreadable bytes raise :class:`WireError` naming
     ``what``.  The one reader of IPC bytes from the wire (bulk requests, results, ingest).  More rows than the
@@ -102,7 +102,7 @@ def _validate_batch(batch: pa.RecordBatch, what: str) -> None:
         raise WireError(f"{what}: not a valid Arrow record batch: {exc}") from None
 
 
-def read_ipc(data: bytes, what: str = "arrow_ipc") -> tuple[pa.Schema, list[pa.RecordBatch]]:
+def read_ipc(data: bytes | memoryview, what: str = "arrow_ipc") -> tuple[pa.Schema, list[pa.RecordBatch]]:
     """A population IPC stream; a schema problem names the column.  The columns are validated by the evaluation
     (:func:`healthcode.rules.engine.evaluate_batches`), which reads them, so not here too."""
     schema, batches = read_stream(data, what, validate=False)
@@ -145,6 +145,41 @@ def ipc_chunks(batch: pa.RecordBatch | pa.Table, limit: int) -> Iterator[tuple[b
             continue
         yield data, piece.num_rows
         start += piece.num_rows
+
+
+def _read_varint(data: memoryview, at: int) -> tuple[int, int] | None:
+    value = shift = 0
+    while at < len(data) and shift < 64:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+    return None
+
+
+def split_arrow_request(data: bytes) -> tuple[bytes | None, memoryview] | None:
+    """An EvaluateArrowRequest's bytes as (its options' bytes, None when absent; its arrow_ipc as a view of
+    ``data``, no copy of the 3-4 MB a message carries), for the plain shape clients send: only fields 1 and 2, each
+    length-delimited (repeats merged as protobuf merges them: options concatenated, the last arrow_ipc kept).  None
+    for anything else (unknown fields, other wire types, malformed bytes): protobuf then reads the message."""
+    view = memoryview(data)
+    at, options, arrow = 0, [], view[0:0]
+    while at < len(view):
+        tag = _read_varint(view, at)
+        if tag is None or tag[0] not in (0x0A, 0x12):
+            return None
+        size = _read_varint(view, tag[1])
+        if size is None or size[1] + size[0] > len(view):
+            return None
+        field = view[size[1] : size[1] + size[0]]
+        if tag[0] == 0x0A:
+            options.append(field)
+        else:
+            arrow = field
+        at = size[1] + size[0]
+    return (b"".join(options) if options else None), arrow
 
 
 def _varint(value: int) -> bytes:
