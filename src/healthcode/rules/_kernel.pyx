@@ -761,7 +761,12 @@ def evaluate_selected(Population pop, RuleSet rules, const int64_t[::1] rows, ui
             flags[k] = <uint8_t>evaluate_row(p, r, &o, rows[k], k)
 
 
-cdef inline int64_t find_sorted(const uint64_t* a, int64_t n, uint64_t x) noexcept nogil:
+ctypedef fused sorted_key:
+    uint64_t
+    int64_t
+
+
+cdef inline int64_t find_sorted(const sorted_key* a, int64_t n, sorted_key x) noexcept nogil:
     """The index of ``x`` in ascending ``a[0:n]``, -1 when absent."""
     cdef int64_t lo = 0, hi = n, mid
     while lo < hi:
@@ -796,17 +801,6 @@ cdef void find_sorted_many(const uint64_t* a, int64_t n, const uint64_t* x, int6
             out[start + k] = lo[k] if a[lo[k]] == x[start + k] else -1
 
 
-cdef inline int64_t find_sorted_i64(const int64_t* a, int64_t n, int64_t x) noexcept nogil:
-    cdef int64_t lo = 0, hi = n, mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if a[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo if lo < n and a[lo] == x else -1
-
-
 def lookup_slots(const uint64_t[::1] ids, const uint64_t[::1] base_ids, const uint64_t[::1] extra_sorted,
                  const int64_t[::1] extra_order, const int64_t[::1] overlay_slots, const int64_t[::1] overlay_rows):
     """Where the persons ``ids`` are in a view (a few ids: binary searches, the GIL kept): (slots int64, -1 for an
@@ -836,7 +830,7 @@ def lookup_slots(const uint64_t[::1] ids, const uint64_t[::1] base_ids, const ui
                 slot = nb + extra_order[j]
         slots[i] = slot
         if slot >= 0:
-            j = find_sorted_i64(&overlay_slots[0], no, slot) if no else -1
+            j = find_sorted(&overlay_slots[0], no, slot) if no else -1
             rows[k] = slot if j < 0 else overlay_rows[j]
             ov[k] = j >= 0
             k += 1
