@@ -344,8 +344,10 @@ def test_caller_identity_is_available_to_the_servicer():
 
         tokens = auth.parse_tokens(f"gateway-a gateway {GATEWAY}\n", "test")
         guard = auth.Guard(auth.Authenticator(tokens, {}), Concurrency(0, 0))
-        server = grpc.aio.server(interceptors=[ObservedService({}), guard])  # it turns the guard's refusals into codes
-        handler = grpc.unary_unary_rpc_method_handler(who)
+        server = grpc.aio.server()
+        path = "/healthcode.v1.HealthCodeService/GetPolicy"  # ObservedService turns the guard's refusals into codes
+        handler = guard.wrap_handler(path, grpc.unary_unary_rpc_method_handler(who))
+        handler = ObservedService({}).wrap_handler(path, handler)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("healthcode.v1.HealthCodeService",
                                                                               {"GetPolicy": handler}),))  # fmt: skip
         port = server.add_insecure_port("127.0.0.1:0")

@@ -257,13 +257,11 @@ class Guard(ServiceInterceptor):
         self,
         authenticator: Authenticator,
         concurrency: Concurrency,
-        service_prefix: str = "/healthcode.v1.",
         *,
         client_certificates: bool = True,
         overload: Overload | None = None,
         forwarded: bool = False,
     ) -> None:
-        super().__init__(service_prefix)
         self.auth = authenticator
         self.concurrency = concurrency
         self.overload = overload

@@ -229,15 +229,11 @@ def _expired(context: grpc.aio.ServicerContext) -> bool:
     return context.cancelled() or (remaining is not None and remaining <= 0)
 
 
-class ServiceInterceptor(grpc.aio.ServerInterceptor):
+class ServiceInterceptor:
     """Wraps the behaviour of every method of the healthcode service (health and reflection are left as they are):
-    subclasses give :meth:`wrap_unary` and :meth:`wrap_stream`; the (de)serializers are kept."""
-
-    def __init__(self, service_prefix: str = "/healthcode.v1.") -> None:
-        self.prefix = service_prefix
-        # method path -> (the handler it wrapped, the wrapped handler): the continuation hands back the same
-        # handler for a method call after call, so it is wrapped once, not once per call
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+    subclasses give :meth:`wrap_unary` and :meth:`wrap_stream`; the (de)serializers are kept.  The server wraps each
+    handler once, when it registers it (:func:`healthcode.service.server.service_handlers`): a grpc.aio interceptor
+    would cost a coroutine on every call."""
 
     def wrap_unary(self, method: str, behavior: Any) -> Any:
         raise NotImplementedError
@@ -246,24 +242,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         """Server- and bidirectional-streaming methods (the service has no client-streaming-only one)."""
         raise NotImplementedError
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(self.prefix):
-            return handler
-        known = self._wrapped.get(details.method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        wrapped = self.wrap_handler(details.method, handler)
-        self._wrapped[details.method] = (handler, wrapped)
-        return wrapped
-
     def wrap_handler(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """``handler`` of method ``path`` wrapped.  The server applies this once, when it registers the service's
-        handlers (so a call pays no interceptor coroutine); as an interceptor, :meth:`intercept_service` does."""
+        """``handler`` of method ``path`` wrapped."""
         method = path.rsplit("/", 1)[-1]
         de, ser = handler.request_deserializer, handler.response_serializer
         if handler.unary_unary:
@@ -283,8 +263,7 @@ class ObservedService(ServiceInterceptor):
     deserializers (None, or a method left out: the servicer takes the raw bytes, as Evaluate does).
     :attr:`change_streams`: the open change streams, for the server to end at shutdown."""
 
-    def __init__(self, requests: Mapping[str, Any], service_prefix: str = "/healthcode.v1.") -> None:
-        super().__init__(service_prefix)
+    def __init__(self, requests: Mapping[str, Any]) -> None:
         self.requests = dict(requests)
         self.change_streams = ChangeStreams()
 
