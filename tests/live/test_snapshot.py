@@ -434,3 +434,16 @@ def test_a_base_file_deleted_under_a_running_server_is_written_again(store):
     [again] = _base_files(book.snapshot_path)
     assert again != base
     _restart_equals(book, store)
+
+
+def test_a_lookup_makes_the_overlays_kernel_batch_once_then_lookups_are_cheap(store):
+    """With ingested rows in the overlay, the first lookup (in the pool) prepares the overlay for the kernel even
+    when it asks for base persons only; from then on lookups of a few ids run where they are asked."""
+    book = _book(store)
+    person = int(book.ids[3])
+    _commit(store, book, [_entries(person, AS_OF - 600)])
+    assert not book.cheap_lookup(1)  # the overlay is not prepared yet
+    base_only = np.array([int(book.ids[5])], dtype=np.uint64)
+    book.statuses(base_only, engine.make_context(RISK, TIMELINE, AS_OF))
+    assert book.cheap_lookup(1)
+    assert not book.cheap_lookup(10_000)  # many ids: the pool's

@@ -366,8 +366,7 @@ class StatusBook:
         thread from one view state (the gateway's lookup): the view slot of each id (-1: unknown), then for the
         known ones, in request order, their flags, reasons and valid-until instants (see
         :func:`~healthcode.rules.engine.evaluate_selected_full`)."""
-        slots, flags, reasons, until = self.view.state.statuses(person_ids, ctx)
-        return slots, flags, reasons, until
+        return self.view.state.statuses(person_ids, ctx)
 
     # -- re-evaluation ----------------------------------------------------------------------------------------
 

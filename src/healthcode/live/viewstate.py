@@ -226,7 +226,8 @@ class ViewState:
         return _drop_repeats(merged)
 
     def prepared_for_lookup(self) -> bool:
-        """Whether :meth:`statuses` finds its kernel batches made (it makes the overlay's on first use)."""
+        """Whether :meth:`statuses` finds its kernel batches made (it makes the overlay's on its first call, which
+        is therefore not a cheap one)."""
         return self.prepared_base is not None and (
             len(self.overlay_slots) == 0 or "_prepared_overlay" in self.__dict__
         )
@@ -237,17 +238,22 @@ class ViewState:
         order = np.argsort(self.extra_ids, kind="stable")
         return np.ascontiguousarray(self.extra_ids[order]), order.astype(np.int64)
 
-    def statuses(self, person_ids: np.ndarray, ctx: engine.Context) -> tuple[np.ndarray, ...]:
+    def statuses(
+        self, person_ids: np.ndarray, ctx: engine.Context
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The whole status of the persons ``person_ids`` (a lookup of a few), evaluated in place on this thread:
         (slot of each id, -1 when unknown; then for the known ones, in request order, flags, reasons and until as
         :func:`~healthcode.rules.engine.evaluate_selected_full` gives them)."""
+        if len(self.overlay_slots):  # made once, on the pool's thread (cheap lookups wait for it: see above)
+            _ = self._prepared_overlay
         extra_sorted, extra_order = self._extra_index
         slots, rows, in_ov = engine.lookup_slots(
             np.ascontiguousarray(person_ids, dtype=np.uint64), self.base_ids, extra_sorted, extra_order,
             self.overlay_slots, self.overlay_rows,
         )  # fmt: skip
         if not in_ov.any() and self.prepared_base is not None:
-            return (slots, *engine.evaluate_selected_full(ctx, self.prepared_base, rows))
+            flags, reasons, until = engine.evaluate_selected_full(ctx, self.prepared_base, rows)
+            return slots, flags, reasons, until
         m = len(rows)
         flags = np.zeros(m, dtype=np.uint8)
         reasons = np.zeros(m, dtype=np.uint16)

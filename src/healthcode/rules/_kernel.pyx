@@ -235,12 +235,6 @@ cdef inline bint visits_hit(const Pop* p, const Rules* r, int64_t start, int64_t
     return hit
 
 
-# Calls on up to this many rows keep the GIL: handing it over (to gRPC's poller thread, say) and taking it back costs
-# a busy server more than a few hundred rows of work.
-cdef enum:
-    HOLD_GIL_ROWS = 1024
-
-
 # A row's outcome flags (evaluate_selected's output).
 cdef enum:
     ROW_BADGE = 1
@@ -751,9 +745,7 @@ def evaluate_selected(Population pop, RuleSet rules, const int64_t[::1] rows, ui
     cdef const Pop* p = &pop.p
     cdef const Rules* r = &rules.r
     cdef int threads = max(1, n_threads)
-    if m <= HOLD_GIL_ROWS:  # a lookup of a few persons: letting go of the interpreter costs more than the work
-        evaluate_rows_prefetched(p, r, &o, &rows[0], m, flags)
-    elif threads == 1 or m < 65536:
+    if threads == 1 or m < 65536:
         with nogil:
             evaluate_rows_prefetched(p, r, &o, &rows[0], m, flags)
     else:
